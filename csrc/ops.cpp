@@ -1,0 +1,21 @@
+// Every fastdistill op's schema, in one place. Backends register kernels for
+// these names with TORCH_LIBRARY_IMPL in their family's folder.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastdistill, m) {
+  // KD divergence family (fastdistill/kd.py). One fused pass per row:
+  // returns the per-row loss (float32, 0 at ignored rows) and the gradient of
+  // (the reduced) loss with respect to the student logits, in the student's
+  // dtype. `divergence` indexes fastdistill.reference.kd.DIVERGENCES; `param`
+  // is beta (jsd), skew (skew_*) or t (taid). With mean_scale the gradient is
+  // divided by the number of rows that are not ignored.
+  m.def(
+      "kd_forward(Tensor student, Tensor teacher, Tensor? labels, int ignore_index, "
+      "int divergence, float param, float temperature, float hard_weight, "
+      "float soft_scale, bool mean_scale) -> (Tensor, Tensor)");
+  // Same, but the gradient overwrites the student logits; returns the loss rows.
+  m.def(
+      "kd_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, "
+      "int ignore_index, int divergence, float param, float temperature, "
+      "float hard_weight, float soft_scale, bool mean_scale) -> Tensor");
+}

@@ -1,0 +1,11 @@
+"""fastdistill: fused, memory-lean losses for distillation.
+
+``kd_loss``/``KDLoss`` (the large-vocabulary divergence family),
+``TAIDSchedule``, and ``backends()`` to see what runs here.
+"""
+from ._backend import backends
+from .kd import DIVERGENCES, KDLoss, kd_loss
+from .taid import TAIDSchedule
+
+__version__ = "0.1.0"
+__all__ = ["DIVERGENCES", "KDLoss", "TAIDSchedule", "backends", "kd_loss", "__version__"]

@@ -1,0 +1,243 @@
+"""Large-vocabulary KD losses on logits: ``kd_loss`` and ``KDLoss``.
+
+The fused backends compute the loss and its gradient in one pass per row
+(the gradient is produced in the forward pass; backward only scales it), so
+no softmax, log-softmax or mixture tensor of N×V is ever kept. With
+``inplace_backward=True`` the gradient is written into the student logits'
+own storage and no N×V buffer is allocated at all.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from ._backend import resolve
+from .reference import kd as ref
+
+DIVERGENCES = ref.DIVERGENCES
+REDUCTIONS = ("mean", "sum", "none")
+VOCAB_MISMATCH = ("error", "pad", "truncate")
+
+
+def _match_vocab(student, teacher, mode):
+    vs, vt = student.shape[-1], teacher.shape[-1]
+    if vs == vt:
+        return student, teacher
+    if mode == "error":
+        raise ValueError(
+            f"student_logits has vocabulary size {vs} but teacher_logits has {vt}; pass "
+            "vocab_mismatch='pad' (missing tokens get probability 0) or 'truncate'"
+        )
+    if mode == "truncate":
+        v = min(vs, vt)
+        return student[..., :v], teacher[..., :v]
+    # pad: -inf logits, i.e. probability 0, never 0 logits (weight e^0)
+    v = max(vs, vt)
+    pad = lambda x: F.pad(x, (0, v - x.shape[-1]), value=float("-inf"))  # noqa: E731
+    return (pad(student) if vs < v else student), (pad(teacher) if vt < v else teacher)
+
+
+def _fused_forward(backend, student, teacher, labels, ignore_index, div, param, temperature,
+                   hard_weight, soft_scale, mean_scale, inplace):
+    """(loss_rows, grad) from a fused backend; grad is `student` itself when in place."""
+    if backend == "cpp":
+        ops = torch.ops.fastdistill
+        if inplace:
+            rows = ops.kd_forward_inplace(student, teacher, labels, ignore_index, div, param,
+                                          temperature, hard_weight, soft_scale, mean_scale)
+            return rows, student
+        return ops.kd_forward(student, teacher, labels, ignore_index, div, param, temperature,
+                              hard_weight, soft_scale, mean_scale)
+    from .kernels import kd as triton_kd
+
+    return triton_kd.kd_forward(student, teacher, labels, ignore_index, div, param, temperature,
+                                hard_weight, soft_scale, mean_scale,
+                                out=student if inplace else None)
+
+
+class _FusedKD(torch.autograd.Function):
+    """Autograd around a fused kernel: the gradient is computed in forward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, backend, ignore_index, div, param, temperature,
+                hard_weight, soft_scale, reduction, inplace):
+        mean = reduction == "mean"
+        version = student._version if inplace else 0
+        rows, grad = _fused_forward(backend, student, teacher, labels, ignore_index, div, param,
+                                    temperature, hard_weight, soft_scale, mean, inplace)
+        if inplace and student._version == version:
+            # The logits now hold the gradient: any other op that saved them
+            # for its backward must fail autograd's version check.
+            torch.autograd.graph.increment_version(student)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        ctx.inplace = inplace
+        if reduction == "none":
+            return rows
+        total = rows.sum()
+        if mean:
+            count = rows.numel() if labels is None else (labels != ignore_index).sum()
+            total = total / (count.clamp_min(1) if torch.is_tensor(count) else max(count, 1))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            scale = grad_out.to(grad.dtype).unsqueeze(-1)
+        else:
+            if not torch.compiler.is_compiling() and bool(grad_out == 1):
+                return (grad,) + (None,) * 11
+            scale = grad_out.to(grad.dtype)
+        grad = grad.mul_(scale) if ctx.inplace else grad * scale
+        return (grad,) + (None,) * 11
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    taid_t: float | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    reduction: str = "mean",
+    t2_scale: bool = True,
+    vocab_mismatch: str = "error",
+    inplace_backward: bool = False,
+    process_group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation loss between student and teacher logits of shape (..., V).
+
+    ``loss = hard_weight * CE(student, labels) + (1 - hard_weight) * [T²] * D(p ‖ q)``
+    per row, with q = softmax(student/T), p = softmax(teacher/T); rows whose
+    label is ``ignore_index`` count nowhere. ``divergence`` is one of
+    ``DIVERGENCES``; ``beta`` is the JSD mixture weight (0 < beta < 1), ``skew``
+    the skew-KL mixture weight (0 ≤ skew < 1), ``taid_t`` TAID's interpolation
+    (see ``TAIDSchedule``). The teacher is a constant: it gets no gradient.
+
+    ``inplace_backward=True`` writes the gradient into the student logits'
+    storage: the logits' values are gone after the call, and any other op that
+    saved them for its backward raises autograd's in-place error.
+    """
+    s = _checks.tensor("student_logits", student_logits, floating=True)
+    t = _checks.tensor("teacher_logits", teacher_logits, floating=True)
+    _checks.same_device(student_logits=s, teacher_logits=t)
+    if s.dim() < 1 or t.dim() < 1:
+        raise ValueError("student_logits and teacher_logits must have at least one dimension (V)")
+    if s.shape[:-1] != t.shape[:-1]:
+        raise ValueError(
+            f"student_logits {tuple(s.shape)} and teacher_logits {tuple(t.shape)} must agree "
+            "in every dimension but the last (the vocabulary)"
+        )
+    if s.shape[-1] == 0 or t.shape[-1] == 0:
+        raise ValueError("the vocabulary dimension of the logits must not be empty")
+    _checks.choice("divergence", divergence, DIVERGENCES)
+    temperature = _checks.real("temperature", temperature, low=0.0, low_open=True)
+    beta = _checks.real("beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
+    skew = _checks.real("skew", skew, low=0.0, high=1.0, high_open=True)
+    if divergence == "taid":
+        if taid_t is None:
+            raise ValueError("divergence='taid' needs taid_t in [0, 1] (see fastdistill.TAIDSchedule)")
+        taid_t = _checks.real("taid_t", taid_t, low=0.0, high=1.0)
+    elif taid_t is not None:
+        raise ValueError(f"taid_t is only used by divergence='taid', got divergence={divergence!r}")
+    hard_weight = _checks.real("hard_weight", hard_weight, low=0.0, high=1.0)
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    _checks.choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
+    _checks.flag("t2_scale", t2_scale)
+    _checks.flag("inplace_backward", inplace_backward)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels is not None:
+        _checks.labels_for("labels", labels, s.shape[:-1], s.device)
+    elif hard_weight > 0:
+        raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
+    if process_group is not None:
+        raise NotImplementedError(
+            "process_group (vocabulary-parallel kd_loss) is not implemented yet"
+        )
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "teacher_logits requires grad, but the teacher is a constant in KD: pass "
+            "teacher_logits.detach()"
+        )
+    if inplace_backward and s.requires_grad and s.is_leaf:
+        raise ValueError(
+            "inplace_backward=True overwrites student_logits with their gradient, so they "
+            "must be the output of an op (e.g. the LM head), not a leaf tensor"
+        )
+
+    lead = s.shape[:-1]
+    s, t = _match_vocab(s, t, vocab_mismatch)
+    V = s.shape[-1]
+    s2 = s.reshape(-1, V)
+    t2 = t.reshape(-1, V)
+    l1 = None if labels is None else labels.reshape(-1).to(torch.int64)
+    if l1 is not None and hard_weight > 0 and not torch.compiler.is_compiling():
+        bad = (l1 != ignore_index) & ((l1 < 0) | (l1 >= V))
+        if bool(bad.any()):
+            raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}")
+    soft_scale = temperature * temperature if t2_scale else 1.0
+    param = {"jsd": beta, "skew_forward_kl": skew, "skew_reverse_kl": skew, "taid": taid_t}.get(
+        divergence, 0.0
+    )
+
+    name = resolve(backend, s.device, s.dtype)
+    if name in ("torch", "cuda"):  # cuda: this family's GPU path is triton
+        rows = ref.kd_loss_rows(
+            s2, t2, divergence=divergence, temperature=temperature, beta=beta, skew=skew,
+            taid_t=taid_t, labels=l1, ignore_index=ignore_index, hard_weight=hard_weight,
+            t2_scale=t2_scale,
+        )
+        out = ref.reduce_rows(rows, l1, ignore_index, reduction)
+    else:
+        if s2.dtype == torch.float64 or t2.dtype == torch.float64:
+            raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 logits; "
+                            "float64 runs on backend='torch'")
+        if not s2.is_contiguous():
+            s2 = s2.contiguous()
+        if not t2.is_contiguous():
+            t2 = t2.contiguous()
+        out = _FusedKD.apply(
+            s2, t2.detach(), l1, name, ignore_index, DIVERGENCES.index(divergence), param,
+            temperature, hard_weight, soft_scale, reduction, inplace_backward,
+        )
+    return out.reshape(lead) if reduction == "none" else out
+
+
+class KDLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`kd_loss`; keywords as there, fixed at construction.
+
+    ``forward(student_logits, teacher_logits, labels=None, taid_t=None)``;
+    ``taid_t`` given at call time overrides the stored one (for TAIDSchedule).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        for bad in ("labels",):
+            if bad in kwargs:
+                raise TypeError(f"KDLoss takes {bad} at call time, not at construction")
+        import inspect
+
+        allowed = set(inspect.signature(kd_loss).parameters) - {"student_logits", "teacher_logits"}
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise TypeError(f"KDLoss got unexpected keyword(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        self.kwargs = kwargs
+
+    def forward(self, student_logits, teacher_logits, labels=None, taid_t=None):
+        kw = dict(self.kwargs)
+        if taid_t is not None:
+            kw["taid_t"] = taid_t
+        return kd_loss(student_logits, teacher_logits, labels=labels, **kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+

@@ -1,0 +1,1 @@
+"""Triton kernels of fastdistill's fused ops (one module per op family)."""

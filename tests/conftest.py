@@ -1,0 +1,25 @@
+"""Test session setup: Triton runs through its CPU interpreter (set before
+anything imports triton), and the C++ extension is built once, up front."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastdistill._backend as _backend  # noqa: E402
+
+
+def pytest_configure(config):
+    torch.manual_seed(0)
+    _backend.load_extension()
+
+
+def fused_backends():
+    """The fast backends available here, each a pytest param (unavailable -> skipped)."""
+    status = _backend.backend_status()
+    out = []
+    for name in ("cpp", "triton"):
+        ok, why = status[name]
+        out.append(pytest.param(name, marks=pytest.mark.skipif(not ok, reason=why), id=name))
+    return out
