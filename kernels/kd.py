@@ -6,13 +6,14 @@ one program per row of (N, V) logits, looping over the vocabulary in
 accumulating in float32:
 
   pass 1  online max / sum-exp of u = z/T and v = z_t/T (and of the TAID
-          mixture, and of z at T=1 for the cross-entropy term; for reverse_kl
-          also sum e^{u-m}(u-v), which gives K = KL(q||p) without a pass 2);
+          mixture, and of z at T=1 for the cross-entropy term), plus the
+          closed-form loss of forward_kl / reverse_kl / taid, e.g.
+          KL(p||q) = E_p[v - u] - lse_v + lse_u (for reverse_kl this is also
+          the row constant K of the gradient);
   pass 2  only for jsd / tvd / skew_*: the loss and the row constant K that
           the gradient subtracts;
   pass 3  writes d loss / d z (which may overwrite the student logits: every
-          element is read before it is written by the same program) and, for
-          forward_kl / reverse_kl / taid, sums the loss.
+          element is read before it is written by the same program).
 
 The formulas are those of ``shared/notes/kd-math.md`` §1, gradients taken
 w.r.t. u and chained to z through 1/T.
@@ -111,6 +112,9 @@ def _kd_fwd_kernel(
     CE_OWN_LSE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    # Log-probabilities are formed as (x - max) - log(sum e^{x - max}), never
+    # as x - lse: with large logits (|x| ~ 1e3) the rounded lse alone would
+    # cost ~1e-4 in every log-probability.
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     s_row = S + base
@@ -137,15 +141,20 @@ def _kd_fwd_kernel(
         s_w = 1.0 - param  # TAID: weight of the (stop-gradient) student
 
         # ------------------------------------------------------------ pass 1
+        # Running maxima (scalars) and per-lane sums relative to them; the
+        # "a" sums are sum e^{x-m} d for the closed-form KL losses:
+        #   forward_kl  KL(p||q)   = E_p[v - u] - lse_v + lse_u
+        #   reverse_kl  KL(q||p)   = E_q[u - v] - lse_u + lse_v  (= K)
+        #   taid        KL(p_t||q) = E_pt[w - u] - lse_w + lse_u
         m_u = float("-inf")
         m_v = float("-inf")
         m_w = float("-inf")
         m_z = float("-inf")
         s_u = tl.zeros([BLOCK_V], dtype=tl.float32)
-        a_u = tl.zeros([BLOCK_V], dtype=tl.float32)
         s_v = tl.zeros([BLOCK_V], dtype=tl.float32)
         s_w_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         s_z = tl.zeros([BLOCK_V], dtype=tl.float32)
+        a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
@@ -154,38 +163,52 @@ def _kd_fwd_kernel(
             u = xs * inv_t
             v = xt * inv_t
             m_u, s_u, e_u, r_u = _online_lse(m_u, s_u, u)
-            if DIV == 1:  # reverse_kl: sum e^{u-m} (u - v) for K = KL(q||p)
-                a_u = a_u * r_u + tl.where(e_u > 0.0, e_u * (u - v), 0.0)
             m_v, s_v, e_v, r_v = _online_lse(m_v, s_v, v)
-            if DIV == 6:  # taid: the mixture (1-t) u + t v
+            if DIV == 0:
+                a_acc = a_acc * r_v + tl.where(e_v > 0.0, e_v * (v - u), 0.0)
+            if DIV == 1:
+                a_acc = a_acc * r_u + tl.where(e_u > 0.0, e_u * (u - v), 0.0)
+            if DIV == 6:  # the mixture w = (1-t) u + t v
                 w = tl.where(mask, _mix(xs, xt, s_w, t_w) * inv_t, float("-inf"))
                 m_w, s_w_acc, e_w, r_w = _online_lse(m_w, s_w_acc, w)
+                a_acc = a_acc * r_w + tl.where(e_w > 0.0, e_w * (w - u), 0.0)
             if CE_OWN_LSE:  # softmax(z) at T = 1 for the cross-entropy term
                 m_z, s_z, e_z, r_z = _online_lse(m_z, s_z, xs)
-        lse_u = _lse(m_u, s_u)
-        lse_v = _lse(m_v, s_v)
-        lse_w = 0.0
-        if DIV == 6:
-            lse_w = _lse(m_w, s_w_acc)
-        lse_z = lse_u
+        sum_u = tl.sum(s_u, axis=0)
+        sum_v = tl.sum(s_v, axis=0)
+        ls_u = tl.log(sum_u)
+        ls_v = tl.log(sum_v)
+        m_zc = m_u  # T = 1 for the CE term: the same as u
+        ls_z = ls_u
         if CE_OWN_LSE:
-            lse_z = _lse(m_z, s_z)
+            m_zc = m_z
+            ls_z = tl.log(tl.sum(s_z, axis=0))
+        m_wc = m_u
+        ls_w = ls_u
+        loss = 0.0
         k = 0.0
+        if DIV == 0:
+            loss = tl.sum(a_acc, axis=0) / sum_v + (m_u - m_v) + (ls_u - ls_v)
         if DIV == 1:
-            # K = KL(q||p) = E_q[u - v] - lse_u + lse_v
-            k = tl.sum(a_u, axis=0) / tl.sum(s_u, axis=0) - lse_u + lse_v
+            loss = tl.sum(a_acc, axis=0) / sum_u + (m_v - m_u) + (ls_v - ls_u)
+            k = loss
+        if DIV == 6:
+            sum_w = tl.sum(s_w_acc, axis=0)
+            m_wc = m_w
+            ls_w = tl.log(sum_w)
+            loss = tl.sum(a_acc, axis=0) / sum_w + (m_u - m_w) + (ls_u - ls_w)
 
         # ------------------------------------------------------------ pass 2
-        loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         if DIV == 2 or DIV == 3 or DIV == 4 or DIV == 5:
+            loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             k_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
                 mask = cols < V
                 xs = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 xt = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                logq = xs * inv_t - lse_u
-                logp = xt * inv_t - lse_v
+                logq = (xs * inv_t - m_u) - ls_u
+                logp = (xt * inv_t - m_v) - ls_v
                 q = tl.exp(logq)
                 p = tl.exp(logp)
                 has_q = mask & (q > 0.0)
@@ -203,12 +226,13 @@ def _kd_fwd_kernel(
                 elif DIV == 4:  # skew_forward_kl: KL(p||m); K = sum q p/m
                     logm = _logaddexp(log_wp + logp, log_wq + logq)
                     loss_acc += tl.where(has_p, p * (logp - logm), 0.0)
-                    k_acc += tl.where(has_p, q * tl.exp(logp - logm), 0.0)
+                    k_acc += tl.where(mask & (logp > float("-inf")), q * tl.exp(logp - logm), 0.0)
                 else:  # skew_reverse_kl: KL(q||m); K = sum q (log q/m + 1 - skew q/m)
                     logm = _logaddexp(log_wp + logp, log_wq + logq)
                     lqm = logq - logm
                     loss_acc += tl.where(has_q, q * lqm, 0.0)
                     k_acc += tl.where(has_q, q * (lqm + 1.0 - param * tl.exp(lqm)), 0.0)
+            loss = tl.sum(loss_acc, axis=0)
             k = tl.sum(k_acc, axis=0)
 
         # Read before pass 3 overwrites the row (in place).
@@ -222,17 +246,13 @@ def _kd_fwd_kernel(
             mask = cols < V
             xs = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             xt = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            logq = xs * inv_t - lse_u
-            logp = xt * inv_t - lse_v
+            logq = (xs * inv_t - m_u) - ls_u
+            logp = (xt * inv_t - m_v) - ls_v
             q = tl.exp(logq)
             if DIV == 0:  # forward_kl: q - p
-                p = tl.exp(logp)
-                g = q - p
-                loss_acc += tl.where(mask & (p > 0.0), p * (logp - logq), 0.0)
+                g = q - tl.exp(logp)
             elif DIV == 1:  # reverse_kl: q (log q - log p - K)
-                has_q = mask & (q > 0.0)
-                g = tl.where(has_q, q * (logq - logp - k), 0.0)
-                loss_acc += tl.where(has_q, q * (logq - logp), 0.0)
+                g = tl.where(q > 0.0, q * (logq - logp - k), 0.0)
             elif DIV == 2:  # jsd: (1-beta) q (log q - log m - K)
                 logm = _logaddexp(log_wp + logp, log_wq + logq)
                 g = tl.where(q > 0.0, (1.0 - param) * q * (logq - logm - k), 0.0)
@@ -241,32 +261,29 @@ def _kd_fwd_kernel(
                 sgn = tl.where(d > 0.0, 0.5, tl.where(d < 0.0, -0.5, 0.0))
                 g = q * (sgn - k)
             elif DIV == 4:  # skew_forward_kl: -(1-skew) q (p/m - K)
-                p = tl.exp(logp)
                 logm = _logaddexp(log_wp + logp, log_wq + logq)
-                w = tl.where(p > 0.0, tl.exp(logp - logm), 0.0)
+                w = tl.where(logp > float("-inf"), tl.exp(logp - logm), 0.0)
                 g = -(1.0 - param) * q * (w - k)
             elif DIV == 5:  # skew_reverse_kl: q (log q/m + 1 - skew q/m - K)
                 logm = _logaddexp(log_wp + logp, log_wq + logq)
                 lqm = logq - logm
                 g = tl.where(q > 0.0, q * (lqm + 1.0 - param * tl.exp(lqm) - k), 0.0)
             else:  # taid: q - p_t, p_t = softmax((1-t) stopgrad(u) + t v)
-                logpt = _mix(xs, xt, s_w, t_w) * inv_t - lse_w
-                pt = tl.exp(logpt)
-                g = q - pt
-                loss_acc += tl.where(mask & (pt > 0.0), pt * (logpt - logq), 0.0)
+                g = q - tl.exp((_mix(xs, xt, s_w, t_w) * inv_t - m_wc) - ls_w)
             dz = c_soft * g
             if CE:
                 if CE_OWN_LSE:
-                    sm = tl.exp(xs - lse_z)
+                    sm = tl.exp((xs - m_zc) - ls_z)
                 else:
                     sm = q
                 dz += c_hard * sm
                 dz = tl.where(cols == label, dz - c_hard, dz)
             tl.store(o_row + cols, dz.to(OUT.dtype.element_ty), mask=mask)
 
-        row_loss = (1.0 - hard_weight) * soft_scale * tl.sum(loss_acc, axis=0)
+        row_loss = (1.0 - hard_weight) * soft_scale * loss
         if CE:
-            row_loss += hard_weight * (lse_z - z_label)
+            # CE = lse(z) - z[label] = (max - z[label]) + log(sum e^{z - max})
+            row_loss += hard_weight * ((m_zc - z_label) + ls_z)
         tl.store(LOSS + row, row_loss)
 
 

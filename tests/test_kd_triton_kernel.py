@@ -206,6 +206,19 @@ def test_extreme_logits_no_nan(name):
     _check(loss, grad, ref_loss, ref_grad, z, dict(rtol=1e-5, atol=1e-5))
 
 
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_large_logit_offset(name):
+    # Logits around 1000: log-probabilities must not go through a rounded lse
+    # (whose float32 ulp there is 6e-5). T = 1 so that u = z exactly; TAID's
+    # mixture (1-t) u + t v itself rounds at this size, hence its looser bound.
+    z, zt, labels = _inputs(3, 500, seed=18)
+    z, zt = z + 1000.0, zt + 1000.0
+    loss, grad = _kernel(z, zt, labels, name, 1.0, hard_weight=0.2)
+    ref_loss, ref_grad = _reference(z, zt, labels, name, 1.0, hard_weight=0.2)
+    tol = FP32_TOL
+    _check(loss, grad, ref_loss, ref_grad, z, tol, _ties(name, z, zt, 1.0))
+
+
 def test_tvd_ties_have_zero_subgradient():
     z, _, labels = _inputs(3, 64, seed=13)
     loss, grad = _kernel(z, z.clone(), labels, "tvd", 2.0)

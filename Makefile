@@ -1,0 +1,38 @@
+# `make test` and `make demo` each set up .venv on first use (the pinned dev
+# set, then this package in editable mode), build the C++ extension once
+# (cached under ~/.cache/fastdistill, keyed by source hash), then run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastdistill-deps
+DEV_PINS := torch==2.14.1 torchvision==0.29.1
+DEV_DEPS := numpy ninja pytest pytest-benchmark hypothesis matplotlib
+
+.PHONY: test demo build bench doctor clean
+
+$(STAMP): pyproject.toml setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(DEV_PINS) $(DEV_DEPS) 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch, ninja, pytest"  # fail here, loudly, if the install did not work
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import fastdistill"
+	touch $(STAMP)
+
+build: $(STAMP)
+	$(PY) -m fastdistill.cli build
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m fastdistill.cli bench --quick
+
+bench: build
+	$(PY) -m fastdistill.cli bench
+	$(PY) -m pytest -q bench --benchmark-only
+
+doctor: $(STAMP)
+	$(PY) -m fastdistill.cli doctor
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info bench/out
