@@ -8,11 +8,12 @@ TORCH_LIBRARY(fastdistill, m) {
   // (the reduced) loss with respect to the student logits, in the student's
   // dtype. `divergence` indexes fastdistill.reference.kd.DIVERGENCES; `param`
   // is beta (jsd), skew (skew_*) or t (taid). With mean_scale the gradient is
-  // divided by the number of rows that are not ignored.
+  // divided by the number of rows that are not ignored. Without need_grad
+// the gradient is not computed and comes back empty.
   m.def(
       "kd_forward(Tensor student, Tensor teacher, Tensor? labels, int ignore_index, "
       "int divergence, float param, float temperature, float hard_weight, "
-      "float soft_scale, bool mean_scale) -> (Tensor, Tensor)");
+      "float soft_scale, bool mean_scale, bool need_grad) -> (Tensor, Tensor)");
   // Same, but the gradient overwrites the student logits; returns the loss rows.
   m.def(
       "kd_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, "

@@ -156,8 +156,10 @@ def _register_fakes() -> None:
 
     @register_fake("fastdistill::kd_forward")
     def _(student, teacher, labels, ignore_index, divergence, param, temperature, hard_weight,
-          soft_scale, mean_scale):
+          soft_scale, mean_scale, need_grad):
         loss = student.new_empty((student.shape[0],), dtype=torch.float32)
+        if not need_grad:
+            return loss, student.new_empty((0,))
         return loss, torch.empty_like(student, memory_format=torch.contiguous_format)
 
     @register_fake("fastdistill::kd_forward_inplace")

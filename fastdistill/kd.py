@@ -39,21 +39,22 @@ def _match_vocab(student, teacher, mode):
 
 
 def _fused_forward(backend, student, teacher, labels, ignore_index, div, param, temperature,
-                   hard_weight, soft_scale, mean_scale, inplace):
-    """(loss_rows, grad) from a fused backend; grad is `student` itself when in place."""
+                   hard_weight, soft_scale, mean_scale, inplace, need_grad=True):
+    """(loss_rows, grad) from a fused backend; grad is `student` itself when in
+    place, and not computed (empty) without need_grad."""
     if backend == "cpp":
         ops = torch.ops.fastdistill
-        if inplace:
+        if inplace and need_grad:
             rows = ops.kd_forward_inplace(student, teacher, labels, ignore_index, div, param,
                                           temperature, hard_weight, soft_scale, mean_scale)
             return rows, student
         return ops.kd_forward(student, teacher, labels, ignore_index, div, param, temperature,
-                              hard_weight, soft_scale, mean_scale)
+                              hard_weight, soft_scale, mean_scale, need_grad)
     from .kernels import kd as triton_kd
 
     return triton_kd.kd_forward(student, teacher, labels, ignore_index, div, param, temperature,
                                 hard_weight, soft_scale, mean_scale,
-                                out=student if inplace else None)
+                                out=student if inplace and need_grad else None)
 
 
 class _FusedKD(torch.autograd.Function):
@@ -73,13 +74,7 @@ class _FusedKD(torch.autograd.Function):
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
         ctx.inplace = inplace
-        if reduction == "none":
-            return rows
-        total = rows.sum()
-        if mean:
-            count = rows.numel() if labels is None else (labels != ignore_index).sum()
-            total = total / (count.clamp_min(1) if torch.is_tensor(count) else max(count, 1))
-        return total
+        return ref.reduce_rows(rows, labels, ignore_index, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -205,10 +200,14 @@ def kd_loss(
             s2 = s2.contiguous()
         if not t2.is_contiguous():
             t2 = t2.contiguous()
-        out = _FusedKD.apply(
-            s2, t2.detach(), l1, name, ignore_index, DIVERGENCES.index(divergence), param,
-            temperature, hard_weight, soft_scale, reduction, inplace_backward,
-        )
+        args = (s2, t2.detach(), l1, name, ignore_index, DIVERGENCES.index(divergence), param,
+                temperature, hard_weight, soft_scale)
+        if torch.is_grad_enabled() and s2.requires_grad:
+            out = _FusedKD.apply(*args, reduction, inplace_backward)
+        else:  # evaluation: no gradient computed, no N×V buffer allocated
+            rows, _ = _fused_forward(name, s2, t2, l1, *args[4:], reduction == "mean", False,
+                                     need_grad=False)
+            out = ref.reduce_rows(rows, l1, ignore_index, reduction)
     return out.reshape(lead) if reduction == "none" else out
 
 

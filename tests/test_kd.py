@@ -409,3 +409,34 @@ def test_env_backend_override(monkeypatch):
     expected = "cpp" if fd.backends()["cpp"] else "torch"
     assert resolve("auto", torch.device("cpu"), torch.float32) == expected
     assert resolve("auto", torch.device("cpu"), torch.float64) == "torch"
+
+
+# ----------------------------------------------------------------- dtypes, evaluation
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("sdt,tdt", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                     (torch.float16, torch.bfloat16)])
+def test_mixed_dtypes_with_hard_term(backend, sdt, tdt):
+    torch.manual_seed(12)
+    s, t = (torch.randn(5, 2500) * 3).to(sdt), (torch.randn(5, 2500) * 3).to(tdt)
+    labels = torch.randint(0, 2500, (5,))
+    kw = dict(divergence="skew_reverse_kl", temperature=2.5, labels=labels, hard_weight=0.3)
+    want_l, want_g = loss_and_grad(s.double(), t.double(), "torch", **kw)
+    got_l, got_g = loss_and_grad(s, t, backend, **kw)
+    assert got_g.dtype == sdt
+    assert_close_rel(got_l, want_l, 2e-2, "loss")
+    assert_close_rel(got_g, want_g, 2e-2, "grad")
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("div", DIVS)
+def test_no_grad_evaluation_matches(backend, div):
+    s, t = torch.randn(4, 900), torch.randn(4, 900)
+    labels = torch.tensor([3, -100, 5, 7])
+    kw = kw_for(div, labels=labels, hard_weight=0.2, temperature=1.5)
+    with torch.no_grad():
+        got = fd.kd_loss(s, t, backend=backend, **kw)
+        got_inplace = fd.kd_loss(s.clone(), t, backend=backend, inplace_backward=True, **kw)
+    want = fd.kd_loss(s.double(), t.double(), backend="torch", **kw)
+    assert_close_rel(got, want, 1e-5, "loss")
+    assert_close_rel(got_inplace, want, 1e-5, "loss")

@@ -351,7 +351,7 @@ template <typename S, typename T>
 struct RowKernel {
   const S* zs;      // (N, V) student logits
   const T* zt;      // (N, V) teacher logits
-  S* grad;          // (N, V) gradient out; may equal zs (in place)
+  S* grad;          // (N, V) gradient out; may equal zs (in place); null: loss only
   const int64_t* labels;  // (N,) or null
   int64_t ignore_index;
   int64_t V;
@@ -363,7 +363,7 @@ struct RowKernel {
   // non-float dtypes through L1 buffers.
   template <bool kRead, bool kWrite, typename F>
   void for_blocks(int64_t r, int64_t v0, int64_t v1, F&& f) const {
-    alignas(64) float bs[kRead ? kBlock : 1], bt[kRead ? kBlock : 1], bo[kWrite ? kBlock : 1];
+    alignas(64) float bs[kBlock], bt[kRead ? kBlock : 1], bo[kWrite ? kBlock : 1];
     const S* srow = zs + r * V;
     const T* trow = zt + r * V;
     S* orow = grad + r * V;
@@ -419,9 +419,8 @@ struct RowKernel {
   // Loss of row r; writes its gradient. `parts` > 1 splits V across threads.
   float row(int64_t r, int64_t parts, Scratch& sc) const {
     const int64_t label = labels ? labels[r] : -1;
-    S* orow = grad + r * V;
     if (labels && label == ignore_index) {
-      std::fill(orow, orow + V, S(0));
+      if (grad) std::fill(grad + r * V, grad + (r + 1) * V, S(0));
       return 0.f;
     }
     const float z_label = P.ce ? static_cast<float>(zs[r * V + label]) : 0.f;
@@ -472,16 +471,18 @@ struct RowKernel {
       R.k = float(p2[0].k);
     }
 
-    over_vocab(parts, [&](int64_t p, int64_t v0, int64_t v1) {
-      for_blocks<false, true>(r, v0, v1, [&](const float* s, const float*, float* o, int64_t n, int64_t off) {
-        const int64_t blk = off / kBlock;
-        const float* zrow = s;
-        if constexpr (std::is_same_v<S, float>) zrow = zs + r * V + off;
-        pass3_block(zrow, o, n, P, R, factor(sc.mu[blk], st.u), factor(sc.mb[blk], lb), A + off, B + off);
-        // The one-hot part of the CE gradient, before the block is stored.
-        if (P.ce && label >= off && label < off + n) o[label - off] -= P.c_hard;
+    if (grad) {
+      over_vocab(parts, [&](int64_t p, int64_t v0, int64_t v1) {
+        for_blocks<false, true>(r, v0, v1, [&](const float* s, const float*, float* o, int64_t n, int64_t off) {
+          const int64_t blk = off / kBlock;
+          const float* zrow = s;
+          if constexpr (std::is_same_v<S, float>) zrow = zs + r * V + off;
+          pass3_block(zrow, o, n, P, R, factor(sc.mu[blk], st.u), factor(sc.mb[blk], lb), A + off, B + off);
+          // The one-hot part of the CE gradient, before the block is stored.
+          if (P.ce && label >= off && label < off + n) o[label - off] -= P.c_hard;
+        });
       });
-    });
+    }
     float out = (1.f - hard_weight) * soft_scale * float(loss);
     if (P.ce) out += hard_weight * (R.lse_z - z_label);
     return out;
@@ -530,13 +531,13 @@ void check_inputs(
 
 template <typename S>
 void launch(at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-            at::Tensor& grad, at::Tensor& loss_rows, const Params& P, int64_t ignore_index,
+            std::optional<at::Tensor>& grad, at::Tensor& loss_rows, const Params& P, int64_t ignore_index,
             float hard_weight, float soft_scale) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, teacher.scalar_type(), "kd_forward_teacher", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "kd_forward: the cpp backend takes float32, bfloat16 or float16 logits");
     } else {
-      RowKernel<S, scalar_t> k{student.data_ptr<S>(), teacher.data_ptr<scalar_t>(), grad.data_ptr<S>(),
+      RowKernel<S, scalar_t> k{student.data_ptr<S>(), teacher.data_ptr<scalar_t>(), grad ? grad->data_ptr<S>() : nullptr,
                                labels ? labels->data_ptr<int64_t>() : nullptr, ignore_index,
                                student.size(1), P, hard_weight, soft_scale};
       k.run(loss_rows.data_ptr<float>(), student.size(0));
@@ -547,8 +548,8 @@ void launch(at::Tensor& student, const at::Tensor& teacher, const std::optional<
 // Shared body of the out-of-place and in-place ops: `grad` may alias `student`.
 at::Tensor kd_forward_into(
     at::Tensor student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    at::Tensor grad, int64_t ignore_index, int64_t divergence, double param, double temperature,
-    double hard_weight, double soft_scale, bool mean_scale) {
+    std::optional<at::Tensor> grad, int64_t ignore_index, int64_t divergence, double param,
+    double temperature, double hard_weight, double soft_scale, bool mean_scale) {
   check_inputs(student, teacher, labels, ignore_index, divergence, temperature, hard_weight > 0);
   const int64_t N = student.size(0);
   auto loss_rows = at::empty({N}, student.options().dtype(at::kFloat));
@@ -601,10 +602,15 @@ void advise_huge_pages(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     int64_t ignore_index, int64_t divergence, double param, double temperature, double hard_weight,
-    double soft_scale, bool mean_scale) {
-  auto grad = at::empty_like(student, at::MemoryFormat::Contiguous);
-  advise_huge_pages(grad);
-  auto loss = kd_forward_into(student, teacher, labels, grad, ignore_index, divergence, param, temperature,
+    double soft_scale, bool mean_scale, bool need_grad) {
+  // Without need_grad (evaluation) no N×V buffer is allocated or written.
+  auto grad = need_grad ? at::empty_like(student, at::MemoryFormat::Contiguous) : student.new_empty({0});
+  std::optional<at::Tensor> out;
+  if (need_grad) {
+    advise_huge_pages(grad);
+    out = grad;
+  }
+  auto loss = kd_forward_into(student, teacher, labels, out, ignore_index, divergence, param, temperature,
                               hard_weight, soft_scale, mean_scale);
   return {loss, grad};
 }
@@ -613,7 +619,7 @@ at::Tensor kd_forward_inplace_cpu(
     at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     int64_t ignore_index, int64_t divergence, double param, double temperature, double hard_weight,
     double soft_scale, bool mean_scale) {
-  return kd_forward_into(student, teacher, labels, student, ignore_index, divergence, param, temperature,
+  return kd_forward_into(student, teacher, labels, std::optional<at::Tensor>(student), ignore_index, divergence, param, temperature,
                          hard_weight, soft_scale, mean_scale);
 }
 
