@@ -54,7 +54,7 @@ def _fused_forward(backend, student, teacher, labels, ignore_index, div, param, 
 
     return triton_kd.kd_forward(student, teacher, labels, ignore_index, div, param, temperature,
                                 hard_weight, soft_scale, mean_scale,
-                                out=student if inplace and need_grad else None)
+                                out=student if inplace and need_grad else None, need_grad=need_grad)
 
 
 class _FusedKD(torch.autograd.Function):

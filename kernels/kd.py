@@ -37,7 +37,6 @@ DIVERGENCES = (
     "taid",
 )
 _FORWARD_KL, _REVERSE_KL, _JSD, _TVD, _SKEW_FORWARD_KL, _SKEW_REVERSE_KL, _TAID = range(7)
-_NEEDS_PASS2 = (_JSD, _TVD, _SKEW_FORWARD_KL, _SKEW_REVERSE_KL)
 
 MAX_BLOCK_V = 4096
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -110,6 +109,7 @@ def _kd_fwd_kernel(
     HAS_LABELS: tl.constexpr,
     CE: tl.constexpr,
     CE_OWN_LSE: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # Log-probabilities are formed as (x - max) - log(sum e^{x - max}), never
@@ -129,10 +129,11 @@ def _kd_fwd_kernel(
         skip = label == ignore_index
 
     if skip:
-        zero = tl.zeros([BLOCK_V], dtype=OUT.dtype.element_ty)
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            tl.store(o_row + cols, zero, mask=cols < V)
+        if NEED_GRAD:
+            zero = tl.zeros([BLOCK_V], dtype=OUT.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                cols = start + cols0
+                tl.store(o_row + cols, zero, mask=cols < V)
         tl.store(LOSS + row, 0.0)
     else:
         c_soft = tl.load(COEF)
@@ -241,44 +242,45 @@ def _kd_fwd_kernel(
             z_label = tl.load(s_row + label).to(tl.float32)
 
         # ------------------------------------------------------------ pass 3
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            mask = cols < V
-            xs = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            xt = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            logq = (xs * inv_t - m_u) - ls_u
-            logp = (xt * inv_t - m_v) - ls_v
-            q = tl.exp(logq)
-            if DIV == 0:  # forward_kl: q - p
-                g = q - tl.exp(logp)
-            elif DIV == 1:  # reverse_kl: q (log q - log p - K)
-                g = tl.where(q > 0.0, q * (logq - logp - k), 0.0)
-            elif DIV == 2:  # jsd: (1-beta) q (log q - log m - K)
-                logm = _logaddexp(log_wp + logp, log_wq + logq)
-                g = tl.where(q > 0.0, (1.0 - param) * q * (logq - logm - k), 0.0)
-            elif DIV == 3:  # tvd: q (s - K)
-                d = q - tl.exp(logp)
-                sgn = tl.where(d > 0.0, 0.5, tl.where(d < 0.0, -0.5, 0.0))
-                g = q * (sgn - k)
-            elif DIV == 4:  # skew_forward_kl: -(1-skew) q (p/m - K)
-                logm = _logaddexp(log_wp + logp, log_wq + logq)
-                w = tl.where(logp > float("-inf"), tl.exp(logp - logm), 0.0)
-                g = -(1.0 - param) * q * (w - k)
-            elif DIV == 5:  # skew_reverse_kl: q (log q/m + 1 - skew q/m - K)
-                logm = _logaddexp(log_wp + logp, log_wq + logq)
-                lqm = logq - logm
-                g = tl.where(q > 0.0, q * (lqm + 1.0 - param * tl.exp(lqm) - k), 0.0)
-            else:  # taid: q - p_t, p_t = softmax((1-t) stopgrad(u) + t v)
-                g = q - tl.exp((_mix(xs, xt, s_w, t_w) * inv_t - m_wc) - ls_w)
-            dz = c_soft * g
-            if CE:
-                if CE_OWN_LSE:
-                    sm = tl.exp((xs - m_zc) - ls_z)
-                else:
-                    sm = q
-                dz += c_hard * sm
-                dz = tl.where(cols == label, dz - c_hard, dz)
-            tl.store(o_row + cols, dz.to(OUT.dtype.element_ty), mask=mask)
+        if NEED_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + cols0
+                mask = cols < V
+                xs = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                xt = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                logq = (xs * inv_t - m_u) - ls_u
+                logp = (xt * inv_t - m_v) - ls_v
+                q = tl.exp(logq)
+                if DIV == 0:  # forward_kl: q - p
+                    g = q - tl.exp(logp)
+                elif DIV == 1:  # reverse_kl: q (log q - log p - K)
+                    g = tl.where(q > 0.0, q * (logq - logp - k), 0.0)
+                elif DIV == 2:  # jsd: (1-beta) q (log q - log m - K)
+                    logm = _logaddexp(log_wp + logp, log_wq + logq)
+                    g = tl.where(q > 0.0, (1.0 - param) * q * (logq - logm - k), 0.0)
+                elif DIV == 3:  # tvd: q (s - K)
+                    d = q - tl.exp(logp)
+                    sgn = tl.where(d > 0.0, 0.5, tl.where(d < 0.0, -0.5, 0.0))
+                    g = q * (sgn - k)
+                elif DIV == 4:  # skew_forward_kl: -(1-skew) q (p/m - K)
+                    logm = _logaddexp(log_wp + logp, log_wq + logq)
+                    w = tl.where(logp > float("-inf"), tl.exp(logp - logm), 0.0)
+                    g = -(1.0 - param) * q * (w - k)
+                elif DIV == 5:  # skew_reverse_kl: q (log q/m + 1 - skew q/m - K)
+                    logm = _logaddexp(log_wp + logp, log_wq + logq)
+                    lqm = logq - logm
+                    g = tl.where(q > 0.0, q * (lqm + 1.0 - param * tl.exp(lqm) - k), 0.0)
+                else:  # taid: q - p_t, p_t = softmax((1-t) stopgrad(u) + t v)
+                    g = q - tl.exp((_mix(xs, xt, s_w, t_w) * inv_t - m_wc) - ls_w)
+                dz = c_soft * g
+                if CE:
+                    if CE_OWN_LSE:
+                        sm = tl.exp((xs - m_zc) - ls_z)
+                    else:
+                        sm = q
+                    dz += c_hard * sm
+                    dz = tl.where(cols == label, dz - c_hard, dz)
+                tl.store(o_row + cols, dz.to(OUT.dtype.element_ty), mask=mask)
 
         row_loss = (1.0 - hard_weight) * soft_scale * loss
         if CE:
@@ -342,6 +344,8 @@ def kd_forward(
     soft_scale: float,
     mean_scale: bool,
     out: torch.Tensor | None = None,
+    *,
+    need_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (float32, (N,)) and the gradient w.r.t. the student logits.
 
@@ -350,15 +354,26 @@ def kd_forward(
     student's dtype, is ``grad_scale * d loss_row / d z`` with
     ``grad_scale = 1 / max(#kept rows, 1)`` if ``mean_scale`` else 1. With
     ``out`` (e.g. the student itself, for the in-place mode) the gradient is
-    written there and ``out`` is returned.
+    written there and ``out`` is returned. Without ``need_grad`` (evaluation,
+    like the C++ op's last argument) no gradient is computed or written and
+    an empty tensor comes back in its place.
     """
+    if isinstance(out, bool):
+        raise TypeError("kd_forward: `out` must be a tensor or None; pass need_grad= by keyword")
+    if out is not None and not need_grad:
+        raise ValueError("kd_forward: out= needs need_grad=True")
     divergence = int(divergence)
     hard_weight = float(hard_weight)
     _check_inputs(student, teacher, labels, divergence, temperature, hard_weight, out)
     N, V = student.shape
     device = student.device
     loss_rows = torch.empty((N,), dtype=torch.float32, device=device)
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if out is None else out
+    if not need_grad:
+        grad = student.new_empty((0,))
+    elif out is None:
+        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    else:
+        grad = out
     if N == 0:
         return loss_rows, grad
     ce = hard_weight > 0
@@ -394,7 +409,7 @@ def kd_forward(
     _kd_fwd_kernel[(N,)](
         student,
         teacher,
-        grad,
+        grad if need_grad else student,  # never written without need_grad
         labels if labels is not None else loss_rows,  # dummy pointer, never read
         loss_rows,
         coef,
@@ -410,6 +425,7 @@ def kd_forward(
         HAS_LABELS=labels is not None,
         CE=ce,
         CE_OWN_LSE=ce and float(temperature) != 1.0,
+        NEED_GRAD=bool(need_grad),
         BLOCK_V=block,
         num_warps=num_warps,
     )

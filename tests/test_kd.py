@@ -440,3 +440,22 @@ def test_no_grad_evaluation_matches(backend, div):
     want = fd.kd_loss(s.double(), t.double(), backend="torch", **kw)
     assert_close_rel(got, want, 1e-5, "loss")
     assert_close_rel(got_inplace, want, 1e-5, "loss")
+
+
+@pytest.mark.parametrize("backend", ["torch"] + fused_backends())
+@pytest.mark.parametrize("taid_t", [0.0, 1.0])
+def test_taid_endpoints_with_neg_inf_teacher(backend, taid_t):
+    # V=13 is not a multiple of any vector width; -inf teacher entries meet weight 0 at t=0
+    torch.manual_seed(13)
+    s, t = torch.randn(3, 13), torch.randn(3, 13)
+    t[0, 4:9] = -math.inf
+    kw = dict(divergence="taid", taid_t=taid_t, temperature=2.0)
+    got_l, got_g = loss_and_grad(s, t, backend, **kw)
+    assert torch.isfinite(got_l) and torch.isfinite(got_g).all()
+    if taid_t == 0.0:  # the target is the student itself: zero loss and gradient
+        assert abs(got_l.item()) < 1e-6 and got_g.abs().max() < 1e-6
+    else:  # t = 1 is forward KL to the teacher
+        want_l, want_g = loss_and_grad(s.double(), t.double(), "torch", divergence="forward_kl",
+                                       temperature=2.0)
+        assert_close_rel(got_l, want_l, 1e-5, "loss")
+        assert_close_rel(got_g, want_g, 1e-5, "grad")

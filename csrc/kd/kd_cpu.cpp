@@ -101,6 +101,7 @@ struct Pass1 {
 struct RowConst {
   float lse_u, lse_v, lse_w, lse_z;
   float k;  // the row sum the gradient subtracts (see pass3)
+  float shift;  // reverse_kl: lse_v - lse_u, taken in double before rounding
 };
 
 inline float hsum(const Vec& x) {
@@ -153,6 +154,14 @@ struct Scratch {
   Scratch(int64_t V) : a(V), b(V), mu((V + kBlock - 1) / kBlock), mb((V + kBlock - 1) / kBlock) {}
 };
 
+// TAID's interpolated logits (1 - t)·z + t·z_t (before 1/T); t = 0 or 1
+// takes one side whole, so a -inf logit never meets a 0 weight (NaN).
+inline Vec taid_mix(const Vec& xs, const Vec& xt, float t) {
+  if (t == 0.f) return xs;
+  if (t == 1.f) return xt;
+  return Vec(1.f - t) * xs + Vec(t) * xt;
+}
+
 // ---------------------------------------------------------------- pass 1
 // One block: block maxima first (the block is in L1), then the exponentials
 // relative to the raised running maxima, stored in A and B.
@@ -162,14 +171,13 @@ __attribute__((noinline)) void pass1_block(
     float& mu_block, float& mb_block) {
   const Vec inv_t(P.inv_t), zero(0.f);
   const bool taid = P.div == kTAID, rev = P.div == kReverseKL, fwd = P.div == kForwardKL;
-  const Vec wt(taid ? P.param : 0.f), ws(taid ? 1.f - P.param : 0.f);
   Vec mzs(-kInf), mzt(-kInf), mw(-kInf);
   for (int64_t i = 0; i < n; i += kVec) {
     const int64_t c = std::min(kVec, n - i);
     const Vec xs = load(zs + i, c), xt = load(zt + i, c);
     mzs = at::vec::maximum(mzs, xs);
     if (taid) {
-      mw = at::vec::maximum(mw, (ws * xs + wt * xt) * inv_t);
+      mw = at::vec::maximum(mw, taid_mix(xs, xt, P.param) * inv_t);
     } else {
       mzt = at::vec::maximum(mzt, xt);
     }
@@ -207,7 +215,7 @@ __attribute__((noinline)) void pass1_block(
     su = su + eu;
     Vec b;
     if (taid) {
-      const Vec w = (ws * xs + wt * xt) * inv_t;
+      const Vec w = taid_mix(xs, xt, P.param) * inv_t;
       b = (w - Mb).exp_u20();
       sb = sb + b;
       ab = ab + keep_where(b * (w - u), b > zero);  // for KL(p_t || q)
@@ -319,7 +327,7 @@ __attribute__((noinline)) void pass3_block(
   Vec coef(1.f);  // c in g = c · q · (h − K)
   if (P.div == kJSD) coef = Vec(1.f - P.param);
   if (P.div == kSkewForwardKL) coef = Vec(P.param - 1.f);
-  const Vec shift(P.div == kReverseKL ? R.lse_v - R.lse_u : 0.f);
+  const Vec shift(R.shift);
   for (int64_t i = 0; i < n; i += kVec) {
     const int64_t c = std::min(kVec, n - i);
     const Vec q = Vec::loadu(A + i, c) * vfu;
@@ -443,6 +451,7 @@ struct RowKernel {
     R.lse_w = taid ? float(st.w.lse()) : 0.f;
     R.lse_z = P.ce_own_lse ? float(st.z.lse()) : R.lse_u;
     R.k = 0.f;
+    R.shift = float(st.v.lse() - st.u.lse());
     double loss = 0.0;
     // The closed forms of pass 1: E_x[d] - lse_x + lse_u for the KL divergences.
     if (P.div == kForwardKL) loss = st.v.a / st.v.s - st.v.lse() + st.u.lse();

@@ -68,7 +68,14 @@ def divergence_rows(
         return _kl(logq, _log_mix(logq, skew, logp))
     if divergence == "taid":
         # The interpolated teacher sees the student through a stop-gradient.
-        logpt = torch.log_softmax((1 - taid_t) * u.detach() + taid_t * v, dim=-1)
+        # t = 0 or 1 takes one side whole (0 · -inf would be NaN).
+        if taid_t == 0:
+            mix = u.detach()
+        elif taid_t == 1:
+            mix = v
+        else:
+            mix = (1 - taid_t) * u.detach() + taid_t * v
+        logpt = torch.log_softmax(mix, dim=-1)
         return _kl(logpt, logq)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 
