@@ -26,16 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Must match fastdistill.reference.kd.DIVERGENCES (and the C++ enum).
-DIVERGENCES = (
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "tvd",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "taid",
-)
+# The divergence codes index this tuple, as the C++ enum does.
+from fastdistill.reference.kd import DIVERGENCES
+
 _FORWARD_KL, _REVERSE_KL, _JSD, _TVD, _SKEW_FORWARD_KL, _SKEW_REVERSE_KL, _TAID = range(7)
 
 MAX_BLOCK_V = 4096

@@ -171,13 +171,16 @@ __attribute__((noinline)) void pass1_block(
     float& mu_block, float& mb_block) {
   const Vec inv_t(P.inv_t), zero(0.f);
   const bool taid = P.div == kTAID, rev = P.div == kReverseKL, fwd = P.div == kForwardKL;
+  // Locals, not loads through P: the stores to A and B could alias P's fields.
+  const bool ce_own = P.ce_own_lse;
+  const float t_mix = P.param;
   Vec mzs(-kInf), mzt(-kInf), mw(-kInf);
   for (int64_t i = 0; i < n; i += kVec) {
     const int64_t c = std::min(kVec, n - i);
     const Vec xs = load(zs + i, c), xt = load(zt + i, c);
     mzs = at::vec::maximum(mzs, xs);
     if (taid) {
-      mw = at::vec::maximum(mw, taid_mix(xs, xt, P.param) * inv_t);
+      mw = at::vec::maximum(mw, taid_mix(xs, xt, t_mix) * inv_t);
     } else {
       mzt = at::vec::maximum(mzt, xt);
     }
@@ -215,7 +218,7 @@ __attribute__((noinline)) void pass1_block(
     su = su + eu;
     Vec b;
     if (taid) {
-      const Vec w = taid_mix(xs, xt, P.param) * inv_t;
+      const Vec w = taid_mix(xs, xt, t_mix) * inv_t;
       b = (w - Mb).exp_u20();
       sb = sb + b;
       ab = ab + keep_where(b * (w - u), b > zero);  // for KL(p_t || q)
@@ -231,7 +234,7 @@ __attribute__((noinline)) void pass1_block(
         if (fwd) ab = ab + keep_where(ev * (v - u), ev > zero);  // for KL(p || q)
       }
     }
-    if (P.ce_own_lse) sz = sz + (xs - Mz).exp();
+    if (ce_own) sz = sz + (xs - Mz).exp();
     if (c == kVec) {
       eu.store(A + i);
       b.store(B + i);
@@ -328,12 +331,14 @@ __attribute__((noinline)) void pass3_block(
   if (P.div == kJSD) coef = Vec(1.f - P.param);
   if (P.div == kSkewForwardKL) coef = Vec(P.param - 1.f);
   const Vec shift(R.shift);
+  const bool ce = P.ce, ce_own = P.ce_own_lse;  // locals: `out` could alias P
+  const int64_t div = P.div;
   for (int64_t i = 0; i < n; i += kVec) {
     const int64_t c = std::min(kVec, n - i);
     const Vec q = Vec::loadu(A + i, c) * vfu;
     const Vec b = Vec::loadu(B + i, c);
     Vec g;  // d divergence / d u
-    switch (P.div) {
+    switch (div) {
       case kForwardKL:
       case kTAID:
         g = q - b * vfb;  // q - p, q - p_t
@@ -345,7 +350,7 @@ __attribute__((noinline)) void pass3_block(
         g = keep_where(coef * q * (b - K), q > zero);
     }
     Vec dz = c_soft * g;
-    if (P.ce) dz = dz + c_hard * (P.ce_own_lse ? (load(zs + i, c) - lse_z).exp() : q);
+    if (ce) dz = dz + c_hard * (ce_own ? (load(zs + i, c) - lse_z).exp() : q);
     if (c == kVec) {
       dz.store(out + i);
     } else {
