@@ -8,6 +8,8 @@ own storage and no N×V buffer is allocated at all.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +20,76 @@ from .reference import kd as ref
 DIVERGENCES = ref.DIVERGENCES
 REDUCTIONS = ("mean", "sum", "none")
 VOCAB_MISMATCH = ("error", "pad", "truncate")
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """The checked keyword arguments every KD loss shares (kd_loss, the fused
+    linear loss, the sparse loss): checked once, here, by ``kd_options``."""
+
+    divergence: str
+    temperature: float
+    beta: float
+    skew: float
+    taid_t: float | None
+    ignore_index: int
+    hard_weight: float
+    reduction: str
+    t2_scale: bool
+    vocab_mismatch: str
+
+    @property
+    def div_index(self) -> int:
+        """The divergence as the kernels number it."""
+        return DIVERGENCES.index(self.divergence)
+
+    @property
+    def param(self) -> float:
+        """The divergence's own parameter: beta (jsd), skew (skew_*), t (taid), else 0."""
+        return {"jsd": self.beta, "skew_forward_kl": self.skew, "skew_reverse_kl": self.skew,
+                "taid": self.taid_t}.get(self.divergence, 0.0)
+
+    @property
+    def soft_scale(self) -> float:
+        """T² with t2_scale (Hinton), else 1."""
+        return self.temperature * self.temperature if self.t2_scale else 1.0
+
+    def reference_keywords(self) -> dict:
+        """The keywords of ``reference.kd.kd_loss_rows``."""
+        return dict(divergence=self.divergence, temperature=self.temperature, beta=self.beta,
+                    skew=self.skew, taid_t=self.taid_t, ignore_index=self.ignore_index,
+                    hard_weight=self.hard_weight, t2_scale=self.t2_scale)
+
+
+def kd_options(*, divergence="forward_kl", temperature=1.0, beta=0.5, skew=0.1, taid_t=None,
+               ignore_index=-100, hard_weight=0.0, reduction="mean", t2_scale=True,
+               vocab_mismatch="error") -> KDOptions:
+    """Check the shared KD keywords; each error names the argument and the range."""
+    _checks.choice("divergence", divergence, DIVERGENCES)
+    temperature = _checks.real("temperature", temperature, low=0.0, low_open=True)
+    beta = _checks.real("beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
+    skew = _checks.real("skew", skew, low=0.0, high=1.0, high_open=True)
+    if divergence == "taid":
+        if taid_t is None:
+            raise ValueError("divergence='taid' needs taid_t in [0, 1] (see fastdistill.TAIDSchedule)")
+        taid_t = _checks.real("taid_t", taid_t, low=0.0, high=1.0)
+    elif taid_t is not None:
+        raise ValueError(f"taid_t is only used by divergence='taid', got divergence={divergence!r}")
+    hard_weight = _checks.real("hard_weight", hard_weight, low=0.0, high=1.0)
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    _checks.choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
+    _checks.flag("t2_scale", t2_scale)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return KDOptions(divergence, temperature, beta, skew, taid_t, ignore_index, hard_weight,
+                     reduction, t2_scale, vocab_mismatch)
+
+
+def check_label_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Labels index the vocabulary (or are ignore_index): checked before a kernel reads them."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}")
 
 
 def _match_vocab(student, teacher, mode):
@@ -38,10 +110,34 @@ def _match_vocab(student, teacher, mode):
     return (pad(student) if vs < v else student), (pad(teacher) if vt < v else teacher)
 
 
+def _reference_forward(student, teacher, labels, ignore_index, div, param, temperature,
+                       hard_weight, soft_scale, mean_scale, need_grad):
+    """The fused kernels' contract computed by the reference, the gradient by autograd."""
+    name = DIVERGENCES[div]
+    kw = dict(divergence=name, temperature=temperature,
+              beta=param if name == "jsd" else 0.5,
+              skew=param if name.startswith("skew") else 0.1,
+              taid_t=param if name == "taid" else None,
+              ignore_index=ignore_index, hard_weight=hard_weight,
+              t2_scale=soft_scale != 1.0)  # soft_scale is T² or 1, and T² = 1 when T = 1
+    with torch.enable_grad():
+        x = student.detach().requires_grad_(need_grad)
+        rows = ref.kd_loss_rows(x, teacher.detach(), labels=labels, **kw)
+        if not need_grad:
+            return rows.detach(), student.new_empty(0)
+        total = ref.reduce_rows(rows, labels, ignore_index, "mean" if mean_scale else "sum")
+        (grad,) = torch.autograd.grad(total, x)
+    return rows.detach(), grad
+
+
 def _fused_forward(backend, student, teacher, labels, ignore_index, div, param, temperature,
                    hard_weight, soft_scale, mean_scale, inplace, need_grad=True):
     """(loss_rows, grad) from a fused backend; grad is `student` itself when in
-    place, and not computed (empty) without need_grad."""
+    place, and not computed (empty) without need_grad. backend="torch" gives
+    the same contract from the reference and autograd (for chunked callers)."""
+    if backend in ("torch", "cuda"):  # cuda: this family's GPU path is triton
+        return _reference_forward(student, teacher, labels, ignore_index, div, param, temperature,
+                                  hard_weight, soft_scale, mean_scale, need_grad)
     if backend == "cpp":
         ops = torch.ops.fastdistill
         if inplace and need_grad:
@@ -133,26 +229,13 @@ def kd_loss(
         )
     if s.shape[-1] == 0 or t.shape[-1] == 0:
         raise ValueError("the vocabulary dimension of the logits must not be empty")
-    _checks.choice("divergence", divergence, DIVERGENCES)
-    temperature = _checks.real("temperature", temperature, low=0.0, low_open=True)
-    beta = _checks.real("beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
-    skew = _checks.real("skew", skew, low=0.0, high=1.0, high_open=True)
-    if divergence == "taid":
-        if taid_t is None:
-            raise ValueError("divergence='taid' needs taid_t in [0, 1] (see fastdistill.TAIDSchedule)")
-        taid_t = _checks.real("taid_t", taid_t, low=0.0, high=1.0)
-    elif taid_t is not None:
-        raise ValueError(f"taid_t is only used by divergence='taid', got divergence={divergence!r}")
-    hard_weight = _checks.real("hard_weight", hard_weight, low=0.0, high=1.0)
-    _checks.choice("reduction", reduction, REDUCTIONS)
-    _checks.choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
-    _checks.flag("t2_scale", t2_scale)
+    opt = kd_options(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
+                     taid_t=taid_t, ignore_index=ignore_index, hard_weight=hard_weight,
+                     reduction=reduction, t2_scale=t2_scale, vocab_mismatch=vocab_mismatch)
     _checks.flag("inplace_backward", inplace_backward)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if labels is not None:
         _checks.labels_for("labels", labels, s.shape[:-1], s.device)
-    elif hard_weight > 0:
+    elif opt.hard_weight > 0:
         raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
     if process_group is not None:
         raise NotImplementedError(
@@ -170,28 +253,18 @@ def kd_loss(
         )
 
     lead = s.shape[:-1]
-    s, t = _match_vocab(s, t, vocab_mismatch)
+    s, t = _match_vocab(s, t, opt.vocab_mismatch)
     V = s.shape[-1]
     s2 = s.reshape(-1, V)
     t2 = t.reshape(-1, V)
     l1 = None if labels is None else labels.reshape(-1).to(torch.int64)
-    if l1 is not None and hard_weight > 0 and not torch.compiler.is_compiling():
-        bad = (l1 != ignore_index) & ((l1 < 0) | (l1 >= V))
-        if bool(bad.any()):
-            raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}")
-    soft_scale = temperature * temperature if t2_scale else 1.0
-    param = {"jsd": beta, "skew_forward_kl": skew, "skew_reverse_kl": skew, "taid": taid_t}.get(
-        divergence, 0.0
-    )
+    if l1 is not None and opt.hard_weight > 0 and not torch.compiler.is_compiling():
+        check_label_range(l1, V, opt.ignore_index)
 
     name = resolve(backend, s.device, s.dtype)
     if name in ("torch", "cuda"):  # cuda: this family's GPU path is triton
-        rows = ref.kd_loss_rows(
-            s2, t2, divergence=divergence, temperature=temperature, beta=beta, skew=skew,
-            taid_t=taid_t, labels=l1, ignore_index=ignore_index, hard_weight=hard_weight,
-            t2_scale=t2_scale,
-        )
-        out = ref.reduce_rows(rows, l1, ignore_index, reduction)
+        rows = ref.kd_loss_rows(s2, t2, labels=l1, **opt.reference_keywords())
+        out = ref.reduce_rows(rows, l1, opt.ignore_index, opt.reduction)
     else:
         if s2.dtype == torch.float64 or t2.dtype == torch.float64:
             raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 logits; "
@@ -200,15 +273,15 @@ def kd_loss(
             s2 = s2.contiguous()
         if not t2.is_contiguous():
             t2 = t2.contiguous()
-        args = (s2, t2.detach(), l1, name, ignore_index, DIVERGENCES.index(divergence), param,
-                temperature, hard_weight, soft_scale)
+        args = (s2, t2.detach(), l1, name, opt.ignore_index, opt.div_index, opt.param,
+                opt.temperature, opt.hard_weight, opt.soft_scale)
         if torch.is_grad_enabled() and s2.requires_grad:
-            out = _FusedKD.apply(*args, reduction, inplace_backward)
+            out = _FusedKD.apply(*args, opt.reduction, inplace_backward)
         else:  # evaluation: no gradient computed, no N×V buffer allocated
-            rows, _ = _fused_forward(name, s2, t2, l1, *args[4:], reduction == "mean", False,
+            rows, _ = _fused_forward(name, s2, t2, l1, *args[4:], opt.reduction == "mean", False,
                                      need_grad=False)
-            out = ref.reduce_rows(rows, l1, ignore_index, reduction)
-    return out.reshape(lead) if reduction == "none" else out
+            out = ref.reduce_rows(rows, l1, opt.ignore_index, opt.reduction)
+    return out.reshape(lead) if opt.reduction == "none" else out
 
 
 class KDLoss(torch.nn.Module):
