@@ -459,3 +459,16 @@ def test_taid_endpoints_with_neg_inf_teacher(backend, taid_t):
                                        temperature=2.0)
         assert_close_rel(got_l, want_l, 1e-5, "loss")
         assert_close_rel(got_g, want_g, 1e-5, "grad")
+
+
+def test_reference_ignored_row_with_infinite_loss_gives_no_nan():
+    """reverse KL is +inf where the teacher has -inf and the student has mass;
+    an ignored row like that must leave no NaN in the gradient."""
+    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 5, dtype=torch.float64)
+    t[1, 2] = float("-inf")
+    labels = torch.tensor([0, -100, 4])
+    loss = fd.kd_loss(s, t, divergence="reverse_kl", labels=labels, backend="torch")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert torch.count_nonzero(s.grad[1]) == 0

@@ -24,9 +24,14 @@ DIVERGENCES = (
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Row-wise KL(p||q) from log-probabilities; terms with p = 0 count 0."""
+    """Row-wise KL(p||q) from log-probabilities; terms with p = 0 count 0.
+
+    Both logs are masked before they meet, so a p = 0 term (log p = -inf,
+    maybe log q = -inf too) gives neither a NaN value nor a NaN gradient."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    live = p > 0
+    zero = torch.zeros_like(p)
+    return (p * (torch.where(live, logp, zero) - torch.where(live, logq, zero))).sum(-1)
 
 
 def _log_mix(log_a: torch.Tensor, weight_a: float, log_b: torch.Tensor) -> torch.Tensor:
@@ -102,6 +107,12 @@ def kd_loss_rows(
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     z = student.to(acc)
     zt = teacher.to(acc)
+    if labels is not None:
+        # Ignored rows count nowhere: give them harmless logits, so that an
+        # infinite loss there cannot leak a NaN into the gradient.
+        dropped = (labels == ignore_index).unsqueeze(-1)
+        z = torch.where(dropped, torch.zeros_like(z), z)
+        zt = torch.where(dropped, torch.zeros_like(zt), zt)
     soft = divergence_rows(
         z / temperature, zt / temperature, divergence, beta=beta, skew=skew, taid_t=taid_t
     )

@@ -1,0 +1,421 @@
+"""The LM head fused into the KD loss: ``fused_linear_kd_loss`` and ``FusedLinearKDLoss``.
+
+The student's (and teacher's) logits are computed one chunk of rows at a
+time, the fused divergence kernel turns each chunk into its loss rows and its
+logit gradient at once, and that gradient goes straight into grad_hidden and
+grad_weight (fp32 accumulation). No N×V tensor ever exists: the peak is one
+chunk of logits per side. Ignored rows are skipped, not computed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from ._backend import resolve
+from .kd import KDOptions, _fused_forward, _match_vocab, check_label_range, kd_options
+from .reference import kd as ref
+
+# Bytes of chunk temporaries ``chunk_size=None`` aims for (logits and
+# gradient of both sides): big enough that the matmuls run at full speed,
+# small next to the N×V tensors it replaces.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class _Head:
+    """One side's LM head: logits = softcap·tanh(scale·(h Wᵀ + b) / softcap)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float
+    softcap: float | None
+
+    def raw(self, h: torch.Tensor) -> torch.Tensor:
+        """scale·(h Wᵀ + b), before the soft cap."""
+        y = torch.addmm(self.bias, h, self.weight.t()) if self.bias is not None else h @ self.weight.t()
+        return y.mul_(self.scale) if self.scale != 1.0 else y
+
+    def first_rows(self, v: int) -> "_Head":
+        """The head of the first v tokens only (views, no copy)."""
+        return _Head(self.weight[:v], None if self.bias is None else self.bias[:v],
+                     self.scale, self.softcap)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.raw(h)
+        if self.softcap is not None:
+            y = y.div_(self.softcap).tanh_().mul_(self.softcap)
+        return y
+
+
+def _check_head(side: str, hidden, weight, bias, scale, softcap, lead_shape=None):
+    """Checks one side's hidden states, weight, bias, logit scale and soft cap."""
+    hidden = _checks.tensor(f"{side}_hidden", hidden, floating=True)
+    weight = _checks.tensor(f"{side}_weight", weight, floating=True)
+    if hidden.dim() < 1:
+        raise ValueError(f"{side}_hidden must have shape (..., H), got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"{side}_weight must have shape (V, H) with H = {hidden.shape[-1]} "
+            f"({side}_hidden's last dimension) and V > 0, got {tuple(weight.shape)}"
+        )
+    if lead_shape is not None and hidden.shape[:-1] != lead_shape:
+        raise ValueError(
+            f"{side}_hidden {tuple(hidden.shape)} must have the student's leading shape "
+            f"{tuple(lead_shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{side}_weight is {weight.dtype} but {side}_hidden is {hidden.dtype}; "
+                        "they must have the same dtype")
+    if bias is not None:
+        bias = _checks.tensor(f"{side}_bias", bias, floating=True)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{side}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{side}_bias is {bias.dtype} but {side}_hidden is {hidden.dtype}")
+    _checks.same_device(**{f"{side}_hidden": hidden, f"{side}_weight": weight, f"{side}_bias": bias})
+    scale = _checks.real(f"{side}_logit_scale", scale, low=0.0, low_open=True)
+    if softcap is not None:
+        softcap = _checks.real(f"{side}_softcap", softcap, low=0.0, low_open=True)
+    return _Head(weight, bias, scale, softcap)
+
+
+def default_chunk_size(n_rows: int, vocab: int, element_size: int,
+                       budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that the chunk's logits, gradient and teacher logits
+    (≈ 3 rows of V each, fp32 for the gradient accumulation) fit the budget."""
+    per_row = 3 * vocab * max(element_size, 4)
+    return max(1, min(n_rows, budget_bytes // per_row))
+
+
+@dataclass
+class _Plan:
+    """Everything the chunk walk needs, fixed once per call."""
+
+    backend: str
+    opt: KDOptions
+    student: _Head
+    teacher: _Head | None          # hidden + weight teacher
+    teacher_hidden: torch.Tensor | None
+    teacher_logits: torch.Tensor | None
+    rows: torch.Tensor | None      # indices of the rows that are not ignored (None: all)
+    labels: torch.Tensor | None
+    n_rows: int                    # rows that count (not ignored)
+    chunk: int
+    vocab_out: int                 # rows of student_weight (its gradient's size)
+    vs: int                        # student vocabulary computed (after truncation)
+    vt: int                        # teacher vocabulary computed (after truncation)
+
+
+def _take(x: torch.Tensor | None, plan: _Plan, a: int, b: int) -> torch.Tensor | None:
+    """Rows a..b of the rows that count."""
+    if x is None:
+        return None
+    if plan.rows is None:
+        return x[a:b]
+    return x.index_select(0, plan.rows[a:b])
+
+
+def _chunk_logits(plan: _Plan, h: torch.Tensor, a: int, b: int):
+    """(student logits, teacher logits, tanh of the student's cap or None) of one chunk,
+    made to one vocabulary per ``vocab_mismatch``."""
+    s_head = plan.student
+    y = s_head.raw(h)
+    capped = None
+    if s_head.softcap is not None:
+        capped = y.div_(s_head.softcap).tanh_()          # kept for the chain rule
+        y = capped * s_head.softcap
+    with torch.no_grad():
+        if plan.teacher is not None:
+            t = plan.teacher.logits(_take(plan.teacher_hidden, plan, a, b))
+        else:
+            t = _take(plan.teacher_logits, plan, a, b)
+    if plan.vs != plan.vt:  # pad: -inf logits on the shorter side
+        y, t = _match_vocab(y, t, plan.opt.vocab_mismatch)
+    return y.contiguous(), t.contiguous(), capped
+
+
+def _walk(plan: _Plan, hidden: torch.Tensor, need_grad: bool, grad_rows=None, *,
+          want_hidden=True, want_weight=True, want_bias=True):
+    """Walk the chunks: loss rows (of the rows that count) and, with need_grad,
+    the gradients of hidden, weight and bias. ``grad_rows`` (per counted row)
+    weights each row's gradient (reduction='none' in backward); otherwise the
+    gradient is that of the sum, divided by n_rows for 'mean'."""
+    opt = plan.opt
+    s_head = plan.student
+    W = s_head.weight
+    acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+    losses = []
+    gh = gw = gb = None
+    if need_grad:
+        if want_hidden:
+            gh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        if want_weight:
+            gw = torch.zeros((plan.vocab_out, W.shape[1]), dtype=acc, device=W.device)
+        if want_bias:
+            gb = torch.zeros(plan.vocab_out, dtype=acc, device=W.device)
+    scale = 1.0 / max(plan.n_rows, 1) if (opt.reduction == "mean" and grad_rows is None) else 1.0
+    vs_used = plan.vs
+    for a in range(0, plan.n_rows, plan.chunk):
+        b = min(a + plan.chunk, plan.n_rows)
+        h = _take(hidden, plan, a, b)
+        lab = _take(plan.labels, plan, a, b)
+        with torch.no_grad():
+            z, t, capped = _chunk_logits(plan, h, a, b)
+            # the kernel may overwrite z with its gradient: z is ours alone
+            rows, g = _fused_forward(plan.backend, z, t, lab, opt.ignore_index, opt.div_index,
+                                     opt.param, opt.temperature, opt.hard_weight, opt.soft_scale,
+                                     False, plan.backend != "torch", need_grad=need_grad)
+        losses.append(rows)
+        if not need_grad:
+            continue
+        with torch.no_grad():
+            g = g[:, :vs_used]
+            if capped is not None:   # d/dy softcap·tanh(y/softcap) = 1 - tanh²
+                g = capped[:, :vs_used].square_().neg_().add_(1).mul_(g)
+            if s_head.scale != 1.0:
+                g = g.mul_(s_head.scale) if g.is_contiguous() else g * s_head.scale
+            if grad_rows is not None:
+                w = grad_rows[a:b].to(g.dtype).unsqueeze(1)
+                g = g * w
+            if gh is not None:
+                part = g @ W
+                if scale != 1.0:
+                    part.mul_(scale)
+                if plan.rows is None:
+                    gh[a:b] = part
+                else:
+                    gh.index_copy_(0, plan.rows[a:b], part.to(gh.dtype))
+            if gw is not None:
+                gw[:vs_used].addmm_(g.t().to(acc), h.to(acc), alpha=scale)
+            if gb is not None:
+                gb[:vs_used].add_(g.sum(0, dtype=acc), alpha=scale)
+    loss_rows = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=acc)
+    return loss_rows, gh, gw, gb
+
+
+def _full_rows(plan: _Plan, counted: torch.Tensor, n_total: int) -> torch.Tensor:
+    """Loss rows of every row (0 at ignored rows) from the rows that count."""
+    if plan.rows is None:
+        return counted
+    out = counted.new_zeros(n_total)
+    return out.index_copy_(0, plan.rows, counted)
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """mean/sum: gradients computed in forward, backward scales them.
+    none: forward computes only the loss; backward walks the chunks again,
+    weighting each row by its incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan, n_total):
+        need = ctx.needs_input_grad
+        if plan.opt.reduction == "none":
+            rows, *_ = _walk(plan, hidden, need_grad=False)
+            ctx.save_for_backward(hidden)
+            ctx.plan = plan
+            return _full_rows(plan, rows, n_total)
+        rows, gh, gw, gb = _walk(plan, hidden, need_grad=True, want_hidden=need[0],
+                                 want_weight=need[1], want_bias=need[2] and bias is not None)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.plan = plan
+        total = rows.sum()
+        return total / max(plan.n_rows, 1) if plan.opt.reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        plan = ctx.plan
+        need = ctx.needs_input_grad
+        if plan.opt.reduction == "none":
+            (hidden,) = ctx.saved_tensors
+            go = grad_out if plan.rows is None else grad_out.index_select(0, plan.rows)
+            _, gh, gw, gb = _walk(plan, hidden, need_grad=True, grad_rows=go,
+                                  want_hidden=need[0], want_weight=need[1],
+                                  want_bias=need[2])
+            wdt = plan.student.weight.dtype
+            return (gh, None if gw is None else gw.to(wdt), None if gb is None else gb.to(wdt),
+                    None, None)
+        gh, gw, gb = ctx.saved_tensors
+        hdt, wdt = ctx.dtypes
+        out = []
+        for g, dt in ((gh, hdt), (gw, wdt), (gb, wdt)):
+            if g is None:
+                out.append(None)
+                continue
+            g = g * grad_out.to(g.dtype) if not bool(grad_out == 1) else g
+            out.append(g.to(dt))
+        return (*out, None, None)
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    taid_t: float | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    reduction: str = "mean",
+    t2_scale: bool = True,
+    vocab_mismatch: str = "error",
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``kd_loss`` of the logits ``student_hidden @ student_weightᵀ (+ bias)``
+    against the teacher's, without ever materializing an N×V tensor.
+
+    The teacher is given as ``teacher_hidden`` + ``teacher_weight`` (its LM
+    head, fused the same way) or as dense ``teacher_logits`` (..., Vt); it is
+    a constant and gets no gradient. Each side's logits are
+    ``softcap·tanh(logit_scale·(h Wᵀ + b) / softcap)`` (the scale first, then
+    Gemma-style soft capping; ``softcap=None`` skips it). All other keywords
+    are those of :func:`fastdistill.kd_loss`. ``chunk_size`` rows are done at a
+    time (None: as many as fit ``DEFAULT_CHUNK_BYTES`` of temporaries).
+    Gradients flow to ``student_hidden``, ``student_weight`` and
+    ``student_bias``; bf16/fp16 weights get their gradient accumulated in fp32.
+    """
+    opt = kd_options(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
+                     taid_t=taid_t, ignore_index=ignore_index, hard_weight=hard_weight,
+                     reduction=reduction, t2_scale=t2_scale, vocab_mismatch=vocab_mismatch)
+    s_head = _check_head("student", student_hidden, student_weight, student_bias,
+                         student_logit_scale, student_softcap)
+    lead = student_hidden.shape[:-1]
+    dense_teacher = teacher_hidden is not None or teacher_weight is not None
+    if dense_teacher == (teacher_logits is not None):
+        raise ValueError("give the teacher either as teacher_hidden + teacher_weight or as "
+                         "teacher_logits (exactly one of them)")
+    t_head = None
+    if dense_teacher:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight go together: give both")
+        t_head = _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias,
+                             teacher_logit_scale, teacher_softcap, lead_shape=lead)
+        vt = teacher_weight.shape[0]
+        th2 = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        tl2 = None
+    else:
+        for name, value in (("teacher_bias", teacher_bias), ("teacher_softcap", teacher_softcap)):
+            if value is not None:
+                raise ValueError(f"{name} applies to teacher_weight; with teacher_logits give "
+                                 "the final logits")
+        if teacher_logit_scale != 1.0:
+            raise ValueError("teacher_logit_scale applies to teacher_weight; with teacher_logits "
+                             "give the final logits")
+        tl = _checks.tensor("teacher_logits", teacher_logits, floating=True)
+        if tl.shape[:-1] != lead or tl.dim() < 1 or tl.shape[-1] == 0:
+            raise ValueError(f"teacher_logits must have shape {tuple(lead)} + (Vt,) with Vt > 0, "
+                             f"got {tuple(tl.shape)}")
+        vt = tl.shape[-1]
+        tl2 = tl.detach().reshape(-1, vt)
+        th2 = None
+    _checks.same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden,
+                        teacher_logits=teacher_logits)
+    vs = student_weight.shape[0]
+    if vs != vt and opt.vocab_mismatch == "error":
+        raise ValueError(
+            f"the student's vocabulary ({vs}) differs from the teacher's ({vt}); pass "
+            "vocab_mismatch='pad' (missing tokens get probability 0) or 'truncate'"
+        )
+    v_used = {"pad": max(vs, vt), "truncate": min(vs, vt)}.get(opt.vocab_mismatch, vs)
+    if opt.vocab_mismatch == "truncate" and vs != vt:
+        # only the shared tokens are ever computed: cut the heads, not the logits
+        if vs > vt:
+            s_head = s_head.first_rows(vt)
+        elif t_head is not None:
+            t_head = t_head.first_rows(vs)
+        else:
+            tl2 = tl2[:, :vs]
+        vs = vt = v_used
+
+    h2 = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n_total = h2.shape[0]
+    l1 = None
+    rows = None
+    if labels is not None:
+        _checks.labels_for("labels", labels, lead, student_hidden.device)
+        l1 = labels.reshape(-1).to(torch.int64)
+        if opt.hard_weight > 0:
+            check_label_range(l1, v_used, opt.ignore_index)
+        keep = l1 != opt.ignore_index
+        if not bool(keep.all()):
+            rows = keep.nonzero().squeeze(1)
+    elif opt.hard_weight > 0:
+        raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
+    n_rows = n_total if rows is None else rows.numel()
+    if chunk_size is None:
+        chunk = default_chunk_size(max(n_rows, 1), v_used, student_hidden.element_size())
+    else:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        chunk = chunk_size
+
+    name = resolve(backend, student_hidden.device, student_hidden.dtype)
+    if name in ("cpp", "triton") and student_hidden.dtype == torch.float64:
+        raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16; "
+                        "float64 runs on backend='torch'")
+    plan = _Plan(name, opt, s_head, t_head, th2, tl2, rows, l1, n_rows, chunk,
+                 student_weight.shape[0], vs, vt)
+    if torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)):
+        out = _FusedLinearKD.apply(h2, student_weight, student_bias, plan, n_total)
+    else:
+        with torch.no_grad():
+            counted, *_ = _walk(plan, h2, need_grad=False)
+        out = ref.reduce_rows(_full_rows(plan, counted, n_total), None, opt.ignore_index, "sum")
+        if opt.reduction == "mean":
+            out = out / max(n_rows, 1)
+        elif opt.reduction == "none":
+            out = _full_rows(plan, counted, n_total)
+    return out.reshape(lead) if opt.reduction == "none" else out
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`fused_linear_kd_loss`; keywords fixed at construction.
+
+    ``forward(student_hidden, student_weight, teacher_hidden=None,
+    teacher_weight=None, *, teacher_logits=None, student_bias=None,
+    teacher_bias=None, labels=None, taid_t=None)``.
+    """
+
+    _CALL_TIME = ("teacher_logits", "student_bias", "teacher_bias", "labels")
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        import inspect
+
+        allowed = set(inspect.signature(fused_linear_kd_loss).parameters) - {
+            "student_hidden", "student_weight", "teacher_hidden", "teacher_weight", *self._CALL_TIME}
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise TypeError(f"FusedLinearKDLoss got unexpected keyword(s) {sorted(unknown)}; "
+                            f"allowed: {sorted(allowed)} (tensors go to forward)")
+        self.kwargs = kwargs
+
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
+                *, teacher_logits=None, student_bias=None, teacher_bias=None, labels=None,
+                taid_t=None):
+        kw = dict(self.kwargs)
+        if taid_t is not None:
+            kw["taid_t"] = taid_t
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                    teacher_logits=teacher_logits, student_bias=student_bias,
+                                    teacher_bias=teacher_bias, labels=labels, **kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
