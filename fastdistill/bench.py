@@ -164,6 +164,83 @@ def bench_kd(report: Report, n: int, v: int, dtype: torch.dtype, divergence: str
                   None if extra is None else extra / MB, notes=notes)
         rows.append(row)
         log(f"  {row.op:28s} {shape:>12s} {row.dtype:9s} {label:34s} {secs:8.3f} s")
+    _ratios(report, rows, shape)
+
+
+def gemm_floor(n: int, h: int, v: int, repeat: int) -> float:
+    """Best time of the four GEMMs every fused-linear KD step needs: student and
+    teacher logits, grad_hidden and grad_weight (fp32)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    best = float("inf")
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        z = x @ w.t()
+        t = x @ w.t()
+        _ = z @ w
+        _ = t.t() @ x
+        best = min(best, time.perf_counter() - t0)
+        del z, t
+    return best
+
+
+def _fused_linear_impls(divergence: str, with_compile: bool):
+    """(label, loss(h, W, th, tW, labels)) for the fused-linear case."""
+    from .fused_linear import fused_linear_kd_loss
+
+    def naive(h, w, th, tw, labels):
+        with torch.no_grad():
+            t = th @ tw.t()
+        return ref.kd_loss(h @ w.t(), t, divergence=divergence)
+
+    impls = [("torch eager (materialized logits)", naive)]
+    if with_compile:
+        impls.append(("torch.compile (materialized logits)", torch.compile(naive)))
+    if divergence == "jsd":
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        except ImportError:
+            pass
+        else:
+            liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5)
+            impls.append(("Liger-Kernel LigerFusedLinearJSDLoss", liger))
+    impls.append(("fastdistill fused_linear_kd_loss",
+                  lambda h, w, th, tw, labels: fused_linear_kd_loss(h, w, th, tw,
+                                                                   divergence=divergence)))
+    return impls
+
+
+def bench_fused_linear(report: Report, n: int, h: int, v: int, divergence: str, *, repeat: int,
+                       with_compile: bool = True, log=print) -> None:
+    """Forward+backward of the LM head + KD loss; the floor is the four GEMMs alone."""
+    g = torch.Generator().manual_seed(0)
+    hid, th = torch.randn(n, h, generator=g), torch.randn(n, h, generator=g)
+    w = torch.randn(v, h, generator=g) / h**0.5
+    tw = torch.randn(v, h, generator=g) * 2 / h**0.5
+    labels = torch.randint(0, v, (n,), generator=g)
+    shape = f"{n}x{h}x{v}"
+    report.floor_seconds[shape] = gemm_floor(n, h, v, repeat)
+    rows = []
+    for label, loss_fn in _fused_linear_impls(divergence, with_compile):
+        def prep():
+            return hid.clone().requires_grad_(), w.clone().requires_grad_()
+
+        def run(state):
+            x, wx = state
+            loss_fn(x, wx, th, tw, labels).backward()
+
+        warm = 2 if ("compile" in label or "Liger" in label) else 1
+        secs, extra = measure(run, prep, repeat=repeat, warmup=warm)
+        row = Row(f"fused_linear_kd[{divergence}]", shape, "float32", label, secs,
+                  None if extra is None else extra / MB,
+                  notes="grad_weight (V×H fp32) is part of every implementation's peak")
+        rows.append(row)
+        log(f"  {row.op:28s} {shape:>14s} {row.dtype:9s} {label:38s} {secs:8.3f} s")
+    _ratios(report, rows, shape)
+
+
+def _ratios(report: Report, rows: list[Row], shape: str) -> None:
+    """Fill in each row's ratio to eager, to torch.compile and to the floor."""
     eager = next((r.seconds for r in rows if "eager" in r.impl), None)
     comp = next((r.seconds for r in rows if "compile" in r.impl), None)
     floor = report.floor_seconds.get(shape)
@@ -189,7 +266,8 @@ def format_table(report: Report) -> str:
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(line, widths)) + " |" for line in lines]
     floors = ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in report.floor_seconds.items())
-    out.append(f"streaming floor (read two N×V fp32, write one): {floors}")
+    out.append(f"floors (NxV: one streaming pass reading two N×V fp32 tensors and writing one; "
+               f"NxHxV: the four GEMMs of a fused-linear step): {floors}")
     out.append("environment: " + ", ".join(f"{k}={v}" for k, v in report.env.items()))
     return "\n".join(out)
 
@@ -210,7 +288,7 @@ def save_chart(report: Report, path: Path) -> Path | None:
                 color=["#c44" if "fastdistill" in r.impl else "#888" for r in rows])
         floor = report.floor_seconds.get(case[1])
         if floor:
-            ax.axvline(floor, color="k", ls="--", lw=1, label="streaming floor")
+            ax.axvline(floor, color="k", ls="--", lw=1, label="floor")
             ax.legend(loc="lower right", fontsize=8)
         ax.set_title(f"{case[0]}  {case[1]}  {case[2]}  (forward+backward, lower is better)", fontsize=9)
         ax.set_xlabel("seconds")
@@ -252,6 +330,10 @@ def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergenc
     for dtype, div, compile_it in cases:
         bench_kd(report, n, v, dtype, div, repeat=repeat, with_compile=compile_it,
                  with_inplace=dtype == torch.float32, log=log)
+    fl_n, fl_h, fl_v = (512, 512, 16000) if quick else (2048, 1024, 32000)
+    log(f"fused linear KD: N={fl_n}, H={fl_h}, V={fl_v}")
+    bench_fused_linear(report, fl_n, fl_h, fl_v, "jsd", repeat=repeat, with_compile=not quick,
+                       log=log)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(report)
