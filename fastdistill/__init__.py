@@ -6,7 +6,8 @@
 from ._backend import backends
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from .kd import DIVERGENCES, KDLoss, kd_loss
+from .sparse import sample_teacher, sparse_kd_loss
 from .taid import TAIDSchedule
 
 __version__ = "0.1.0"
-__all__ = ["DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends", "fused_linear_kd_loss", "kd_loss", "__version__"]
+__all__ = ["DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends", "fused_linear_kd_loss", "kd_loss", "sample_teacher", "sparse_kd_loss", "__version__"]

@@ -1,0 +1,172 @@
+"""Readable pure-torch sparse-teacher KD loss: the specification and the CPU fallback.
+
+The teacher of a row is given sparsely: K token ids ``i_1..i_K`` and their
+log-probabilities ``lp_1..lp_K`` (at the distillation temperature, as the
+producer computed them). The student row is dense: logits z (length V), with
+u = z/T and q = softmax(u). Following ``shared/notes/kd-math.md`` §3, the
+loss compares *bins*:
+
+``tail="bucket"``
+    K + 1 bins: the K ids and one tail bin for everything else. Teacher
+    P_k = exp(lp_k), P_tail = 1 − Σ_k P_k; student Q_k = q_{i_k},
+    log Q_tail = log(1 − Σ_k Q_k) = log(−expm1(LSE_ids(u) − LSE(u))).
+    When the ids cover the whole vocabulary there is no tail bin (both tails 0).
+``tail="renormalize"``
+    K bins, both sides renormalized over the ids: P̃ = P/ΣP, Q̃ = softmax(u_ids).
+``tail="none"``
+    Sampled teachers (``fastdistill.sample_teacher``): Σ_k P_k (lp_k − log q_{i_k}),
+    forward KL only; the estimate P of p is unbiased, and so is the gradient
+    q·ΣP − P.
+
+Entries with ``lp == -inf`` are padding: they are no bin at all, on either
+side (their ids are never read). A bin that is 0 on both sides contributes
+nothing to any divergence. The divergence between the two bin distributions
+is the one of ``reference.kd`` (``_kl``, ``_log_mix``), applied to the bin
+log-probabilities as they are (no renormalization). Gradients come from
+autograd; every operation is masked so that padding, dead bins and ignored
+rows give no NaN in the value or the gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .kd import _kl, _log_mix, reduce_rows
+
+TAILS = ("bucket", "renormalize", "none")
+# The divergences each tail supports (TAID needs the dense teacher logits).
+SUPPORTED = {
+    "bucket": ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"),
+    "renormalize": ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"),
+    "none": ("forward_kl",),
+}
+# tail="bucket": how far Σ exp(lp) may exceed 1 (rounding) before it is an error.
+LOGPROB_SUM_TOL = 1e-3
+
+_NEG_INF = -math.inf
+
+
+def bin_divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, *,
+                   beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+    """Per-row divergence between bin distributions given by their log-probabilities.
+
+    ``logp`` (teacher) and ``logq`` (student) are (N, B) and are used as
+    they are: no log-softmax. Bins that are -inf on both sides are dead and
+    count 0 (they are swapped for a harmless 0 before any arithmetic, so
+    their gradient is exactly 0, never NaN).
+    """
+    live = (logp > _NEG_INF) | (logq > _NEG_INF)
+    zero = torch.zeros((), dtype=logq.dtype, device=logq.device)
+    logp = torch.where(live, logp, zero)
+    logq = torch.where(live, logq, zero)
+    if divergence == "forward_kl":
+        return _kl(logp, logq)
+    if divergence == "reverse_kl":
+        return _kl(logq, logp)
+    if divergence == "jsd":
+        logm = _log_mix(logp, beta, logq)
+        return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
+    if divergence == "tvd":
+        return 0.5 * (logq.exp() - logp.exp()).abs().sum(-1)
+    if divergence == "skew_forward_kl":
+        return _kl(logp, _log_mix(logp, skew, logq))  # m = skew p + (1 - skew) q
+    if divergence == "skew_reverse_kl":
+        return _kl(logq, _log_mix(logq, skew, logp))  # m = (1 - skew) p + skew q
+    raise ValueError(f"divergence {divergence!r} is not defined on sparse teachers")
+
+
+def _safe_lse(x: torch.Tensor, any_live: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim; -inf (with zero gradient) for rows that are all -inf."""
+    safe = torch.where(any_live.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(any_live, torch.logsumexp(safe, dim=-1), _NEG_INF)
+
+
+def bins(u: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: str):
+    """The bin log-probabilities (teacher, student), each (N, K) or (N, K + 1).
+
+    ``u`` = z/T (N, V) in the accumulation dtype; ``ids`` (N, K) int64;
+    ``logprobs`` (N, K) in the accumulation dtype, -inf at padding.
+    """
+    V = u.shape[-1]
+    valid = logprobs > _NEG_INF
+    any_valid = valid.any(-1)
+    lse = torch.logsumexp(u, dim=-1, keepdim=True)
+    u_ids = u.gather(-1, torch.where(valid, ids, torch.zeros_like(ids)))
+    lp = logprobs
+    if tail == "renormalize":
+        lq_raw = torch.where(valid, u_ids, _NEG_INF)
+        lq = lq_raw - _safe_lse(lq_raw, any_valid).unsqueeze(-1)
+        lp = lp - _safe_lse(lp, any_valid).unsqueeze(-1)
+        # rows without any valid id: every bin dead (keep them -inf, not NaN)
+        lq = torch.where(valid, lq, _NEG_INF)
+        lp = torch.where(valid, lp, _NEG_INF)
+        return lp, lq
+    lq = torch.where(valid, u_ids - lse, _NEG_INF)
+    if tail == "none":
+        return lp, lq
+    # bucket: one more bin for the rest of the vocabulary
+    covered = valid.sum(-1) == V
+    d = _safe_lse(lq, any_valid)  # log Σ_k Q_k = LSE_ids - LSE, ≤ 0
+    has_q = (d < 0) & ~covered
+    d_safe = torch.where(has_q, d, torch.full_like(d, -1.0))
+    lq_tail = torch.where(has_q, torch.log(-torch.expm1(d_safe)), _NEG_INF)
+    with torch.no_grad():  # the teacher is a constant; its tail in float64
+        psum = lp.double().exp().sum(-1)
+        has_p = (psum < 1) & ~covered  # a sum above 1 (rounding) leaves no tail
+        lp_tail = torch.where(has_p, torch.log1p(-torch.where(has_p, psum, 0.0)), _NEG_INF)
+        lp_tail = lp_tail.to(lp.dtype)
+    return torch.cat([lp, lp_tail.unsqueeze(-1)], -1), torch.cat([lq, lq_tail.unsqueeze(-1)], -1)
+
+
+def sparse_kd_loss_rows(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    *,
+    tail: str = "bucket",
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    t2_scale: bool = True,
+) -> torch.Tensor:
+    """Per-row loss ``hard_weight * CE + (1 - hard_weight) * [T^2] * D(bins)``; 0 at ignored rows.
+
+    ``student`` (N, V) logits; ``ids`` (N, K) integer; ``logprobs`` (N, K),
+    -inf marking padding. Computes in float32 (float64 stays float64).
+    """
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    if divergence not in SUPPORTED[tail]:
+        raise ValueError(f"divergence={divergence!r} is not supported with tail={tail!r}")
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    z = student.to(acc)
+    lp = logprobs.to(acc)
+    ids = ids.to(torch.int64)
+    if labels is not None:
+        # Ignored rows count nowhere: harmless logits and an all-padding teacher.
+        dropped = (labels == ignore_index).unsqueeze(-1)
+        z = torch.where(dropped, torch.zeros_like(z), z)
+        lp = torch.where(dropped, torch.full_like(lp, _NEG_INF), lp)
+    logp, logq = bins(z / temperature, ids, lp, tail)
+    soft = bin_divergence(logp, logq, divergence, beta=beta, skew=skew)
+    if t2_scale:
+        soft = soft * (temperature * temperature)
+    loss = (1.0 - hard_weight) * soft
+    if hard_weight > 0:
+        ce = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="none")
+        loss = loss + hard_weight * ce
+    if labels is not None:
+        loss = torch.where(labels != ignore_index, loss, torch.zeros_like(loss))
+    return loss
+
+
+def sparse_kd_loss(student, ids, logprobs, *, reduction: str = "mean", **kw) -> torch.Tensor:
+    """The whole reference loss on (N, V) logits: rows, then the reduction."""
+    rows = sparse_kd_loss_rows(student, ids, logprobs, **kw)
+    return reduce_rows(rows, kw.get("labels"), kw.get("ignore_index", -100), reduction)

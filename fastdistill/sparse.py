@@ -1,0 +1,346 @@
+"""KD from a sparse teacher: ``sparse_kd_loss`` and ``sample_teacher``.
+
+A sparse teacher gives, per row (token), K token ids and their
+log-probabilities instead of V logits: a cached top-k, or ``sample_teacher``'s
+draws. The student row stays dense. The fused backends read each student row
+twice (log-sum-exp, then the gradient) and gather K entries; they compute the
+gradient in the forward pass, and no dense teacher row or N×V temporary
+exists besides the gradient itself. The math is ``shared/notes/kd-math.md``
+§3; the readable specification is ``fastdistill/reference/sparse.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks
+from ._backend import resolve
+from .kd import DIVERGENCES, check_label_range, kd_options
+from .reference import kd as ref_kd
+from .reference import sparse as ref
+
+TAILS = ref.TAILS
+SUPPORTED = ref.SUPPORTED
+LOGPROB_SUM_TOL = ref.LOGPROB_SUM_TOL
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    """Shape-only implementation of the C++ op, so that it traces under torch.compile."""
+    global _fake_registered
+    if _fake_registered:
+        return
+    _fake_registered = True
+    try:
+        from torch.library import register_fake
+
+        @register_fake("fastdistill::sparse_kd_forward")
+        def _(student, ids, logprobs, labels, ignore_index, divergence, tail, param, temperature,
+              hard_weight, soft_scale, mean_scale, need_grad):
+            loss = student.new_empty((student.shape[0],), dtype=torch.float32)
+            if not need_grad:
+                return loss, student.new_empty((0,))
+            return loss, torch.empty_like(student, memory_format=torch.contiguous_format)
+    except Exception:  # noqa: BLE001 - already registered, or an older torch: eager still works
+        pass
+
+
+def _reference_forward(student, ids, logprobs, labels, ignore_index, div, tail, param, temperature,
+                       hard_weight, soft_scale, mean_scale, need_grad):
+    """The fused contract computed by the reference, the gradient by autograd."""
+    name = DIVERGENCES[div]
+    kw = dict(tail=TAILS[tail], divergence=name, temperature=temperature,
+              beta=param if name == "jsd" else 0.5,
+              skew=param if name.startswith("skew") else 0.1,
+              ignore_index=ignore_index, hard_weight=hard_weight,
+              t2_scale=soft_scale != 1.0)  # soft_scale is T² or 1, and T² = 1 when T = 1
+    with torch.enable_grad():
+        x = student.detach().requires_grad_(need_grad)
+        rows = ref.sparse_kd_loss_rows(x, ids, logprobs.detach(), labels=labels, **kw)
+        if not need_grad:
+            return rows.detach(), student.new_empty(0)
+        total = ref_kd.reduce_rows(rows, labels, ignore_index, "mean" if mean_scale else "sum")
+        (grad,) = torch.autograd.grad(total, x)
+    return rows.detach(), grad
+
+
+def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, tail, param,
+                    temperature, hard_weight, soft_scale, mean_scale, need_grad):
+    """(loss_rows, grad) of one backend: the fused op's contract.
+
+    ``student`` (N, V) contiguous; ``ids`` (N, K) integer (converted to int64
+    here if needed); ``logprobs`` (N, K) floating (-inf at padding; the
+    kernels read them as float32, or float64 on cpp); ``labels`` (N,) int64 or
+    None. ``div`` indexes ``DIVERGENCES``, ``tail`` indexes ``TAILS``,
+    ``param`` is beta (jsd) or skew (skew_*), ``soft_scale`` is T² or 1.
+    ``loss_rows`` is float32 (N,) (0 at ignored rows); ``grad`` is
+    d(Σ rows)/d student (divided by the number of kept rows with
+    ``mean_scale``) in the student's dtype, or empty without ``need_grad``.
+    No argument checks beyond what the kernels need: the public function
+    checks. backend="torch" computes rows with the reference and the
+    gradient with autograd.
+    """
+    if ids.dtype != torch.int64:
+        ids = ids.to(torch.int64)
+    if backend in ("torch", "cuda"):  # cuda: this family's GPU path is triton
+        return _reference_forward(student, ids, logprobs, labels, ignore_index, div, tail, param,
+                                  temperature, hard_weight, soft_scale, mean_scale, need_grad)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    if backend == "cpp":
+        if logprobs.dtype not in (torch.float32, torch.float64):
+            logprobs = logprobs.float()
+        if not logprobs.is_contiguous():
+            logprobs = logprobs.contiguous()
+        _register_fake()
+        return torch.ops.fastdistill.sparse_kd_forward(
+            student, ids, logprobs, labels, ignore_index, div, tail, param, temperature,
+            hard_weight, soft_scale, mean_scale, need_grad)
+    from .kernels import sparse as triton_sparse
+
+    if logprobs.dtype != torch.float32:
+        logprobs = logprobs.float()
+    return triton_sparse.sparse_kd_forward(
+        student, ids, logprobs.contiguous(), labels, ignore_index, div, tail, param, temperature,
+        hard_weight, soft_scale, mean_scale, need_grad=need_grad)
+
+
+class _FusedSparseKD(torch.autograd.Function):
+    """Autograd around a fused kernel: the gradient is computed in forward."""
+
+    @staticmethod
+    def forward(ctx, student, ids, logprobs, labels, backend, ignore_index, div, tail, param,
+                temperature, hard_weight, soft_scale, reduction):
+        rows, grad = _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div,
+                                     tail, param, temperature, hard_weight, soft_scale,
+                                     reduction == "mean", True)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        return ref_kd.reduce_rows(rows, labels, ignore_index, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            scale = grad_out.to(grad.dtype).unsqueeze(-1)
+        else:
+            if not torch.compiler.is_compiling() and bool(grad_out == 1):
+                return (grad,) + (None,) * 12
+            scale = grad_out.to(grad.dtype)
+        return (grad * scale,) + (None,) * 12
+
+
+def _integer_tensor(name: str, x) -> torch.Tensor:
+    _checks.tensor(name, x)
+    if x.dtype.is_floating_point or x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {x.dtype}")
+    return x
+
+
+def _check_teacher_values(ids, lp, V, tail, keep):
+    """Value checks on the rows that count (``keep``, or all): the kernels rely on them."""
+    if keep is not None:
+        ids, lp = ids[keep], lp[keep]
+    if lp.numel() == 0:
+        return
+    if bool(torch.isnan(lp).any()) or bool((lp == math.inf).any()):
+        raise ValueError("teacher_logprobs must be finite log-probabilities or -inf (padding); "
+                         "got NaN or +inf")
+    finite = lp > -math.inf
+    bad = finite & ((ids < 0) | (ids >= V))
+    if bool(bad.any()):
+        raise ValueError(f"teacher_ids must be in [0, {V}) (the student's vocabulary) wherever "
+                         f"teacher_logprobs is finite; got {int(ids[bad][0])}")
+    # distinct among the finite entries: padding gets distinct negative stand-ins
+    K = ids.shape[-1]
+    stand_in = -1 - torch.arange(K, device=ids.device)
+    s = torch.where(finite, ids, stand_in).sort(-1).values
+    if K > 1 and bool((s[..., 1:] == s[..., :-1]).any()):
+        raise ValueError("teacher_ids must be distinct within a row (among the entries whose "
+                         "teacher_logprobs are finite); mark repeated slots as padding with -inf")
+    if tail == "bucket":
+        total = lp.double().exp().sum(-1)
+        worst = float(total.max())
+        if worst > 1.0 + LOGPROB_SUM_TOL:
+            raise ValueError(
+                f"teacher_logprobs must be log-probabilities: with tail='bucket' their "
+                f"probabilities may sum to at most 1 per row (+{LOGPROB_SUM_TOL} for rounding), "
+                f"got a row summing to {worst:.6g}")
+
+
+def sparse_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    tail: str = "bucket",
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    reduction: str = "mean",
+    t2_scale: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation loss against a sparse teacher: K (id, log-probability) pairs per row.
+
+    ``student_logits`` (..., V) float32/bfloat16/float16 (float64 on
+    backend="torch"); ``teacher_ids`` (..., K) integer; ``teacher_logprobs``
+    (..., K) floating, the teacher's log-probabilities *at the distillation
+    temperature*, as given (the producer applies T, e.g.
+    ``sample_teacher(temperature=T)``); K ≤ V. The student side is
+    u = student_logits / T, q = softmax(u) over the full vocabulary.
+
+    ``loss = hard_weight * CE(student_logits, labels) + (1 - hard_weight) * [T²] * soft``
+    per row, CE at T = 1; reductions and ``ignore_index`` as in
+    :func:`fastdistill.kd_loss` (the mean is over rows that are not ignored;
+    "none" gives 0 at ignored rows; an all-ignored batch gives 0).
+
+    ``soft`` by ``tail``:
+
+    - ``"bucket"`` (top-k with a tail): K + 1 bins, the ids and "everything
+      else". Teacher P_k = exp(lp_k), P_tail = 1 − Σ P_k (a sum above 1 by
+      less than ``LOGPROB_SUM_TOL`` is rounding: tail 0; more is an error);
+      student Q_k = q_{i_k}, log Q_tail = log(−expm1(LSE_ids(u) − LSE(u))).
+      When the ids cover the whole vocabulary there is no tail bin. Forward
+      KL is never negative (unlike truncated KL without a tail).
+    - ``"renormalize"``: K bins, both sides renormalized over the ids; the
+      gradient is nonzero only at the ids (and the CE term).
+    - ``"none"`` (sampled teachers): Σ_k P_k (lp_k − log q_{i_k}), gradient
+      q·ΣP − P at the ids; with ``sample_teacher``'s counts its expectation is
+      the dense forward-KL gradient q − p. Forward KL only.
+
+    ``divergence`` is any of ``fastdistill.DIVERGENCES`` but "taid" (which
+    needs the dense teacher), computed between the bin distributions; ``beta``
+    and ``skew`` as in ``kd_loss``.
+
+    Padding: entries whose log-probability is -inf are no bin on either side
+    (no teacher mass, and they do not count in the student's gathered mass),
+    and their ids are never read (any value is accepted). The ids of finite
+    entries must be distinct within a row and in [0, V); rows with no finite
+    entry contribute 0 to the soft term. Ids may be any integer dtype (they
+    are converted to int64 once). Value checks (ids, log-probabilities)
+    cover the rows that are not ignored and are skipped under torch.compile.
+    The teacher is a constant: it gets no gradient.
+    """
+    s = _checks.tensor("student_logits", student_logits, floating=True)
+    ids = _integer_tensor("teacher_ids", teacher_ids)
+    lp = _checks.tensor("teacher_logprobs", teacher_logprobs, floating=True)
+    _checks.same_device(student_logits=s, teacher_ids=ids, teacher_logprobs=lp)
+    if s.dim() < 1 or s.shape[-1] == 0:
+        raise ValueError(f"student_logits must have shape (..., V) with V ≥ 1, got {tuple(s.shape)}")
+    if ids.dim() != s.dim() or ids.shape[:-1] != s.shape[:-1]:
+        raise ValueError(
+            f"teacher_ids {tuple(ids.shape)} must have shape (..., K) with the leading dimensions "
+            f"of student_logits {tuple(s.shape)}")
+    if lp.shape != ids.shape:
+        raise ValueError(f"teacher_logprobs {tuple(lp.shape)} must have the shape of teacher_ids "
+                         f"{tuple(ids.shape)}")
+    V, K = s.shape[-1], ids.shape[-1]
+    if K == 0:
+        raise ValueError("teacher_ids must have at least one entry per row (K ≥ 1)")
+    if K > V:
+        raise ValueError(f"teacher_ids has K={K} entries per row, more than the vocabulary V={V}")
+    _checks.choice("tail", tail, TAILS)
+    if divergence == "taid":
+        raise ValueError("divergence='taid' is not supported by sparse_kd_loss (TAID interpolates "
+                         "the dense teacher logits); use fastdistill.kd_loss")
+    opt = kd_options(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
+                     taid_t=None, ignore_index=ignore_index, hard_weight=hard_weight,
+                     reduction=reduction, t2_scale=t2_scale)
+    if opt.divergence not in SUPPORTED[tail]:
+        raise ValueError(f"divergence={divergence!r} is not supported with tail={tail!r} "
+                         f"(supported: {SUPPORTED[tail]})")
+    if labels is not None:
+        _checks.labels_for("labels", labels, s.shape[:-1], s.device)
+    elif opt.hard_weight > 0:
+        raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
+    if lp.requires_grad and torch.is_grad_enabled():
+        raise ValueError("teacher_logprobs requires grad, but the teacher is a constant in KD: "
+                         "pass teacher_logprobs.detach()")
+
+    lead = s.shape[:-1]
+    s2 = s.reshape(-1, V)
+    ids2 = ids.reshape(-1, K).to(torch.int64)
+    lp2 = lp.detach().reshape(-1, K)
+    l1 = None if labels is None else labels.reshape(-1).to(torch.int64)
+    if not torch.compiler.is_compiling():
+        if l1 is not None and opt.hard_weight > 0:
+            check_label_range(l1, V, opt.ignore_index)
+        keep = None if l1 is None else l1 != opt.ignore_index
+        _check_teacher_values(ids2, lp2, V, tail, keep)
+
+    name = resolve(backend, s.device, s.dtype)
+    tail_index = TAILS.index(tail)
+    if name in ("torch", "cuda"):  # cuda: this family's GPU path is triton
+        rows = ref.sparse_kd_loss_rows(
+            s2, ids2, lp2, tail=tail, divergence=opt.divergence, temperature=opt.temperature,
+            beta=opt.beta, skew=opt.skew, labels=l1, ignore_index=opt.ignore_index,
+            hard_weight=opt.hard_weight, t2_scale=opt.t2_scale)
+        out = ref_kd.reduce_rows(rows, l1, opt.ignore_index, opt.reduction)
+    else:
+        if s2.dtype == torch.float64:
+            raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 logits; "
+                            "float64 runs on backend='torch'")
+        if not s2.is_contiguous():
+            s2 = s2.contiguous()
+        ids2 = ids2.contiguous()
+        lp2 = lp2.contiguous()
+        args = (s2, ids2, lp2, l1, name, opt.ignore_index, opt.div_index, tail_index, opt.param,
+                opt.temperature, opt.hard_weight, opt.soft_scale)
+        if torch.is_grad_enabled() and s2.requires_grad:
+            out = _FusedSparseKD.apply(*args, opt.reduction)
+        else:  # evaluation: no gradient computed, no N×V buffer allocated
+            rows, _ = _sparse_forward(name, s2, ids2, lp2, l1, *args[5:],
+                                      opt.reduction == "mean", False)
+            out = ref_kd.reduce_rows(rows, l1, opt.ignore_index, opt.reduction)
+    return out.reshape(lead) if opt.reduction == "none" else out
+
+
+def sample_teacher(teacher_logits: torch.Tensor, n: int, *, temperature: float = 1.0,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``n`` tokens per row from softmax(teacher_logits / temperature), with replacement.
+
+    Returns ``(ids, logprobs)``, int64 and float32 of shape (..., n): each
+    row lists its distinct drawn ids (ascending) with logprob = log(count / n),
+    then padding up to width n: id 0 and logprob -inf. So exp(logprobs) sums
+    to 1 per row, and P = count/n is an unbiased estimate of the teacher's
+    distribution: ``sparse_kd_loss(..., tail="none")`` on it has the dense
+    forward-KL gradient in expectation (Sparse Logit Sampling). Pass the same
+    ``temperature`` to ``sparse_kd_loss``. (``sparse_kd_loss`` needs n ≤ V.)
+    ``generator`` (a CPU/CUDA torch.Generator on the logits' device) makes
+    the draws reproducible.
+    """
+    t = _checks.tensor("teacher_logits", teacher_logits, floating=True)
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be ≥ 1, got {n}")
+    temperature = _checks.real("temperature", temperature, low=0.0, low_open=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if t.dim() < 1 or t.shape[-1] == 0:
+        raise ValueError(f"teacher_logits must have shape (..., V) with V ≥ 1, got {tuple(t.shape)}")
+    lead, V = t.shape[:-1], t.shape[-1]
+    with torch.no_grad():
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        probs = torch.softmax(t.reshape(-1, V).to(acc) / temperature, dim=-1)
+        R = probs.shape[0]
+        if R == 0:
+            return (torch.zeros(*lead, n, dtype=torch.int64, device=t.device),
+                    torch.full((*lead, n), -math.inf, dtype=torch.float32, device=t.device))
+        draws = torch.multinomial(probs, n, replacement=True, generator=generator)  # (R, n)
+        s = draws.sort(-1).values
+        first = torch.ones_like(s, dtype=torch.bool)
+        first[:, 1:] = s[:, 1:] != s[:, :-1]
+        run = first.cumsum(-1) - 1  # which distinct id each draw is, 0..u-1
+        counts = torch.zeros_like(s).scatter_add_(1, run, torch.ones_like(s))
+        ids = torch.zeros_like(s).scatter_(1, run, s)  # a run's draws all write the same id
+        logprobs = torch.where(counts > 0, (counts.double() / n).log(),
+                               torch.full((), -math.inf, dtype=torch.float64, device=t.device))
+    return ids.reshape(*lead, n), logprobs.float().reshape(*lead, n)
