@@ -19,4 +19,14 @@ TORCH_LIBRARY(fastdistill, m) {
       "kd_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, "
       "int ignore_index, int divergence, float param, float temperature, "
       "float hard_weight, float soft_scale, bool mean_scale) -> Tensor");
+  // Sparse-teacher KD (fastdistill/sparse.py). Per row: K teacher (id,
+  // log-probability) pairs, int64 ids and float32/float64 log-probs with -inf
+  // marking padding; `tail` indexes fastdistill.sparse.TAILS (bucket,
+  // renormalize, none); other arguments and the returned (loss rows, gradient)
+  // as in kd_forward. The ids of finite entries must be distinct (the Python
+  // caller checks; ranges are checked here).
+  m.def(
+      "sparse_kd_forward(Tensor student, Tensor ids, Tensor logprobs, Tensor? labels, "
+      "int ignore_index, int divergence, int tail, float param, float temperature, "
+      "float hard_weight, float soft_scale, bool mean_scale, bool need_grad) -> (Tensor, Tensor)");
 }
