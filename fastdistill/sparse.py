@@ -15,7 +15,7 @@ import math
 import torch
 
 from . import _checks
-from ._backend import resolve
+from ._backend import load_extension, resolve
 from .kd import DIVERGENCES, check_label_range, kd_options
 from .reference import kd as ref_kd
 from .reference import sparse as ref
@@ -23,29 +23,6 @@ from .reference import sparse as ref
 TAILS = ref.TAILS
 SUPPORTED = ref.SUPPORTED
 LOGPROB_SUM_TOL = ref.LOGPROB_SUM_TOL
-
-_fake_registered = False
-
-
-def _register_fake() -> None:
-    """Shape-only implementation of the C++ op, so that it traces under torch.compile."""
-    global _fake_registered
-    if _fake_registered:
-        return
-    _fake_registered = True
-    try:
-        from torch.library import register_fake
-
-        @register_fake("fastdistill::sparse_kd_forward")
-        def _(student, ids, logprobs, labels, ignore_index, divergence, tail, param, temperature,
-              hard_weight, soft_scale, mean_scale, need_grad):
-            loss = student.new_empty((student.shape[0],), dtype=torch.float32)
-            if not need_grad:
-                return loss, student.new_empty((0,))
-            return loss, torch.empty_like(student, memory_format=torch.contiguous_format)
-    except Exception:  # noqa: BLE001 - already registered, or an older torch: eager still works
-        pass
-
 
 def _reference_forward(student, ids, logprobs, labels, ignore_index, div, tail, param, temperature,
                        hard_weight, soft_scale, mean_scale, need_grad):
@@ -94,7 +71,8 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
             logprobs = logprobs.float()
         if not logprobs.is_contiguous():
             logprobs = logprobs.contiguous()
-        _register_fake()
+        if not load_extension():  # loaded once per process; a no-op after that
+            raise RuntimeError("backend='cpp' is unavailable (see fastdistill.backends())")
         return torch.ops.fastdistill.sparse_kd_forward(
             student, ids, logprobs, labels, ignore_index, div, tail, param, temperature,
             hard_weight, soft_scale, mean_scale, need_grad)

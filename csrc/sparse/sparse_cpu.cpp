@@ -553,10 +553,24 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(
   return {loss_rows, grad};
 }
 
+// Shapes only, so that the op traces under torch.compile (fake tensors run
+// the Meta kernel) with no Python-side registration.
+std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_meta(
+    const at::Tensor& student, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+    int64_t, int64_t, double, double, double, double, bool, bool need_grad) {
+  auto loss = at::empty_symint({student.sym_size(0)}, student.options().dtype(at::kFloat));
+  auto grad = need_grad ? at::empty_like(student, at::MemoryFormat::Contiguous) : student.new_empty({0});
+  return {loss, grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("sparse_kd_forward", &sparse_kd_forward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastdistill, Meta, m) {
+  m.impl("sparse_kd_forward", &sparse_kd_forward_meta);
 }
 
 }  // namespace fastdistill
