@@ -208,7 +208,8 @@ def test_reductions_3d_noncontiguous(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("tail,div", [("bucket", "reverse_kl"), ("renormalize", "tvd"), ("none", "forward_kl")])
+@pytest.mark.parametrize("tail,div", [("bucket", "reverse_kl"), ("renormalize", "tvd"),
+                                      ("none", "forward_kl")])
 def test_all_ignored_batch_is_zero(backend, tail, div):
     s = torch.randn(4, 50)
     _, ids, lp = teacher(4, 50, 5)
@@ -320,6 +321,35 @@ def test_internal_forward_contract(backend):
     rows_e, grad_e = fs._sparse_forward(backend, s, ids, lp, *args, False, False)
     assert grad_e.numel() == 0
     assert_close_rel(rows_e, rows, 1e-6, "loss rows without grad")
+
+
+def test_training_step_under_torch_compile_matches_eager():
+    if not fd.backends()["cpp"]:
+        pytest.skip("cpp unavailable")
+    torch.manual_seed(13)
+    h = torch.randn(12, 32)
+    _, ids, lp = teacher(12, 257, 8, 2.0)
+    labels = torch.randint(0, 257, (12,))
+    labels[4] = -100
+
+    def make():
+        torch.manual_seed(14)
+        return torch.nn.Linear(32, 257)
+
+    def loss_fn(model, x):
+        return fd.sparse_kd_loss(model(x), ids, lp, labels=labels, hard_weight=0.1, temperature=2.0,
+                                 divergence="jsd", backend="cpp")
+
+    eager, comp = make(), make()
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_c = torch.optim.SGD(comp.parameters(), lr=0.1)
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    for _ in range(2):
+        for model, opt, fn in ((comp, opt_c, compiled), (eager, opt_e, loss_fn)):
+            opt.zero_grad()
+            fn(model, h).backward()
+            opt.step()
+    torch.testing.assert_close(comp.weight, eager.weight, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------- properties
