@@ -237,10 +237,11 @@ def kd_loss(
         _checks.labels_for("labels", labels, s.shape[:-1], s.device)
     elif opt.hard_weight > 0:
         raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
-    if process_group is not None:
-        raise NotImplementedError(
-            "process_group (vocabulary-parallel kd_loss) is not implemented yet"
-        )
+    if process_group is not None:  # vocabulary-parallel: torch ops + collectives, no fused kernel yet
+        from .vocab_parallel import vocab_parallel_kd_loss
+
+        return vocab_parallel_kd_loss(s, t, labels, opt, inplace_backward=inplace_backward,
+                                      process_group=process_group, backend=backend)
     if t.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "teacher_logits requires grad, but the teacher is a constant in KD: pass "
