@@ -5,6 +5,11 @@ time, the fused divergence kernel turns each chunk into its loss rows and its
 logit gradient at once, and that gradient goes straight into grad_hidden and
 grad_weight (fp32 accumulation). No N×V tensor ever exists: the peak is one
 chunk of logits per side. Ignored rows are skipped, not computed.
+
+The teacher is a second LM head, dense logits, or sparse (ids, logprobs) —
+then each chunk runs the sparse kernel of ``sparse.py``. With
+``process_group`` the heads are vocabulary shards and each chunk runs
+``vocab_parallel_forward``; grad_hidden is summed over the ranks once at the end.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
+from . import sparse as sparse_kd
+from . import vocab_parallel as vp
 from ._backend import resolve
 from .kd import KDOptions, _fused_forward, _match_vocab, check_label_range, kd_options
 from .reference import kd as ref
@@ -100,6 +107,7 @@ class _Plan:
     teacher: _Head | None          # hidden + weight teacher
     teacher_hidden: torch.Tensor | None
     teacher_logits: torch.Tensor | None
+    teacher_sparse: tuple | None   # (ids (N, K) int64, logprobs (N, K), tail index)
     rows: torch.Tensor | None      # indices of the rows that are not ignored (None: all)
     labels: torch.Tensor | None
     n_rows: int                    # rows that count (not ignored)
@@ -107,6 +115,8 @@ class _Plan:
     vocab_out: int                 # rows of student_weight (its gradient's size)
     vs: int                        # student vocabulary computed (after truncation)
     vt: int                        # teacher vocabulary computed (after truncation)
+    group: object = None           # process group of a vocabulary-sharded head
+    layout: vp.ShardLayout | None = None
 
 
 def _take(x: torch.Tensor | None, plan: _Plan, a: int, b: int) -> torch.Tensor | None:
@@ -130,11 +140,32 @@ def _chunk_logits(plan: _Plan, h: torch.Tensor, a: int, b: int):
     with torch.no_grad():
         if plan.teacher is not None:
             t = plan.teacher.logits(_take(plan.teacher_hidden, plan, a, b))
-        else:
+        elif plan.teacher_logits is not None:
             t = _take(plan.teacher_logits, plan, a, b)
+        else:  # sparse teacher: no dense teacher rows
+            return y.contiguous(), None, capped
     if plan.vs != plan.vt:  # pad: -inf logits on the shorter side
         y, t = _match_vocab(y, t, plan.opt.vocab_mismatch)
     return y.contiguous(), t.contiguous(), capped
+
+
+def _chunk_kernel(plan: _Plan, z, t, lab, a: int, b: int, need_grad: bool):
+    """(loss rows, gradient of their sum w.r.t. z) of one chunk, by the teacher's kind."""
+    opt = plan.opt
+    if plan.teacher_sparse is not None:
+        ids, lp, tail = plan.teacher_sparse
+        return sparse_kd._sparse_forward(
+            plan.backend, z, _take(ids, plan, a, b).contiguous(), _take(lp, plan, a, b).contiguous(),
+            lab, opt.ignore_index, opt.div_index, tail, opt.param, opt.temperature,
+            opt.hard_weight, opt.soft_scale, False, need_grad)
+    if plan.group is not None:
+        return vp.vocab_parallel_forward(
+            z, t, lab, opt.ignore_index, opt.div_index, opt.param, opt.temperature,
+            opt.hard_weight, opt.soft_scale, False, need_grad, plan.group, layout=plan.layout)
+    # the kernel may overwrite z with its gradient: z is ours alone
+    return _fused_forward(plan.backend, z, t, lab, opt.ignore_index, opt.div_index, opt.param,
+                          opt.temperature, opt.hard_weight, opt.soft_scale, False,
+                          plan.backend != "torch", need_grad=need_grad)
 
 
 def _walk(plan: _Plan, hidden: torch.Tensor, need_grad: bool, grad_rows=None, *,
@@ -150,8 +181,9 @@ def _walk(plan: _Plan, hidden: torch.Tensor, need_grad: bool, grad_rows=None, *,
     losses = []
     gh = gw = gb = None
     if need_grad:
-        if want_hidden:
-            gh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        if want_hidden:  # summed over the ranks at the end: in the accumulation dtype then
+            gh = torch.zeros(hidden.shape, dtype=acc if plan.group is not None else hidden.dtype,
+                             device=hidden.device)
         if want_weight:
             gw = torch.zeros((plan.vocab_out, W.shape[1]), dtype=acc, device=W.device)
         if want_bias:
@@ -164,10 +196,7 @@ def _walk(plan: _Plan, hidden: torch.Tensor, need_grad: bool, grad_rows=None, *,
         lab = _take(plan.labels, plan, a, b)
         with torch.no_grad():
             z, t, capped = _chunk_logits(plan, h, a, b)
-            # the kernel may overwrite z with its gradient: z is ours alone
-            rows, g = _fused_forward(plan.backend, z, t, lab, opt.ignore_index, opt.div_index,
-                                     opt.param, opt.temperature, opt.hard_weight, opt.soft_scale,
-                                     False, plan.backend != "torch", need_grad=need_grad)
+            rows, g = _chunk_kernel(plan, z, t, lab, a, b, need_grad)
         losses.append(rows)
         if not need_grad:
             continue
@@ -193,6 +222,10 @@ def _walk(plan: _Plan, hidden: torch.Tensor, need_grad: bool, grad_rows=None, *,
             if gb is not None:
                 gb[:vs_used].add_(g.sum(0, dtype=acc), alpha=scale)
     loss_rows = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=acc)
+    if gh is not None and plan.group is not None:
+        # each rank has its shard's share Σ_j g_j W_j of grad_hidden: sum them
+        vp.dist.all_reduce(gh, op=vp.dist.ReduceOp.SUM, group=plan.group)
+        gh = gh.to(hidden.dtype)
     return loss_rows, gh, gw, gb
 
 
@@ -257,6 +290,8 @@ def fused_linear_kd_loss(
     teacher_weight: torch.Tensor | None = None,
     *,
     teacher_logits: torch.Tensor | None = None,
+    teacher_sparse: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tail: str = "bucket",
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
@@ -275,20 +310,35 @@ def fused_linear_kd_loss(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     chunk_size: int | None = None,
+    process_group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``kd_loss`` of the logits ``student_hidden @ student_weightᵀ (+ bias)``
     against the teacher's, without ever materializing an N×V tensor.
 
     The teacher is given as ``teacher_hidden`` + ``teacher_weight`` (its LM
-    head, fused the same way) or as dense ``teacher_logits`` (..., Vt); it is
-    a constant and gets no gradient. Each side's logits are
+    head, fused the same way), as dense ``teacher_logits`` (..., Vt), or as
+    ``teacher_sparse=(ids, logprobs)`` of shape (..., K): top-k or sampled
+    log-probabilities at the distillation temperature, with ``tail`` as in
+    :func:`fastdistill.sparse_kd_loss` (whose divergences it supports; ids
+    index the student's vocabulary). The teacher is a constant and gets no
+    gradient. Each side's logits are
     ``softcap·tanh(logit_scale·(h Wᵀ + b) / softcap)`` (the scale first, then
     Gemma-style soft capping; ``softcap=None`` skips it). All other keywords
     are those of :func:`fastdistill.kd_loss`. ``chunk_size`` rows are done at a
     time (None: as many as fit ``DEFAULT_CHUNK_BYTES`` of temporaries).
     Gradients flow to ``student_hidden``, ``student_weight`` and
     ``student_bias``; bf16/fp16 weights get their gradient accumulated in fp32.
+
+    ``process_group``: the heads are sharded over the vocabulary across the
+    group's ranks (Megatron-style): each rank passes the same hidden states
+    and labels (global ids) and its own rows of ``student_weight`` (and
+    ``student_bias``, ``teacher_weight``/``teacher_bias`` or columns of
+    ``teacher_logits``), the same width for student and teacher. Every rank
+    gets the full-vocabulary loss, the gradient of its own weight shard, and
+    the full grad_hidden (summed over the ranks). Every rank must make the
+    same call; not with ``teacher_sparse`` or ``vocab_mismatch`` other than
+    "error".
     """
     opt = kd_options(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                      taid_t=taid_t, ignore_index=ignore_index, hard_weight=hard_weight,
@@ -296,38 +346,57 @@ def fused_linear_kd_loss(
     s_head = _check_head("student", student_hidden, student_weight, student_bias,
                          student_logit_scale, student_softcap)
     lead = student_hidden.shape[:-1]
-    dense_teacher = teacher_hidden is not None or teacher_weight is not None
-    if dense_teacher == (teacher_logits is not None):
-        raise ValueError("give the teacher either as teacher_hidden + teacher_weight or as "
-                         "teacher_logits (exactly one of them)")
-    t_head = None
-    if dense_teacher:
+    head_teacher = teacher_hidden is not None or teacher_weight is not None
+    given = head_teacher + (teacher_logits is not None) + (teacher_sparse is not None)
+    if given != 1:
+        raise ValueError("give the teacher exactly one way: teacher_hidden + teacher_weight, "
+                         f"teacher_logits, or teacher_sparse=(ids, logprobs); got {given}")
+    if process_group is not None:
+        if teacher_sparse is not None:
+            raise ValueError("teacher_sparse is not supported with process_group")
+        if opt.vocab_mismatch != "error":
+            raise ValueError(
+                f"vocab_mismatch={opt.vocab_mismatch!r} is not supported with process_group: the "
+                "vocabulary is sharded, so pad or truncate the shards before the call")
+    t_head = th2 = tl2 = None
+    if not head_teacher:
+        for name, value in (("teacher_bias", teacher_bias), ("teacher_softcap", teacher_softcap)):
+            if value is not None:
+                raise ValueError(f"{name} applies to teacher_weight; with teacher_logits or "
+                                 "teacher_sparse give the final values")
+        if teacher_logit_scale != 1.0:
+            raise ValueError("teacher_logit_scale applies to teacher_weight; with teacher_logits "
+                             "or teacher_sparse give the final values")
+    if head_teacher:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("teacher_hidden and teacher_weight go together: give both")
         t_head = _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias,
                              teacher_logit_scale, teacher_softcap, lead_shape=lead)
         vt = teacher_weight.shape[0]
         th2 = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-        tl2 = None
-    else:
-        for name, value in (("teacher_bias", teacher_bias), ("teacher_softcap", teacher_softcap)):
-            if value is not None:
-                raise ValueError(f"{name} applies to teacher_weight; with teacher_logits give "
-                                 "the final logits")
-        if teacher_logit_scale != 1.0:
-            raise ValueError("teacher_logit_scale applies to teacher_weight; with teacher_logits "
-                             "give the final logits")
+    elif teacher_logits is not None:
         tl = _checks.tensor("teacher_logits", teacher_logits, floating=True)
         if tl.shape[:-1] != lead or tl.dim() < 1 or tl.shape[-1] == 0:
             raise ValueError(f"teacher_logits must have shape {tuple(lead)} + (Vt,) with Vt > 0, "
                              f"got {tuple(tl.shape)}")
         vt = tl.shape[-1]
         tl2 = tl.detach().reshape(-1, vt)
-        th2 = None
+    else:
+        if not isinstance(teacher_sparse, (tuple, list)) or len(teacher_sparse) != 2:
+            raise TypeError("teacher_sparse must be a pair (teacher_ids, teacher_logprobs), got "
+                            f"{type(teacher_sparse).__name__}")
+        if opt.divergence == "taid":
+            raise ValueError("divergence='taid' is not supported with teacher_sparse (TAID "
+                             "interpolates the dense teacher logits)")
+        if opt.vocab_mismatch != "error":
+            raise ValueError("vocab_mismatch applies to a dense teacher; teacher_sparse ids "
+                             "index the student's vocabulary")
+        vt = student_weight.shape[0]
     _checks.same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden,
                         teacher_logits=teacher_logits)
     vs = student_weight.shape[0]
-    if vs != vt and opt.vocab_mismatch == "error":
+    if vs != vt and opt.vocab_mismatch == "error" and process_group is None:
+        # (with process_group, shard_layout raises this on every rank alike)
         raise ValueError(
             f"the student's vocabulary ({vs}) differs from the teacher's ({vt}); pass "
             "vocab_mismatch='pad' (missing tokens get probability 0) or 'truncate'"
@@ -350,7 +419,7 @@ def fused_linear_kd_loss(
     if labels is not None:
         _checks.labels_for("labels", labels, lead, student_hidden.device)
         l1 = labels.reshape(-1).to(torch.int64)
-        if opt.hard_weight > 0:
+        if opt.hard_weight > 0 and process_group is None:
             check_label_range(l1, v_used, opt.ignore_index)
         keep = l1 != opt.ignore_index
         if not bool(keep.all()):
@@ -358,19 +427,32 @@ def fused_linear_kd_loss(
     elif opt.hard_weight > 0:
         raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
     n_rows = n_total if rows is None else rows.numel()
-    if chunk_size is None:
-        chunk = default_chunk_size(max(n_rows, 1), v_used, student_hidden.element_size())
-    else:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        chunk = chunk_size
+    if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    sparse = None
+    if teacher_sparse is not None:
+        ids2, lp2 = sparse_kd.check_sparse_teacher(
+            teacher_sparse[0], teacher_sparse[1], lead, vs, tail, opt, l1,
+            student_hidden=student_hidden)
+        sparse = (ids2, lp2, sparse_kd.TAILS.index(tail))
+    layout = None
+    if process_group is not None:
+        # every rank must walk the same chunks: the chunk size joins the agreed plan
+        shapes = student_weight.new_empty(1)
+        layout = vp.shard_layout(shapes.expand(n_rows, vs), shapes.expand(n_rows, vt),
+                                 process_group, plan=vp.collective_plan(
+                                     opt, student_hidden.dtype, chunk_size or 0))
+        vp.check_global_labels(l1, opt, layout)
+        v_used = -(-layout.vocab_size // vp._group_rank_size(process_group)[1])  # alike on every rank
+    chunk = chunk_size or default_chunk_size(max(n_rows, 1), v_used, student_hidden.element_size())
 
     name = resolve(backend, student_hidden.device, student_hidden.dtype)
     if name in ("cpp", "triton") and student_hidden.dtype == torch.float64:
         raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16; "
                         "float64 runs on backend='torch'")
-    plan = _Plan(name, opt, s_head, t_head, th2, tl2, rows, l1, n_rows, chunk,
-                 student_weight.shape[0], vs, vt)
+    plan = _Plan(name, opt, s_head, t_head, th2, tl2, sparse, rows, l1, n_rows, chunk,
+                 student_weight.shape[0], vs, vt, process_group, layout)
     if torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)):
         out = _FusedLinearKD.apply(h2, student_weight, student_bias, plan, n_total)
@@ -389,11 +471,11 @@ class FusedLinearKDLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`fused_linear_kd_loss`; keywords fixed at construction.
 
     ``forward(student_hidden, student_weight, teacher_hidden=None,
-    teacher_weight=None, *, teacher_logits=None, student_bias=None,
-    teacher_bias=None, labels=None, taid_t=None)``.
+    teacher_weight=None, *, teacher_logits=None, teacher_sparse=None,
+    student_bias=None, teacher_bias=None, labels=None, taid_t=None)``.
     """
 
-    _CALL_TIME = ("teacher_logits", "student_bias", "teacher_bias", "labels")
+    _CALL_TIME = ("teacher_logits", "teacher_sparse", "student_bias", "teacher_bias", "labels")
 
     def __init__(self, **kwargs):
         super().__init__()
@@ -408,13 +490,14 @@ class FusedLinearKDLoss(torch.nn.Module):
         self.kwargs = kwargs
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
-                *, teacher_logits=None, student_bias=None, teacher_bias=None, labels=None,
-                taid_t=None):
+                *, teacher_logits=None, teacher_sparse=None, student_bias=None, teacher_bias=None,
+                labels=None, taid_t=None):
         kw = dict(self.kwargs)
         if taid_t is not None:
             kw["taid_t"] = taid_t
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                    teacher_logits=teacher_logits, student_bias=student_bias,
+                                    teacher_logits=teacher_logits, teacher_sparse=teacher_sparse,
+                                    student_bias=student_bias,
                                     teacher_bias=teacher_bias, labels=labels, **kw)
 
     def extra_repr(self) -> str:

@@ -148,6 +148,43 @@ def _check_teacher_values(ids, lp, V, tail, keep):
                 f"got a row summing to {worst:.6g}")
 
 
+def check_sparse_teacher(teacher_ids, teacher_logprobs, lead, V: int, tail: str, opt,
+                         labels_flat, **same_device_as):
+    """Checks a sparse teacher (ids, logprobs) of leading shape ``lead`` against a
+    student vocabulary of V and the checked ``KDOptions``; returns them as
+    (rows, K) int64 ids and detached logprobs. Value checks (ids in range and
+    distinct, probabilities summing to at most 1 for the bucket tail) cover
+    the rows that are not ignored and are skipped under torch.compile."""
+    ids = _integer_tensor("teacher_ids", teacher_ids)
+    lp = _checks.tensor("teacher_logprobs", teacher_logprobs, floating=True)
+    _checks.same_device(**same_device_as, teacher_ids=ids, teacher_logprobs=lp)
+    if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead:
+        raise ValueError(
+            f"teacher_ids {tuple(ids.shape)} must have shape (..., K) with the student's leading "
+            f"dimensions {tuple(lead)}")
+    if lp.shape != ids.shape:
+        raise ValueError(f"teacher_logprobs {tuple(lp.shape)} must have the shape of teacher_ids "
+                         f"{tuple(ids.shape)}")
+    K = ids.shape[-1]
+    if K == 0:
+        raise ValueError("teacher_ids must have at least one entry per row (K ≥ 1)")
+    if K > V:
+        raise ValueError(f"teacher_ids has K={K} entries per row, more than the vocabulary V={V}")
+    _checks.choice("tail", tail, TAILS)
+    if opt.divergence not in SUPPORTED[tail]:
+        raise ValueError(f"divergence={opt.divergence!r} is not supported with tail={tail!r} "
+                         f"(supported: {SUPPORTED[tail]})")
+    if lp.requires_grad and torch.is_grad_enabled():
+        raise ValueError("teacher_logprobs requires grad, but the teacher is a constant in KD: "
+                         "pass teacher_logprobs.detach()")
+    ids2 = ids.reshape(-1, K).to(torch.int64)
+    lp2 = lp.detach().reshape(-1, K)
+    if not torch.compiler.is_compiling():
+        keep = None if labels_flat is None else labels_flat != opt.ignore_index
+        _check_teacher_values(ids2, lp2, V, tail, keep)
+    return ids2, lp2
+
+
 def sparse_kd_loss(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -207,51 +244,27 @@ def sparse_kd_loss(
     The teacher is a constant: it gets no gradient.
     """
     s = _checks.tensor("student_logits", student_logits, floating=True)
-    ids = _integer_tensor("teacher_ids", teacher_ids)
-    lp = _checks.tensor("teacher_logprobs", teacher_logprobs, floating=True)
-    _checks.same_device(student_logits=s, teacher_ids=ids, teacher_logprobs=lp)
     if s.dim() < 1 or s.shape[-1] == 0:
         raise ValueError(f"student_logits must have shape (..., V) with V ≥ 1, got {tuple(s.shape)}")
-    if ids.dim() != s.dim() or ids.shape[:-1] != s.shape[:-1]:
-        raise ValueError(
-            f"teacher_ids {tuple(ids.shape)} must have shape (..., K) with the leading dimensions "
-            f"of student_logits {tuple(s.shape)}")
-    if lp.shape != ids.shape:
-        raise ValueError(f"teacher_logprobs {tuple(lp.shape)} must have the shape of teacher_ids "
-                         f"{tuple(ids.shape)}")
-    V, K = s.shape[-1], ids.shape[-1]
-    if K == 0:
-        raise ValueError("teacher_ids must have at least one entry per row (K ≥ 1)")
-    if K > V:
-        raise ValueError(f"teacher_ids has K={K} entries per row, more than the vocabulary V={V}")
-    _checks.choice("tail", tail, TAILS)
     if divergence == "taid":
         raise ValueError("divergence='taid' is not supported by sparse_kd_loss (TAID interpolates "
                          "the dense teacher logits); use fastdistill.kd_loss")
     opt = kd_options(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                      taid_t=None, ignore_index=ignore_index, hard_weight=hard_weight,
                      reduction=reduction, t2_scale=t2_scale)
-    if opt.divergence not in SUPPORTED[tail]:
-        raise ValueError(f"divergence={divergence!r} is not supported with tail={tail!r} "
-                         f"(supported: {SUPPORTED[tail]})")
+    V = s.shape[-1]
+    l1 = None
     if labels is not None:
         _checks.labels_for("labels", labels, s.shape[:-1], s.device)
+        l1 = labels.reshape(-1).to(torch.int64)
     elif opt.hard_weight > 0:
         raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
-    if lp.requires_grad and torch.is_grad_enabled():
-        raise ValueError("teacher_logprobs requires grad, but the teacher is a constant in KD: "
-                         "pass teacher_logprobs.detach()")
-
+    ids2, lp2 = check_sparse_teacher(teacher_ids, teacher_logprobs, s.shape[:-1], V, tail, opt,
+                                     l1, student_logits=s)
     lead = s.shape[:-1]
     s2 = s.reshape(-1, V)
-    ids2 = ids.reshape(-1, K).to(torch.int64)
-    lp2 = lp.detach().reshape(-1, K)
-    l1 = None if labels is None else labels.reshape(-1).to(torch.int64)
-    if not torch.compiler.is_compiling():
-        if l1 is not None and opt.hard_weight > 0:
-            check_label_range(l1, V, opt.ignore_index)
-        keep = None if l1 is None else l1 != opt.ignore_index
-        _check_teacher_values(ids2, lp2, V, tail, keep)
+    if not torch.compiler.is_compiling() and l1 is not None and opt.hard_weight > 0:
+        check_label_range(l1, V, opt.ignore_index)
 
     name = resolve(backend, s.device, s.dtype)
     tail_index = TAILS.index(tail)

@@ -106,6 +106,25 @@ def shard_layout(student: torch.Tensor, teacher: torch.Tensor, group, *, plan: t
     return ShardLayout(sum(widths[:rank]), sum(widths))
 
 
+def collective_plan(opt, dtype: torch.dtype, *extra: int) -> tuple:
+    """The ints that fix the shapes of ``vocab_parallel_forward``'s collectives
+    for these options (and any ``extra`` a caller adds, such as its chunk
+    size): ``shard_layout(plan=...)`` makes every rank agree on them."""
+    return (int(dtype == torch.float64), opt.div_index,
+            int(opt.divergence == "taid" and opt.param not in (0.0, 1.0)),
+            int(opt.hard_weight > 0 and opt.temperature != 1.0), *extra)
+
+
+def check_global_labels(labels, opt, layout: ShardLayout) -> None:
+    """Labels of the cross-entropy term are global vocabulary ids (same on every rank)."""
+    if labels is None or opt.hard_weight <= 0:
+        return
+    bad = (labels != opt.ignore_index) & ((labels < 0) | (labels >= layout.vocab_size))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {layout.vocab_size}) (global vocabulary ids "
+                         f"across the process group) or equal ignore_index={opt.ignore_index}")
+
+
 # ----------------------------------------------------------------- elementwise divergences
 
 def _kl_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -308,16 +327,8 @@ def vocab_parallel_kd_loss(s: torch.Tensor, t: torch.Tensor, labels, opt, *,
     s2 = s.reshape(-1, s.shape[-1])
     t2 = t.reshape(-1, t.shape[-1])
     l1 = None if labels is None else labels.reshape(-1).to(torch.int64)
-    acc64 = s2.dtype == torch.float64
-    plan = (int(acc64), opt.div_index,
-            int(opt.divergence == "taid" and opt.param not in (0.0, 1.0)),
-            int(opt.hard_weight > 0 and opt.temperature != 1.0))
-    layout = shard_layout(s2, t2, process_group, plan=plan)
-    if l1 is not None and opt.hard_weight > 0:
-        bad = (l1 != opt.ignore_index) & ((l1 < 0) | (l1 >= layout.vocab_size))
-        if bool(bad.any()):
-            raise ValueError(f"labels must be in [0, {layout.vocab_size}) (global vocabulary ids "
-                             f"across the process group) or equal ignore_index={opt.ignore_index}")
+    layout = shard_layout(s2, t2, process_group, plan=collective_plan(opt, s2.dtype))
+    check_global_labels(l1, opt, layout)
     args = (s2, t2.detach(), l1, opt.ignore_index, opt.div_index, opt.param, opt.temperature,
             opt.hard_weight, opt.soft_scale)
     if torch.is_grad_enabled() and s2.requires_grad:

@@ -224,3 +224,101 @@ def test_bad_input():
         f(sh, sw, th, tw, temperature=0.0)
     with pytest.raises(ValueError, match="divergence"):
         f(sh, sw, th, tw, divergence="kl")
+
+
+# ----------------------------------------------------------------- sparse teacher
+
+SPARSE_CASES = [("bucket", "forward_kl"), ("bucket", "reverse_kl"), ("bucket", "skew_forward_kl"),
+                ("bucket", "skew_reverse_kl"), ("bucket", "jsd"), ("renormalize", "forward_kl"),
+                ("renormalize", "tvd"), ("none", "forward_kl")]
+
+
+def sparse_teacher(d, k, temperature=1.0, sampled=False):
+    """Top-k (or sampled) teacher log-probs at the temperature, from d's teacher head."""
+    tl = head_logits(d["th"].double(), d["tw"].double(), d["tb"].double())
+    if sampled:
+        return fd.sample_teacher(tl, k, temperature=temperature,
+                                 generator=torch.Generator().manual_seed(5))
+    lp, ids = torch.log_softmax(tl / temperature, -1).topk(k, -1)
+    return ids, lp.float()
+
+
+def naive_sparse(sh, sw, *, teacher_sparse, student_bias=None, student_logit_scale=1.0,
+                 student_softcap=None, chunk_size=None, **kw):
+    """The materialized computation: full student logits, then the reference sparse_kd_loss."""
+    z = head_logits(sh, sw, student_bias, student_logit_scale, student_softcap)
+    return fd.sparse_kd_loss(z, *teacher_sparse, backend="torch", **kw)
+
+
+def compare_sparse(backend, d, teacher_sparse, *, rtol=1e-4, **kw):
+    f64 = {k: v.double() for k, v in d.items()}
+    got = run(fd.fused_linear_kd_loss, d["sh"], d["sw"], d["sb"], teacher_sparse=teacher_sparse,
+              backend=backend, **kw)
+    want = run(naive_sparse, f64["sh"], f64["sw"], f64["sb"], teacher_sparse=teacher_sparse, **kw)
+    for what, a, e in zip(("loss", "grad hidden", "grad weight", "grad bias"), got, want):
+        assert torch.isfinite(a.float()).all(), what
+        assert_close_rel(a, e, rtol, f"{backend} sparse {what}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("tail,div", SPARSE_CASES)
+def test_sparse_teacher_matches_materialized(backend, tail, div):
+    from fastdistill.sparse import SUPPORTED
+
+    if div not in SUPPORTED[tail]:
+        pytest.skip(f"{div} is not supported with tail={tail}")
+    d = make(seed=13)
+    labels = torch.tensor([3, -100, 0, 36, -100, 5, 7, 8, 9, -100, 11, 1, 2])
+    ts = sparse_teacher(d, 6, temperature=2.0, sampled=tail == "none")
+    compare_sparse(backend, d, ts, tail=tail, divergence=div, labels=labels, chunk_size=4,
+                   temperature=2.0, hard_weight=0.3, student_softcap=3.0,
+                   student_logit_scale=0.8, skew=0.2, beta=0.3)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_sparse_teacher_reductions_3d_and_padding(backend, reduction):
+    d = make(n=12, seed=14)
+    ids, lp = sparse_teacher(d, 5)
+    lp[2, 3:] = float("-inf")            # padded slots (their ids are never read)
+    ids[2, 3:] = 10**6
+    d3 = {k: (v.reshape(3, 4, -1) if k in ("sh", "th") else v) for k, v in d.items()}
+    compare_sparse(backend, d3, (ids.reshape(3, 4, 5), lp.reshape(3, 4, 5)), reduction=reduction,
+                   chunk_size=5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sparse_teacher_bf16(backend):
+    d = make(n=11, hs=32, vs=301, vt=301, dtype=torch.bfloat16, seed=15)
+    labels = torch.tensor([3, -100, 0, 300, 4, 5, 7, -100, 9, 10, 11])
+    compare_sparse(backend, d, sparse_teacher(d, 16), rtol=2e-2, labels=labels, chunk_size=4,
+                   hard_weight=0.2)
+
+
+def test_sparse_teacher_bad_input():
+    d = make(seed=16)
+    sh, sw, th, tw = d["sh"], d["sw"], d["th"], d["tw"]
+    ids, lp = sparse_teacher(d, 4)
+    f = fd.fused_linear_kd_loss
+    with pytest.raises(ValueError, match="exactly one"):
+        f(sh, sw, th, tw, teacher_sparse=(ids, lp))
+    with pytest.raises(TypeError, match="teacher_sparse must be a pair"):
+        f(sh, sw, teacher_sparse=ids)
+    with pytest.raises(ValueError, match="taid"):
+        f(sh, sw, teacher_sparse=(ids, lp), divergence="taid", taid_t=0.5)
+    with pytest.raises(ValueError, match="not supported with tail='none'"):
+        f(sh, sw, teacher_sparse=(ids, lp), tail="none", divergence="reverse_kl")
+    with pytest.raises(ValueError, match="tail"):
+        f(sh, sw, teacher_sparse=(ids, lp), tail="drop")
+    with pytest.raises(ValueError, match="vocab_mismatch"):
+        f(sh, sw, teacher_sparse=(ids, lp), vocab_mismatch="pad")
+    with pytest.raises(ValueError, match="teacher_bias"):
+        f(sh, sw, teacher_sparse=(ids, lp), teacher_bias=d["tb"])
+    with pytest.raises(ValueError, match="teacher_ids"):
+        f(sh, sw, teacher_sparse=(ids[:5], lp[:5]))
+    with pytest.raises(ValueError, match=r"teacher_ids must be in \[0, 37\)"):
+        f(sh, sw, teacher_sparse=(ids + 37, lp))
+    with pytest.raises(TypeError, match="teacher_ids must be an integer"):
+        f(sh, sw, teacher_sparse=(ids.float(), lp))
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        f(sh, sw, teacher_sparse=(ids, lp + 1.0))

@@ -78,6 +78,28 @@ def _build_cases():
 
 
 CASES = _build_cases()
+
+
+def _fused_case(id, div="forward_kl", *, teacher="head", reduction="mean", dtype=torch.float64,
+                widths=(23, 18), chunk_size=4, **kw):
+    base = dict(divergence=div, temperature=2.0, hard_weight=0.3, reduction=reduction, beta=0.3,
+                skew=0.2, student_softcap=3.0, student_logit_scale=0.8, chunk_size=chunk_size)
+    if div == "taid":
+        base["taid_t"] = 0.4
+    if teacher == "head":
+        base.update(teacher_softcap=4.0, teacher_logit_scale=1.2)
+    base.update(kw)
+    return dict(id=id, kw=base, teacher=teacher, dtype=dtype, widths=widths)
+
+
+FUSED_CASES = (
+    [_fused_case(f"fused-{div}", div) for div in DIVS]
+    + [_fused_case("fused-logits-none", "jsd", teacher="logits", reduction="none"),
+       _fused_case("fused-sum-auto-chunk", "reverse_kl", reduction="sum", chunk_size=None,
+                   widths=(30, 11)),
+       _fused_case("fused-f32-cpp", "skew_forward_kl", dtype=torch.float32, backend="cpp"),
+       _fused_case("fused-bf16", "forward_kl", dtype=torch.bfloat16)]
+)
 ROW_COUNT_KW = dict(divergence="skew_reverse_kl", temperature=2.0, hard_weight=0.3, skew=0.2)
 
 
@@ -184,6 +206,60 @@ def _row_count_chunks(rank, group):
     return torch.cat(rows), torch.cat(grads)
 
 
+def _fused_inputs(case, seed):
+    """Full-vocabulary heads (float64) of a fused-linear case, and its labels."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    N, H, V = 9, 8, sum(case["widths"])
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    d = dict(sh=r(N, H), sw=r(V, H) / H**0.5, sb=r(V) * 0.3, th=r(N, 6), tw=r(V, 6) * 2 / 6**0.5,
+             tb=r(V) * 0.3)
+    d["tl"] = torch.nn.functional.linear(d["th"], d["tw"], d["tb"]) * 1.5
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[0], labels[1], labels[4] = 2, V - 1, -100   # owned by rank 0, rank 1; ignored
+    return d, labels
+
+
+def _fused_call(d, labels, case, shard=lambda x: x, **extra):
+    """loss and gradients (hidden, weight, bias) of the case's fused_linear_kd_loss;
+    ``shard`` cuts a full-vocabulary tensor (dim 0 of weights, last of logits)."""
+    dt = case["dtype"]
+    x = d["sh"].to(dt).requires_grad_()
+    w = shard(d["sw"]).to(dt).requires_grad_()
+    b = shard(d["sb"]).to(dt).requires_grad_()
+    if case["teacher"] == "head":
+        teacher = dict(teacher_hidden=d["th"].to(dt), teacher_weight=shard(d["tw"]).to(dt),
+                       teacher_bias=shard(d["tb"]).to(dt))
+    else:
+        teacher = dict(teacher_logits=shard(d["tl"].t()).t().to(dt))
+    loss = fd.fused_linear_kd_loss(x, w, student_bias=b, labels=labels, **teacher,
+                                   **{**case["kw"], **extra})
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype)
+    (loss * weights).sum().backward() if loss.dim() else (loss * 1.7).backward()
+    return loss.detach(), x.grad, w.grad, b.grad
+
+
+def _fused_run(case, seed, rank, group):
+    d, labels = _fused_inputs(case, seed)
+    off = sum(case["widths"][:rank])
+    return _fused_call(d, labels, case, lambda x: x[off:off + case["widths"][rank]],
+                       process_group=group)
+
+
+def _fused_bad_inputs(rank, group, out):
+    d, labels = _fused_inputs(_fused_case("bad"), 0)
+    sh, sw, th, tw = d["sh"], d["sw"][: 10 + rank], d["th"], d["tw"][: 10 + rank]
+    f = fd.fused_linear_kd_loss
+    out["fused-width-mismatch"] = _catch(lambda: f(sh, sw, th, d["tw"][: 10 + 2 * rank],
+                                                   process_group=group))
+    out["fused-sparse"] = _catch(lambda: f(sh, sw, teacher_sparse=(labels.clamp(min=0)[:, None],
+                                                                   torch.zeros(9, 1)),
+                                           process_group=group))
+    out["fused-pad"] = _catch(lambda: f(sh, sw, th, tw, vocab_mismatch="pad", process_group=group))
+    out["fused-chunks-disagree"] = _catch(lambda: f(sh, sw, th, tw, chunk_size=3 + rank,
+                                                    process_group=group))
+    out["fused-still-in-sync"] = _catch(lambda: f(sh, sw, th, tw, process_group=group).item())
+
+
 def _worker(rank, store, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
@@ -197,8 +273,11 @@ def _worker(rank, store, out_dir):
                                         labels, weights, case, process_group=group)
             return loss, grad
         results[case["id"]] = _catch(run)
+    for i, case in enumerate(FUSED_CASES):
+        results[case["id"]] = _catch(lambda case=case, i=i: _fused_run(case, i, rank, group))
     results["row-count"] = _catch(lambda: _row_count_chunks(rank, group))
     results["bad"] = _bad_inputs(rank, group)
+    _fused_bad_inputs(rank, group, results["bad"])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -273,7 +352,33 @@ def test_row_count_makes_chunks_the_batch_mean(ranks):
     _assert_close_rel(grad, x.grad, 1e-10, "grad", floor=1e-2)
 
 
+@pytest.mark.parametrize("i", range(len(FUSED_CASES)), ids=[c["id"] for c in FUSED_CASES])
+def test_fused_linear_matches_single_process(ranks, i):
+    """Each rank holds rows of the heads; the loss, grad_hidden (summed over the
+    ranks) and the concatenated weight/bias shard gradients equal the
+    single-process fused loss on the full heads."""
+    case = FUSED_CASES[i]
+    d, labels = _fused_inputs(case, i)
+    got = [_unwrap(ranks[r][case["id"]], f"rank {r}") for r in range(WORLD)]
+    f64 = dict(case, dtype=torch.float64)
+    want = _fused_call(d, labels, f64, backend="torch")
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(case["dtype"], 2e-2)
+    assert torch.equal(got[0][0], got[1][0])
+    assert torch.equal(got[0][1], got[1][1])          # grad_hidden: the same full sum everywhere
+    _assert_close_rel(got[0][0].double(), want[0], rtol, "loss", floor=1.0)
+    _assert_close_rel(got[0][1].double(), want[1], rtol, "grad hidden", floor=1e-2)
+    for k, what in ((2, "grad weight"), (3, "grad bias")):
+        for r in range(WORLD):
+            assert got[r][k].dtype == case["dtype"] and got[r][k].shape[0] == case["widths"][r]
+        _assert_close_rel(torch.cat([g[k] for g in got]).double(), want[k], rtol, what, floor=1e-2)
+    assert (got[0][1][labels == -100] == 0).all()
+
+
 @pytest.mark.parametrize("name,match", [
+    ("fused-width-mismatch", "same vocabulary width.*rank 1: student 11, teacher 12"),
+    ("fused-sparse", "teacher_sparse is not supported with process_group"),
+    ("fused-pad", "vocab_mismatch='pad' is not supported with process_group"),
+    ("fused-chunks-disagree", "ranks disagree"),
     ("width-mismatch", "same vocabulary width.*rank 1: student 17, teacher 16"),
     ("row-mismatch", "same rows"),
     ("pad", "vocab_mismatch='pad' is not supported with process_group"),
@@ -292,7 +397,7 @@ def test_bad_input_is_a_clear_error_on_every_rank(ranks, name, match):
 
 
 def test_valid_global_labels_and_group_still_in_sync(ranks):
-    for name in ("global-label", "still-in-sync"):
+    for name in ("global-label", "still-in-sync", "fused-still-in-sync"):
         vals = [_unwrap(ranks[r]["bad"][name], f"rank {r} {name}") for r in range(WORLD)]
         assert vals[0] == vals[1] and math.isfinite(vals[0])
 
