@@ -29,4 +29,9 @@ TORCH_LIBRARY(fastdistill, m) {
       "sparse_kd_forward(Tensor student, Tensor ids, Tensor logprobs, Tensor? labels, "
       "int ignore_index, int divergence, int tail, float param, float temperature, "
       "float hard_weight, float soft_scale, bool mean_scale, bool need_grad) -> (Tensor, Tensor)");
+  // Same, but the gradient overwrites the student logits; returns the loss rows.
+  m.def(
+      "sparse_kd_forward_inplace(Tensor(a!) student, Tensor ids, Tensor logprobs, Tensor? labels, "
+      "int ignore_index, int divergence, int tail, float param, float temperature, "
+      "float hard_weight, float soft_scale, bool mean_scale) -> Tensor");
 }

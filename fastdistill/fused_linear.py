@@ -150,19 +150,19 @@ def _chunk_logits(plan: _Plan, h: torch.Tensor, a: int, b: int):
 
 
 def _chunk_kernel(plan: _Plan, z, t, lab, a: int, b: int, need_grad: bool):
-    """(loss rows, gradient of their sum w.r.t. z) of one chunk, by the teacher's kind."""
+    """(loss rows, gradient of their sum w.r.t. z) of one chunk, by the teacher's kind.
+    The fused kernels may write the gradient over z: z is ours alone."""
     opt = plan.opt
     if plan.teacher_sparse is not None:
         ids, lp, tail = plan.teacher_sparse
         return sparse_kd._sparse_forward(
             plan.backend, z, _take(ids, plan, a, b).contiguous(), _take(lp, plan, a, b).contiguous(),
             lab, opt.ignore_index, opt.div_index, tail, opt.param, opt.temperature,
-            opt.hard_weight, opt.soft_scale, False, need_grad)
+            opt.hard_weight, opt.soft_scale, False, need_grad, plan.backend != "torch")
     if plan.group is not None:
         return vp.vocab_parallel_forward(
             z, t, lab, opt.ignore_index, opt.div_index, opt.param, opt.temperature,
             opt.hard_weight, opt.soft_scale, False, need_grad, plan.group, layout=plan.layout)
-    # the kernel may overwrite z with its gradient: z is ours alone
     return _fused_forward(plan.backend, z, t, lab, opt.ignore_index, opt.div_index, opt.param,
                           opt.temperature, opt.hard_weight, opt.soft_scale, False,
                           plan.backend != "torch", need_grad=need_grad)

@@ -44,7 +44,7 @@ def _reference_forward(student, ids, logprobs, labels, ignore_index, div, tail, 
 
 
 def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, tail, param,
-                    temperature, hard_weight, soft_scale, mean_scale, need_grad):
+                    temperature, hard_weight, soft_scale, mean_scale, need_grad, inplace=False):
     """(loss_rows, grad) of one backend: the fused op's contract.
 
     ``student`` (N, V) contiguous; ``ids`` (N, K) integer (converted to int64
@@ -55,9 +55,10 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
     ``loss_rows`` is float32 (N,) (0 at ignored rows); ``grad`` is
     d(Σ rows)/d student (divided by the number of kept rows with
     ``mean_scale``) in the student's dtype, or empty without ``need_grad``.
-    No argument checks beyond what the kernels need: the public function
-    checks. backend="torch" computes rows with the reference and the
-    gradient with autograd.
+    With ``inplace`` (fused backends) the gradient is written over
+    ``student`` and ``grad`` is ``student`` itself. No argument checks beyond
+    what the kernels need: the public function checks. backend="torch"
+    computes rows with the reference and the gradient with autograd.
     """
     if ids.dtype != torch.int64:
         ids = ids.to(torch.int64)
@@ -73,6 +74,11 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
             logprobs = logprobs.contiguous()
         if not load_extension():  # loaded once per process; a no-op after that
             raise RuntimeError("backend='cpp' is unavailable (see fastdistill.backends())")
+        if inplace and need_grad:
+            rows = torch.ops.fastdistill.sparse_kd_forward_inplace(
+                student, ids, logprobs, labels, ignore_index, div, tail, param, temperature,
+                hard_weight, soft_scale, mean_scale)
+            return rows, student
         return torch.ops.fastdistill.sparse_kd_forward(
             student, ids, logprobs, labels, ignore_index, div, tail, param, temperature,
             hard_weight, soft_scale, mean_scale, need_grad)
@@ -82,7 +88,8 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
         logprobs = logprobs.float()
     return triton_sparse.sparse_kd_forward(
         student, ids, logprobs.contiguous(), labels, ignore_index, div, tail, param, temperature,
-        hard_weight, soft_scale, mean_scale, need_grad=need_grad)
+        hard_weight, soft_scale, mean_scale, need_grad=need_grad,
+        out=student if inplace and need_grad else None)
 
 
 class _FusedSparseKD(torch.autograd.Function):
@@ -90,12 +97,18 @@ class _FusedSparseKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, ids, logprobs, labels, backend, ignore_index, div, tail, param,
-                temperature, hard_weight, soft_scale, reduction):
+                temperature, hard_weight, soft_scale, reduction, inplace):
+        version = student._version if inplace else 0
         rows, grad = _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div,
                                      tail, param, temperature, hard_weight, soft_scale,
-                                     reduction == "mean", True)
+                                     reduction == "mean", True, inplace)
+        if inplace and student._version == version:
+            # the logits now hold the gradient: any other op that saved them
+            # for its backward must fail autograd's version check
+            torch.autograd.graph.increment_version(student)
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
+        ctx.inplace = inplace
         return ref_kd.reduce_rows(rows, labels, ignore_index, reduction)
 
     @staticmethod
@@ -105,9 +118,10 @@ class _FusedSparseKD(torch.autograd.Function):
             scale = grad_out.to(grad.dtype).unsqueeze(-1)
         else:
             if not torch.compiler.is_compiling() and bool(grad_out == 1):
-                return (grad,) + (None,) * 12
+                return (grad,) + (None,) * 13
             scale = grad_out.to(grad.dtype)
-        return (grad * scale,) + (None,) * 12
+        grad = grad.mul_(scale) if ctx.inplace else grad * scale
+        return (grad,) + (None,) * 13
 
 
 def _integer_tensor(name: str, x) -> torch.Tensor:
@@ -200,6 +214,7 @@ def sparse_kd_loss(
     hard_weight: float = 0.0,
     reduction: str = "mean",
     t2_scale: bool = True,
+    inplace_backward: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Distillation loss against a sparse teacher: K (id, log-probability) pairs per row.
@@ -242,6 +257,11 @@ def sparse_kd_loss(
     are converted to int64 once). Value checks (ids, log-probabilities)
     cover the rows that are not ignored and are skipped under torch.compile.
     The teacher is a constant: it gets no gradient.
+
+    ``inplace_backward=True`` (as in ``kd_loss``) writes the gradient into the
+    student logits' storage on the fused backends, so no N×V buffer is
+    allocated; the logits' values are gone after the call, and any other op
+    that saved them for its backward raises autograd's in-place error.
     """
     s = _checks.tensor("student_logits", student_logits, floating=True)
     if s.dim() < 1 or s.shape[-1] == 0:
@@ -252,6 +272,11 @@ def sparse_kd_loss(
     opt = kd_options(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                      taid_t=None, ignore_index=ignore_index, hard_weight=hard_weight,
                      reduction=reduction, t2_scale=t2_scale)
+    _checks.flag("inplace_backward", inplace_backward)
+    if inplace_backward and s.requires_grad and s.is_leaf:
+        raise ValueError(
+            "inplace_backward=True overwrites student_logits with their gradient, so they "
+            "must be the output of an op (e.g. the LM head), not a leaf tensor")
     V = s.shape[-1]
     l1 = None
     if labels is not None:
@@ -285,7 +310,7 @@ def sparse_kd_loss(
         args = (s2, ids2, lp2, l1, name, opt.ignore_index, opt.div_index, tail_index, opt.param,
                 opt.temperature, opt.hard_weight, opt.soft_scale)
         if torch.is_grad_enabled() and s2.requires_grad:
-            out = _FusedSparseKD.apply(*args, opt.reduction)
+            out = _FusedSparseKD.apply(*args, opt.reduction, inplace_backward)
         else:  # evaluation: no gradient computed, no N×V buffer allocated
             rows, _ = _sparse_forward(name, s2, ids2, lp2, l1, *args[5:],
                                       opt.reduction == "mean", False)

@@ -120,7 +120,8 @@ def _sparse_fwd_kernel(
     S,  # (N, V) student logits
     IDS,  # (N, K) int64
     LP,  # (N, K) float32, -inf at padding
-    OUT,  # (N, V) gradient
+    OUT,  # (N, V) gradient (S itself when in place)
+    ZK,  # (N, K) float32 scratch: z at the ids, kept for pass 3 (pass B may overwrite S)
     LABELS,  # (N,) int64 (unused unless HAS_LABELS)
     LOSS,  # (N,) float32
     COEF,  # (2,) float32: c_soft, c_hard (grad_scale applied)
@@ -148,6 +149,7 @@ def _sparse_fwd_kernel(
     o_row = OUT + row * V
     id_row = IDS + row * K
     lp_row = LP + row * K
+    zk_row = ZK + row * K
     cols0 = tl.arange(0, BLOCK_V)
     ks0 = tl.arange(0, BLOCK_K)
 
@@ -228,6 +230,8 @@ def _sparse_fwd_kernel(
             valid = lp > NEG_INF
             idx = tl.load(id_row + ks, mask=valid, other=0)
             zi = tl.load(s_row + idx, mask=valid, other=0.0).to(tl.float32)
+            if NEED_GRAD:
+                tl.store(zk_row + ks, zi, mask=ks < K)
             lu = tl.where(valid, (zi * inv_t - m_u) - ls_u, NEG_INF)
             if TAIL == 2:  # none: P (lp - lu)
                 p = tl.exp(lp)
@@ -284,7 +288,7 @@ def _sparse_fwd_kernel(
                 lp = tl.load(lp_row + ks, mask=ks < K, other=NEG_INF)
                 valid = lp > NEG_INF
                 idx = tl.load(id_row + ks, mask=valid, other=0)
-                zi = tl.load(s_row + idx, mask=valid, other=0.0).to(tl.float32)
+                zi = tl.load(zk_row + ks, mask=valid, other=0.0)
                 lu = tl.where(valid, (zi * inv_t - m_u) - ls_u, NEG_INF)
                 if TAIL == 2:
                     gk = tl.exp(lu) * c_row - tl.exp(lp)
@@ -363,6 +367,7 @@ def sparse_kd_forward(
     soft_scale: float,
     mean_scale: bool,
     need_grad: bool = True,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (float32, (N,)) and the gradient w.r.t. the student logits.
 
@@ -372,6 +377,7 @@ def sparse_kd_forward(
     if ``mean_scale`` else 1; empty without ``need_grad``. ``ids`` int64 and
     ``logprobs`` float32 (N, K), -inf marking padding; the ids of finite
     entries must be distinct and in [0, V) (the public function checks).
+    ``out=student`` writes the gradient over the logits (in place) and returns it.
     """
     divergence = int(divergence)
     tail = int(tail)
@@ -381,8 +387,12 @@ def sparse_kd_forward(
     K = ids.shape[1]
     device = student.device
     loss_rows = torch.empty((N,), dtype=torch.float32, device=device)
-    grad = (torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad
-            else student.new_empty((0,)))
+    if out is not None and need_grad:
+        grad = out
+    elif need_grad:
+        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    else:
+        grad = student.new_empty((0,))
     if N == 0:
         return loss_rows, grad
     ce = hard_weight > 0
@@ -417,6 +427,7 @@ def sparse_kd_forward(
         ids,
         logprobs,
         grad if need_grad else student,  # never written without need_grad
+        torch.empty((N, K) if need_grad else (1,), dtype=torch.float32, device=device),
         labels if labels is not None else loss_rows,  # dummy pointer, never read
         loss_rows,
         coef,

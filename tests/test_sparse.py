@@ -165,6 +165,68 @@ def test_fused_matches_reference_half(backend, tail, div, dtype):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("tail,div", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_matches_default(backend, tail, div, dtype):
+    """The gradient written over the logits equals the default path's, bit for
+    bit: z at the ids and the label is read before the row is overwritten
+    (CE at T != 1 reads z itself there)."""
+    torch.manual_seed(11)
+    n, v, k = 7, 203, 9
+    h = torch.randn(n, 16, dtype=dtype)
+    w = torch.randn(v, 16, dtype=dtype, requires_grad=True)
+    _, ids, lp = teacher(n, v, k, 2.0)
+    labels = torch.randint(0, v, (n,))
+    labels[2] = -100
+    labels[3] = ids[3, 1]  # the label is one of the ids
+    kw = kw_for(tail, div, temperature=2.0, labels=labels, hard_weight=0.3)
+    got = []
+    for inplace in (False, True):
+        w.grad = None
+        logits = h @ w.t()  # matmul saves h and w, not the logits
+        loss = fd.sparse_kd_loss(logits, ids, lp, inplace_backward=inplace, backend=backend, **kw)
+        (loss * 3.0).backward()
+        got.append((loss.detach(), w.grad.clone()))
+    assert torch.equal(got[0][0], got[1][0])
+    assert torch.equal(got[0][1], got[1][1])
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_inplace_backward_reduction_none(backend):
+    torch.manual_seed(12)
+    x = torch.randn(5, 64)
+    _, ids, lp = teacher(5, 64, 6)
+    weights = torch.rand(5)
+    grads = []
+    for inplace in (False, True):
+        leaf = x.clone().requires_grad_()
+        loss = fd.sparse_kd_loss(leaf * 1.0, ids, lp, reduction="none", inplace_backward=inplace,
+                                 backend=backend)
+        (loss * weights).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_inplace_backward_misuse_raises(backend):
+    x = torch.randn(4, 30, requires_grad=True)
+    _, ids, lp = teacher(4, 30, 5)
+    logits = x.exp()  # exp saves its output for backward
+    loss = fd.sparse_kd_loss(logits, ids, lp, inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_backward_on_leaf_is_an_error():
+    x = torch.randn(4, 30, requires_grad=True)
+    _, ids, lp = teacher(4, 30, 5)
+    with pytest.raises(ValueError, match="leaf"):
+        fd.sparse_kd_loss(x, ids, lp, inplace_backward=True, backend="cpp")
+    with pytest.raises(TypeError, match="inplace_backward"):
+        fd.sparse_kd_loss(x, ids, lp, inplace_backward=1)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
 @pytest.mark.parametrize("tail", ref.TAILS)
 def test_small_tail_keeps_its_precision(backend, tail):
     """A confident student: the ids hold all but ~1e-6 of its mass, while the

@@ -16,7 +16,10 @@
 //   pass B  one vectorized write of the gradient row, c·q_j as
 //           sign(c)·exp((u_j − max) + log|c| − log Σ), then the K id
 //           positions (and the label) are overwritten with their own values.
-// No dense teacher row and no N×V temporary besides the gradient itself.
+// No dense teacher row and no N×V temporary besides the gradient itself;
+// the in-place variant writes the gradient over the student row (every value
+// read after pass B — z at the ids and at the label — is kept from before it),
+// and then there is no N×V buffer at all.
 //
 // Gradient (shared/notes/kd-math.md §3): with bins ℓ_k = u_{i_k} − LSE,
 // ℓ_tail = log Σ_{j∉ids} q_j and G_b = ∂D/∂ℓ_b = Q_b ∂D/∂Q_b,
@@ -194,9 +197,9 @@ inline Bin bin(double lp, double lq, const Params& P) {
 // Per-row scratch: the valid entries of the row (K at most).
 struct Scratch {
   std::vector<int64_t> id, sid;  // ids in entry order, and sorted (for masking)
-  std::vector<float> u;          // u = z/T at the ids
+  std::vector<float> z, u;       // z and u = z/T at the ids (kept: pass B may overwrite z)
   std::vector<double> lp, lu, gk;
-  explicit Scratch(int64_t K) : id(K), sid(K), u(K), lp(K), lu(K), gk(K) {}
+  explicit Scratch(int64_t K) : id(K), sid(K), z(K), u(K), lp(K), lu(K), gk(K) {}
 };
 
 // The bin math of one row. In: n valid entries (lp = teacher log-prob, lu =
@@ -273,7 +276,7 @@ struct RowKernel {
   const S* zs;            // (N, V) student logits
   const int64_t* ids;     // (N, K)
   const LP* logprobs;     // (N, K), -inf at padding
-  S* grad;                // (N, V) or null (loss only)
+  S* grad;                // (N, V), zs itself (in place), or null (loss only)
   const int64_t* labels;  // (N,) or null
   int64_t ignore_index, V, K;
   Params P;
@@ -345,7 +348,8 @@ struct RowKernel {
       sc.id[n] = id;
       sc.sid[n] = id;
       sc.lp[n] = lp;
-      sc.u[n] = static_cast<float>(zrow[id]) * P.inv_t;  // the rounding of x * inv_t below
+      sc.z[n] = static_cast<float>(zrow[id]);
+      sc.u[n] = sc.z[n] * P.inv_t;  // the rounding of x * inv_t below
       ++n;
     }
     std::sort(sc.sid.begin(), sc.sid.begin() + n);
@@ -381,8 +385,9 @@ struct RowKernel {
     const double lse_z = P.ce_own ? lz.lse() : double(M) + log_s;
 
     const SoftRow soft = soft_row(n, V, sc, P, lse_q, lq_tail);
+    const float z_label = P.ce ? static_cast<float>(zrow[label]) : 0.f;
     double loss = (1.0 - P.hard_weight) * P.soft_scale * soft.loss;
-    if (P.ce) loss += P.hard_weight * (lse_z - static_cast<double>(static_cast<float>(zrow[label])));
+    if (P.ce) loss += P.hard_weight * (lse_z - static_cast<double>(z_label));
     if (!grow) return float(loss);
 
     // the row: A·q_j (+ B·softmax(z)_j when CE has its own softmax)
@@ -406,20 +411,21 @@ struct RowKernel {
         }
       });
     }
-    // the softmax at T = 1 (for CE) at one position, given log q there
-    auto sm_at = [&](int64_t j, double log_q) {
-      return P.ce_own ? std::exp(static_cast<double>(static_cast<float>(zrow[j])) - lse_z) : std::exp(log_q);
+    // the softmax at T = 1 (for CE) at a position with logit z, given log q there
+    // (z from before pass B: in place, the row now holds the gradient)
+    auto sm_at = [&](float z, double log_q) {
+      return P.ce_own ? std::exp(static_cast<double>(z) - lse_z) : std::exp(log_q);
     };
     // fix-ups, each an overwrite with the position's own value: the label, then the ids
     if (P.ce) {
-      const float u = static_cast<float>(zrow[label]) * P.inv_t;
+      const float u = z_label * P.inv_t;
       const double lq = (double(u) - double(M)) - log_s;
-      grow[label] = static_cast<S>(float(A * std::exp(lq) + B * sm_at(label, lq) - P.c_hard));
+      grow[label] = static_cast<S>(float(A * std::exp(lq) + B * sm_at(z_label, lq) - P.c_hard));
     }
     for (int64_t k = 0; k < n; ++k) {
       const int64_t id = sc.id[k];
       double v = P.c_soft * sc.gk[k];
-      if (P.ce) v += P.c_hard * (sm_at(id, sc.lu[k]) - (id == label ? 1.0 : 0.0));
+      if (P.ce) v += P.c_hard * (sm_at(sc.z[k], sc.lu[k]) - (id == label ? 1.0 : 0.0));
       grow[id] = static_cast<S>(float(v));
     }
     return float(loss);
@@ -498,18 +504,17 @@ void check_inputs(const at::Tensor& student, const at::Tensor& ids, const at::Te
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(
-    const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
-    const std::optional<at::Tensor>& labels, int64_t ignore_index, int64_t divergence, int64_t tail,
-    double param, double temperature, double hard_weight, double soft_scale, bool mean_scale,
-    bool need_grad) {
+// The loss rows; the gradient goes to `grad` (the student itself when in
+// place; an undefined tensor: loss only).
+at::Tensor sparse_kd_into(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+                          const std::optional<at::Tensor>& labels, const at::Tensor& grad, int64_t ignore_index,
+                          int64_t divergence, int64_t tail, double param, double temperature, double hard_weight,
+                          double soft_scale, bool mean_scale) {
   check_inputs(student, ids, logprobs, labels, ignore_index, divergence, tail, temperature, hard_weight > 0);
   const int64_t N = student.size(0), V = student.size(1), K = ids.size(1);
+  const bool need_grad = grad.defined();
   auto loss_rows = at::empty({N}, student.options().dtype(at::kFloat));
-  // Without need_grad (evaluation) no N×V buffer is allocated or written.
-  auto grad = need_grad ? at::empty_like(student, at::MemoryFormat::Contiguous) : student.new_empty({0});
-  if (N == 0) return {loss_rows, grad};
-  if (need_grad) advise_huge_pages(grad);
+  if (N == 0) return loss_rows;
   int64_t valid = N;
   if (labels) valid = labels->ne(ignore_index).sum().item<int64_t>();
   const double grad_scale = mean_scale ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
@@ -550,7 +555,31 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(
       }
     }
   });
-  return {loss_rows, grad};
+  return loss_rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(
+    const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+    const std::optional<at::Tensor>& labels, int64_t ignore_index, int64_t divergence, int64_t tail,
+    double param, double temperature, double hard_weight, double soft_scale, bool mean_scale,
+    bool need_grad) {
+  // Without need_grad (evaluation) no N×V buffer is allocated or written.
+  at::Tensor grad;
+  if (need_grad) {
+    grad = at::empty_like(student, at::MemoryFormat::Contiguous);
+    advise_huge_pages(grad);
+  }
+  auto loss = sparse_kd_into(student, ids, logprobs, labels, grad, ignore_index, divergence, tail, param,
+                             temperature, hard_weight, soft_scale, mean_scale);
+  return {loss, need_grad ? grad : student.new_empty({0})};
+}
+
+at::Tensor sparse_kd_forward_inplace_cpu(
+    at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+    const std::optional<at::Tensor>& labels, int64_t ignore_index, int64_t divergence, int64_t tail,
+    double param, double temperature, double hard_weight, double soft_scale, bool mean_scale) {
+  return sparse_kd_into(student, ids, logprobs, labels, student, ignore_index, divergence, tail, param,
+                        temperature, hard_weight, soft_scale, mean_scale);
 }
 
 // Shapes only, so that the op traces under torch.compile (fake tensors run
@@ -563,14 +592,22 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_meta(
   return {loss, grad};
 }
 
+at::Tensor sparse_kd_forward_inplace_meta(
+    at::Tensor& student, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+    int64_t, int64_t, double, double, double, double, bool) {
+  return at::empty_symint({student.sym_size(0)}, student.options().dtype(at::kFloat));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("sparse_kd_forward", &sparse_kd_forward_cpu);
+  m.impl("sparse_kd_forward_inplace", &sparse_kd_forward_inplace_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastdistill, Meta, m) {
   m.impl("sparse_kd_forward", &sparse_kd_forward_meta);
+  m.impl("sparse_kd_forward_inplace", &sparse_kd_forward_inplace_meta);
 }
 
 }  // namespace fastdistill
