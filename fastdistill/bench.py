@@ -96,6 +96,7 @@ class Row:
     vs_eager: float | None = None
     vs_compile: float | None = None
     vs_floor: float | None = None
+    vs_peer: float | None = None   # the peer's time / this row's (see PEERS)
     notes: str = ""
 
 
@@ -119,6 +120,13 @@ def streaming_floor(n: int, v: int, repeat: int) -> float:
 
 
 # ----------------------------------------------------------------- cases
+
+# What a user would pick instead of fastdistill in each case, for the
+# "x faster than peer" column: (op prefix, label prefix of the peer rows).
+PEERS = {
+    "fused_linear_kd": "Liger-Kernel",
+    "sparse_kd": "densify + kd_loss",
+}
 
 def _kd_impls(divergence: str, with_compile: bool, with_inplace: bool):
     """(label, loss function, in place?) for the kd_loss case."""
@@ -239,15 +247,69 @@ def bench_fused_linear(report: Report, n: int, h: int, v: int, divergence: str, 
     _ratios(report, rows, shape)
 
 
+def bench_sparse(report: Report, n: int, v: int, k: int, *, repeat: int, with_eager: bool = True,
+                 log=print) -> None:
+    """Forward+backward of forward KL against a top-k teacher (tail bucket),
+    against densifying that teacher (a -inf-filled N×V row with the k
+    log-probabilities scattered in, what users do today) and the dense kd_loss,
+    each with and without inplace_backward. The densify step is timed and its
+    N×V buffer counts in the peak: it is the cost a sparse kernel avoids."""
+    from .sparse import sparse_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, v, generator=g) * 2
+    lp, ids = torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1).topk(k, -1)
+
+    def densify():
+        return torch.full((n, v), float("-inf")).scatter_(1, ids, lp)
+
+    impls = []
+    if with_eager:
+        impls.append(("torch eager (sparse reference)",
+                      lambda s: sparse_kd_loss(s, ids, lp, backend="torch")))
+    if _backend.backends()["cpp"]:
+        impls += [
+            ("densify + kd_loss cpp", lambda s: kd_loss(s, densify(), backend="cpp")),
+            ("densify + kd_loss cpp inplace_backward",
+             lambda s: kd_loss(s, densify(), backend="cpp", inplace_backward=True)),
+            ("fastdistill sparse_kd_loss cpp", lambda s: sparse_kd_loss(s, ids, lp, backend="cpp")),
+            ("fastdistill sparse_kd_loss cpp inplace_backward",
+             lambda s: sparse_kd_loss(s, ids, lp, backend="cpp", inplace_backward=True)),
+        ]
+    shape = f"{n}x{v}"
+    rows = []
+    for label, loss_fn in impls:
+        def prep():
+            leaf = base.clone().requires_grad_()
+            return leaf, leaf.view(n, v)  # a non-leaf, like an LM head's output
+
+        def run(state):
+            loss_fn(state[1]).backward()
+
+        secs, extra = measure(run, prep, repeat=repeat, warmup=1)
+        row = Row(f"sparse_kd[forward_kl top-{k}]", shape, "float32", label, secs,
+                  None if extra is None else extra / MB)
+        rows.append(row)
+        log(f"  {row.op:28s} {shape:>12s} {row.dtype:9s} {label:48s} {secs:8.3f} s")
+    _ratios(report, rows, shape)
+
+
 def _ratios(report: Report, rows: list[Row], shape: str) -> None:
-    """Fill in each row's ratio to eager, to torch.compile and to the floor."""
+    """Fill in each row's ratio to eager, to torch.compile, to the floor and to
+    its peer (of the same in-place mode when the peer has one)."""
     eager = next((r.seconds for r in rows if "eager" in r.impl), None)
     comp = next((r.seconds for r in rows if "compile" in r.impl), None)
     floor = report.floor_seconds.get(shape)
+    peer_label = next((v for k, v in PEERS.items() if rows and rows[0].op.startswith(k)), None)
+    peers = [r for r in rows if peer_label and r.impl.startswith(peer_label)]
     for r in rows:
         r.vs_eager = eager / r.seconds if eager else None
         r.vs_compile = comp / r.seconds if comp else None
         r.vs_floor = r.seconds / floor if floor else None
+        inplace = "inplace" in r.impl
+        peer = next((p for p in peers if ("inplace" in p.impl) == inplace), None)
+        if peer is not None and peer is not r and "fastdistill" in r.impl:
+            r.vs_peer = peer.seconds / r.seconds
     report.rows.extend(rows)
 
 
@@ -255,12 +317,13 @@ def _ratios(report: Report, rows: list[Row], shape: str) -> None:
 
 def format_table(report: Report) -> str:
     head = ("op", "shape", "dtype", "implementation", "fwd+bwd s", "extra peak MB",
-            "x faster than eager", "x faster than compile", "x floor")
+            "x faster than eager", "x faster than compile", "x faster than peer", "x floor")
     lines = []
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for r in report.rows:
         lines.append((r.op, r.shape, r.dtype, r.impl, fmt(r.seconds, ".3f"), fmt(r.extra_peak_mb, ".0f"),
-                      fmt(r.vs_eager, ".2f"), fmt(r.vs_compile, ".2f"), fmt(r.vs_floor, ".1f")))
+                      fmt(r.vs_eager, ".2f"), fmt(r.vs_compile, ".2f"), fmt(r.vs_peer, ".2f"),
+                      fmt(r.vs_floor, ".1f")))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -268,6 +331,8 @@ def format_table(report: Report) -> str:
     floors = ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in report.floor_seconds.items())
     out.append(f"floors (NxV: one streaming pass reading two N×V fp32 tensors and writing one; "
                f"NxHxV: the four GEMMs of a fused-linear step): {floors}")
+    out.append("peer (what a user would pick instead; the same inplace_backward mode): "
+               + "; ".join(f"{k} → {v}" for k, v in PEERS.items()))
     out.append("environment: " + ", ".join(f"{k}={v}" for k, v in report.env.items()))
     return "\n".join(out)
 
@@ -310,9 +375,13 @@ def environment() -> dict[str, str]:
     }
 
 
+CASES = ("kd", "fused_linear", "sparse")
+
+
 def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergences=None,
-        log=print) -> Report:
-    """The whole report; quick is the `make demo` size (well under 3 minutes)."""
+        log=print, cases_to_run=CASES) -> Report:
+    """The whole report (or the cases named); quick is the `make demo` size
+    (well under 3 minutes)."""
     fix_malloc_thresholds()
     report = Report(env=environment())
     if quick:
@@ -326,14 +395,20 @@ def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergenc
         cases = [(torch.float32, d, True) for d in divs] + [(torch.bfloat16, "forward_kl", False)]
     log(f"fastdistill bench: N={n}, V={v}, best of {repeat} after warm-up, "
         f"{torch.get_num_threads()} threads")
-    report.floor_seconds[f"{n}x{v}"] = streaming_floor(n, v, repeat + 2)
-    for dtype, div, compile_it in cases:
-        bench_kd(report, n, v, dtype, div, repeat=repeat, with_compile=compile_it,
-                 with_inplace=dtype == torch.float32, log=log)
-    fl_n, fl_h, fl_v = (512, 512, 16000) if quick else (2048, 1024, 32000)
-    log(f"fused linear KD: N={fl_n}, H={fl_h}, V={fl_v}")
-    bench_fused_linear(report, fl_n, fl_h, fl_v, "jsd", repeat=repeat, with_compile=not quick,
-                       log=log)
+    if "kd" in cases_to_run:
+        report.floor_seconds[f"{n}x{v}"] = streaming_floor(n, v, repeat + 2)
+        for dtype, div, compile_it in cases:
+            bench_kd(report, n, v, dtype, div, repeat=repeat, with_compile=compile_it,
+                     with_inplace=dtype == torch.float32, log=log)
+    if "fused_linear" in cases_to_run:
+        fl_n, fl_h, fl_v = (512, 512, 16000) if quick else (2048, 1024, 32000)
+        log(f"fused linear KD: N={fl_n}, H={fl_h}, V={fl_v}")
+        bench_fused_linear(report, fl_n, fl_h, fl_v, "jsd", repeat=repeat,
+                           with_compile=not quick, log=log)
+    if "sparse" in cases_to_run:
+        sp_n, sp_v, sp_k = (256, 32000, 64) if quick else (4096, 128256, 64)
+        log(f"sparse KD: N={sp_n}, V={sp_v}, K={sp_k}")
+        bench_sparse(report, sp_n, sp_v, sp_k, repeat=repeat, log=log)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(report)
