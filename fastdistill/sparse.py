@@ -333,6 +333,18 @@ def sample_teacher(teacher_logits: torch.Tensor, n: int, *, temperature: float =
     the draws reproducible.
     """
     t = _checks.tensor("teacher_logits", teacher_logits, floating=True)
+    ids, counts = sample_counts(t, n, temperature=temperature, generator=generator)
+    logprobs = torch.where(counts > 0, (counts.double() / n).log(),
+                           torch.full((), -math.inf, dtype=torch.float64, device=t.device))
+    return ids, logprobs.float()
+
+
+def sample_counts(teacher_logits: torch.Tensor, n: int, *, temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_teacher``'s draws as (ids, counts), int64 (..., n): the distinct
+    ids drawn (ascending) and how often each was drawn, then padding (id 0,
+    count 0). The soft-label codec stores exactly these."""
+    t = _checks.tensor("teacher_logits", teacher_logits, floating=True)
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     if n < 1:
@@ -348,8 +360,8 @@ def sample_teacher(teacher_logits: torch.Tensor, n: int, *, temperature: float =
         probs = torch.softmax(t.reshape(-1, V).to(acc) / temperature, dim=-1)
         R = probs.shape[0]
         if R == 0:
-            return (torch.zeros(*lead, n, dtype=torch.int64, device=t.device),
-                    torch.full((*lead, n), -math.inf, dtype=torch.float32, device=t.device))
+            zeros = torch.zeros(*lead, n, dtype=torch.int64, device=t.device)
+            return zeros, zeros.clone()
         draws = torch.multinomial(probs, n, replacement=True, generator=generator)  # (R, n)
         s = draws.sort(-1).values
         first = torch.ones_like(s, dtype=torch.bool)
@@ -357,6 +369,4 @@ def sample_teacher(teacher_logits: torch.Tensor, n: int, *, temperature: float =
         run = first.cumsum(-1) - 1  # which distinct id each draw is, 0..u-1
         counts = torch.zeros_like(s).scatter_add_(1, run, torch.ones_like(s))
         ids = torch.zeros_like(s).scatter_(1, run, s)  # a run's draws all write the same id
-        logprobs = torch.where(counts > 0, (counts.double() / n).log(),
-                               torch.full((), -math.inf, dtype=torch.float64, device=t.device))
-    return ids.reshape(*lead, n), logprobs.float().reshape(*lead, n)
+    return ids.reshape(*lead, n), counts.reshape(*lead, n)
