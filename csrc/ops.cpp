@@ -34,4 +34,18 @@ TORCH_LIBRARY(fastdistill, m) {
       "sparse_kd_forward_inplace(Tensor(a!) student, Tensor ids, Tensor logprobs, Tensor? labels, "
       "int ignore_index, int divergence, int tail, float param, float temperature, "
       "float hard_weight, float soft_scale, bool mean_scale) -> Tensor");
+  // Packed soft labels (fastdistill/softlabels): the sparse-teacher loss with
+  // the teacher as packed uint8 rows (N, row_bytes), unpacked in the kernel;
+  // `layout` is Codec.layout() (method, vocab size, k, value bits, id bits,
+  // values offset, ids offset, row bytes). Otherwise as sparse_kd_forward.
+  m.def(
+      "softlabel_kd_forward(Tensor student, Tensor packed, int[] layout, Tensor? labels, "
+      "int ignore_index, int divergence, int tail, float param, float temperature, "
+      "float hard_weight, float soft_scale, bool mean_scale, bool need_grad) -> (Tensor, Tensor)");
+  m.def(
+      "softlabel_kd_forward_inplace(Tensor(a!) student, Tensor packed, int[] layout, Tensor? labels, "
+      "int ignore_index, int divergence, int tail, float param, float temperature, "
+      "float hard_weight, float soft_scale, bool mean_scale) -> Tensor");
+  // Packed rows → (ids int64 (N, k), log-probs float32 (N, k)); CPU and CUDA.
+  m.def("softlabel_decode(Tensor packed, int[] layout) -> (Tensor, Tensor)");
 }

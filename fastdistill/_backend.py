@@ -26,7 +26,7 @@ EXT_NAME = "fastdistill_C"
 
 # Sources of the one extension, relative to csrc/. CUDA sources join only
 # when a CUDA toolkit and a CUDA torch are present.
-CPU_SOURCES = ("ops.cpp", "kd/kd_cpu.cpp", "sparse/sparse_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "kd/kd_cpu.cpp", "sparse/sparse_cpu.cpp", "softlabels/softlabels_cpu.cpp")
 CUDA_SOURCES: tuple[str, ...] = ()
 
 _lock = threading.Lock()

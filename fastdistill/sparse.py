@@ -44,7 +44,8 @@ def _reference_forward(student, ids, logprobs, labels, ignore_index, div, tail, 
 
 
 def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, tail, param,
-                    temperature, hard_weight, soft_scale, mean_scale, need_grad, inplace=False):
+                    temperature, hard_weight, soft_scale, mean_scale, need_grad, inplace=False,
+                    layout=None):
     """(loss_rows, grad) of one backend: the fused op's contract.
 
     ``student`` (N, V) contiguous; ``ids`` (N, K) integer (converted to int64
@@ -56,10 +57,19 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
     d(Σ rows)/d student (divided by the number of kept rows with
     ``mean_scale``) in the student's dtype, or empty without ``need_grad``.
     With ``inplace`` (fused backends) the gradient is written over
-    ``student`` and ``grad`` is ``student`` itself. No argument checks beyond
+    ``student`` and ``grad`` is ``student`` itself. With ``layout``
+    (``Codec.layout()``) the teacher is packed soft labels: ``ids`` is the
+    uint8 rows (N, row_bytes), ``logprobs`` is None, and the cpp kernel
+    unpacks them itself (torch and triton decode them first). No argument checks beyond
     what the kernels need: the public function checks. backend="torch"
     computes rows with the reference and the gradient with autograd.
     """
+    if layout is not None:
+        if backend == "cpp":
+            return _packed_cpp_forward(student, ids, layout, labels, ignore_index, div, tail, param,
+                                       temperature, hard_weight, soft_scale, mean_scale, need_grad,
+                                       inplace)
+        ids, logprobs = _decode_packed(ids, layout)
     if ids.dtype != torch.int64:
         ids = ids.to(torch.int64)
     if backend in ("torch", "cuda"):  # cuda: this family's GPU path is triton
@@ -92,16 +102,40 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
         out=student if inplace and need_grad else None)
 
 
+def _decode_packed(data, layout):
+    """(ids, logprobs) of packed rows, by the readable decoder of the codec."""
+    from .softlabels.codec import METHODS, Codec, SoftLabels
+
+    method, V, k, value_bits = layout[:4]
+    codec = Codec(METHODS[method], V, k, value_bits, 1.0)  # temperature: not needed to decode
+    return SoftLabels(codec, data).decode()
+
+
+def _packed_cpp_forward(student, data, layout, labels, ignore_index, div, tail, param, temperature,
+                        hard_weight, soft_scale, mean_scale, need_grad, inplace):
+    if not load_extension():
+        raise RuntimeError("backend='cpp' is unavailable (see fastdistill.backends())")
+    ops = torch.ops.fastdistill
+    if inplace and need_grad:
+        rows = ops.softlabel_kd_forward_inplace(student, data, list(layout), labels, ignore_index,
+                                                div, tail, param, temperature, hard_weight,
+                                                soft_scale, mean_scale)
+        return rows, student
+    return ops.softlabel_kd_forward(student, data, list(layout), labels, ignore_index, div, tail,
+                                    param, temperature, hard_weight, soft_scale, mean_scale,
+                                    need_grad)
+
+
 class _FusedSparseKD(torch.autograd.Function):
     """Autograd around a fused kernel: the gradient is computed in forward."""
 
     @staticmethod
     def forward(ctx, student, ids, logprobs, labels, backend, ignore_index, div, tail, param,
-                temperature, hard_weight, soft_scale, reduction, inplace):
+                temperature, hard_weight, soft_scale, reduction, inplace, layout=None):
         version = student._version if inplace else 0
         rows, grad = _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div,
                                      tail, param, temperature, hard_weight, soft_scale,
-                                     reduction == "mean", True, inplace)
+                                     reduction == "mean", True, inplace, layout)
         if inplace and student._version == version:
             # the logits now hold the gradient: any other op that saved them
             # for its backward must fail autograd's version check
@@ -118,10 +152,10 @@ class _FusedSparseKD(torch.autograd.Function):
             scale = grad_out.to(grad.dtype).unsqueeze(-1)
         else:
             if not torch.compiler.is_compiling() and bool(grad_out == 1):
-                return (grad,) + (None,) * 13
+                return (grad,) + (None,) * 14
             scale = grad_out.to(grad.dtype)
         grad = grad.mul_(scale) if ctx.inplace else grad * scale
-        return (grad,) + (None,) * 13
+        return (grad,) + (None,) * 14
 
 
 def _integer_tensor(name: str, x) -> torch.Tensor:

@@ -1,0 +1,216 @@
+// CPU ops of the packed soft labels (fastdistill/softlabels): the sparse-teacher
+// loss computed straight from packed rows, and the decode to (ids, log-probs).
+//
+// The loss is sparse/sparse_row.h's row kernel with a teacher source that
+// unpacks the row's ids and values into the per-thread scratch: no int64 id
+// tensor and no dense teacher row ever exists.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "common/memory.h"
+#include "softlabels/packed_row.h"
+#include "sparse/sparse_row.h"
+
+namespace fastdistill {
+namespace {
+
+using namespace sparse_row;
+using packed::Layout;
+
+// The teacher source of the row kernel: entries unpacked from row r.
+struct PackedTeacher {
+  const uint8_t* data;  // (N, row_bytes)
+  Layout L;
+  int64_t gather(int64_t r, Scratch& sc) const {
+    const uint8_t* row = data + r * L.row_bytes;
+    const double shift = packed::row_shift(L, row);
+    int64_t n = 0;
+    for (int64_t i = 0; i < L.k; ++i) {
+      const double raw = packed::raw_value(L, row, i);
+      if (!(raw > -kInf)) continue;  // padding / probability 0: no bin
+      const int64_t id = packed::id_at(L, row, i);
+      sc.id[n] = id;
+      sc.sid[n] = id;
+      sc.lp[n] = raw + shift;
+      ++n;
+    }
+    return n;
+  }
+};
+
+Layout check_layout(const at::Tensor& data, at::IntArrayRef layout) {
+  TORCH_CHECK_VALUE(layout.size() == packed::kLayoutFields, "softlabels: layout must have ",
+                    packed::kLayoutFields, " fields, got ", layout.size());
+  Layout L{layout[0], layout[1], layout[2], layout[3], layout[4], layout[5], layout[6], layout[7]};
+  const bool topk = L.method == packed::kTopK;
+  TORCH_CHECK_VALUE(topk || L.method == packed::kSampled, "softlabels: unknown method ", L.method);
+  TORCH_CHECK_VALUE(L.k >= 1 && L.vocab_size >= 1 && L.id_bits >= 1 && L.id_bits <= 31 &&
+                        (int64_t(1) << L.id_bits) >= L.vocab_size && L.value_bits >= 1 && L.value_bits <= 31,
+                    "softlabels: inconsistent layout");
+  TORCH_CHECK_VALUE(!topk || L.value_bits == 8 || L.value_bits == 16, "softlabels: top-k values are 8 or 16 bits");
+  const int64_t values_offset = topk ? 4 : 0;
+  const int64_t ids_offset = values_offset + (L.k * L.value_bits + 7) / 8;
+  const int64_t row_bytes = ids_offset + (L.k * L.id_bits + 7) / 8;
+  TORCH_CHECK_VALUE(L.values_offset == values_offset && L.ids_offset == ids_offset && L.row_bytes == row_bytes,
+                    "softlabels: inconsistent layout offsets");
+  TORCH_CHECK_VALUE(data.scalar_type() == at::kByte && data.dim() == 2 && data.size(1) == L.row_bytes &&
+                        data.is_contiguous(),
+                    "softlabels: packed rows must be a contiguous uint8 tensor (N, ", L.row_bytes, ")");
+  return L;
+}
+
+// The entries the kernel will read, checked once (O(N·K)): a corrupt row is
+// an error here, never an out-of-bounds read.
+void check_rows(const at::Tensor& data, const Layout& L, const std::optional<at::Tensor>& labels,
+                int64_t ignore_index) {
+  const uint8_t* d = data.data_ptr<uint8_t>();
+  const int64_t N = data.size(0);
+  const int64_t* l = labels ? labels->data_ptr<int64_t>() : nullptr;
+  for (int64_t r = 0; r < N; ++r) {
+    if (l && l[r] == ignore_index) continue;
+    const uint8_t* row = d + r * L.row_bytes;
+    const float tail = packed::tail_of(L, row);
+    TORCH_CHECK_VALUE(tail >= 0.f && tail <= 1.f, "soft labels row ", r, ": tail mass ", tail,
+                      " is not in [0, 1] (corrupt packed row?)");
+    for (int64_t i = 0; i < L.k; ++i) {
+      const double raw = packed::raw_value(L, row, i);
+      TORCH_CHECK_VALUE(!std::isnan(raw) && raw != kInf, "soft labels row ", r, " entry ", i,
+                        ": value is NaN or +inf (corrupt packed row?)");
+      if (raw > -kInf) {
+        const int64_t id = packed::id_at(L, row, i);
+        TORCH_CHECK_VALUE(id < L.vocab_size, "soft labels row ", r, " entry ", i, ": id ", id,
+                          " is not below the vocabulary size ", L.vocab_size, " (corrupt packed row?)");
+      }
+    }
+  }
+}
+
+at::Tensor softlabel_kd_into(const at::Tensor& student, const at::Tensor& data, at::IntArrayRef layout,
+                             const std::optional<at::Tensor>& labels, const at::Tensor& grad, int64_t ignore_index,
+                             int64_t divergence, int64_t tail, double param, double temperature,
+                             double hard_weight, double soft_scale, bool mean_scale) {
+  const Layout L = check_layout(data, layout);
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.is_contiguous(),
+                    "softlabel_kd_forward: student must be a contiguous (N, V) tensor");
+  const int64_t N = student.size(0), V = student.size(1);
+  TORCH_CHECK_VALUE(data.size(0) == N, "softlabel_kd_forward: ", data.size(0), " packed rows for ", N,
+                    " student rows");
+  TORCH_CHECK_VALUE(V == L.vocab_size, "softlabel_kd_forward: the student's vocabulary (", V,
+                    ") differs from the soft labels' (", L.vocab_size, ")");
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence < kNumDivergences && divergence != kTAID,
+                    "softlabel_kd_forward: divergence ", divergence, " is not defined on sparse teachers");
+  TORCH_CHECK_VALUE(tail >= 0 && tail < kNumTails, "softlabel_kd_forward: unknown tail ", tail);
+  TORCH_CHECK_VALUE(tail != kNone || divergence == kForwardKL,
+                    "softlabel_kd_forward: tail 'none' supports forward_kl only");
+  TORCH_CHECK_VALUE(temperature > 0, "softlabel_kd_forward: temperature must be > 0");
+  if (labels) {
+    TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == N && labels->is_contiguous() &&
+                          labels->scalar_type() == at::kLong,
+                      "softlabel_kd_forward: labels must be a contiguous int64 tensor of shape (N,)");
+    if (hard_weight > 0) {
+      const int64_t* l = labels->data_ptr<int64_t>();
+      for (int64_t i = 0; i < N; ++i) {
+        TORCH_CHECK_VALUE(l[i] == ignore_index || (l[i] >= 0 && l[i] < V), "softlabel_kd_forward: labels[", i,
+                          "] = ", l[i], " is neither in [0, ", V, ") nor ignore_index");
+      }
+    }
+  } else {
+    TORCH_CHECK_VALUE(hard_weight <= 0, "softlabel_kd_forward: hard_weight > 0 needs labels");
+  }
+  check_rows(data, L, labels, ignore_index);
+  const bool need_grad = grad.defined();
+  auto loss_rows = at::empty({N}, student.options().dtype(at::kFloat));
+  if (N == 0) return loss_rows;
+  int64_t valid = N;
+  if (labels) valid = labels->ne(ignore_index).sum().item<int64_t>();
+  const double grad_scale = mean_scale ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
+  const Params P = make_params(divergence, tail, param, temperature, hard_weight, soft_scale, grad_scale);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "softlabel_kd_forward", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "softlabel_kd_forward: the cpp backend takes float32, bfloat16 or float16 logits");
+    } else {
+      using S = scalar_t;
+      RowKernel<S, PackedTeacher> k{student.data_ptr<S>(), {data.data_ptr<uint8_t>(), L},
+                                    need_grad ? grad.data_ptr<S>() : nullptr,
+                                    labels ? labels->data_ptr<int64_t>() : nullptr, ignore_index, V, L.k, P};
+      k.run(loss_rows.data_ptr<float>(), N);
+    }
+  });
+  return loss_rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> softlabel_kd_forward_cpu(
+    const at::Tensor& student, const at::Tensor& data, at::IntArrayRef layout,
+    const std::optional<at::Tensor>& labels, int64_t ignore_index, int64_t divergence, int64_t tail,
+    double param, double temperature, double hard_weight, double soft_scale, bool mean_scale, bool need_grad) {
+  at::Tensor grad;  // without need_grad (evaluation) no N×V buffer is allocated or written
+  if (need_grad) {
+    grad = at::empty_like(student, at::MemoryFormat::Contiguous);
+    advise_huge_pages(grad);
+  }
+  auto loss = softlabel_kd_into(student, data, layout, labels, grad, ignore_index, divergence, tail, param,
+                                temperature, hard_weight, soft_scale, mean_scale);
+  return {loss, need_grad ? grad : student.new_empty({0})};
+}
+
+at::Tensor softlabel_kd_forward_inplace_cpu(
+    at::Tensor& student, const at::Tensor& data, at::IntArrayRef layout, const std::optional<at::Tensor>& labels,
+    int64_t ignore_index, int64_t divergence, int64_t tail, double param, double temperature,
+    double hard_weight, double soft_scale, bool mean_scale) {
+  return softlabel_kd_into(student, data, layout, labels, student, ignore_index, divergence, tail, param,
+                           temperature, hard_weight, soft_scale, mean_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> softlabel_decode_cpu(const at::Tensor& data, at::IntArrayRef layout) {
+  const Layout L = check_layout(data, layout);
+  const int64_t N = data.size(0);
+  auto ids = at::empty({N, L.k}, data.options().dtype(at::kLong));
+  auto lp = at::empty({N, L.k}, data.options().dtype(at::kFloat));
+  const uint8_t* d = data.data_ptr<uint8_t>();
+  int64_t* pid = ids.data_ptr<int64_t>();
+  float* plp = lp.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = d + r * L.row_bytes;
+      const double shift = packed::row_shift(L, row);
+      for (int64_t i = 0; i < L.k; ++i) {
+        pid[r * L.k + i] = packed::id_at(L, row, i);
+        plp[r * L.k + i] = float(packed::raw_value(L, row, i) + shift);
+      }
+    }
+  });
+  return {ids, lp};
+}
+
+std::tuple<at::Tensor, at::Tensor> softlabel_kd_forward_meta(
+    const at::Tensor& student, const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&, int64_t,
+    int64_t, int64_t, double, double, double, double, bool, bool need_grad) {
+  auto loss = at::empty_symint({student.sym_size(0)}, student.options().dtype(at::kFloat));
+  auto grad = need_grad ? at::empty_like(student, at::MemoryFormat::Contiguous) : student.new_empty({0});
+  return {loss, grad};
+}
+
+at::Tensor softlabel_kd_forward_inplace_meta(at::Tensor& student, const at::Tensor&, at::IntArrayRef,
+                                             const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, double,
+                                             double, double, double, bool) {
+  return at::empty_symint({student.sym_size(0)}, student.options().dtype(at::kFloat));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
+  m.impl("softlabel_kd_forward", &softlabel_kd_forward_cpu);
+  m.impl("softlabel_kd_forward_inplace", &softlabel_kd_forward_inplace_cpu);
+  m.impl("softlabel_decode", &softlabel_decode_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastdistill, Meta, m) {
+  m.impl("softlabel_kd_forward", &softlabel_kd_forward_meta);
+  m.impl("softlabel_kd_forward_inplace", &softlabel_kd_forward_inplace_meta);
+}
+
+}  // namespace fastdistill

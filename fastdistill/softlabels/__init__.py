@@ -1,0 +1,6 @@
+"""Compact teacher soft labels: codecs, the on-disk store, and the loss
+computed straight from the packed rows (``fastdistill.softlabels.kd_loss``)."""
+from .codec import METHODS, VALUE_BITS, Codec, SoftLabels, encode
+from .loss import kd_loss
+
+__all__ = ["METHODS", "VALUE_BITS", "Codec", "SoftLabels", "encode", "kd_loss"]

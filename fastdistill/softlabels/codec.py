@@ -1,0 +1,386 @@
+"""Soft-label codecs: a teacher's output per token packed into a few bytes.
+
+One packed row per token, ``Codec.row_bytes`` bytes, little-endian:
+
+=============  ==========================  =====================================
+field          topk                        sampled
+=============  ==========================  =====================================
+tail           float32 at byte 0: the      (absent)
+               teacher mass off the k ids
+values         k values after the tail:    k counts, ``count_bits`` each,
+               16 bits: float16 log-probs  bit-packed LSB-first (0 = padding)
+               8 bits: codes c in 0..255
+ids            k ids, ``id_bits`` =        same
+               ⌈log2 V⌉ each, bit-packed
+               LSB-first
+=============  ==========================  =====================================
+
+Decoding (the same in the reference here, the C++ kernel and the CUDA
+unpack, ``csrc/softlabels/packed_row.h``):
+
+- topk, 16 bits: raw_i = the float16 log-prob; 8 bits: code 0 is probability
+  0 (a teacher's -inf), code c > 0 is raw_i = 2·log(c/255). The code is that
+  of x = sqrt(P_i / P_max) on a uniform grid, so every entry's error in
+  log-probability weighs P_i·δ² ∝ P_max·Δx² in the KL: a bound that does
+  not depend on how wide the row's log-prob range is. Then both widths are
+  renormalized so that the k masses sum to 1 − tail:
+  lp_i = raw_i + log(1 − tail) − logsumexp(raw). The tail (float32, summed
+  in float64 over the tokens off the ids when encoding) is kept exactly; a
+  row's overall offset or scale is never needed.
+- sampled: lp_i = log(count_i / n); count 0 is padding (lp = -inf).
+
+Row sizes (V = 49152: 16-bit ids): top-32 at 8 bits 4 + 32 + 64 = 100 bytes,
+at 16 bits 4 + 64 + 64 = 132 bytes (a dense fp16 row: 98,304 bytes).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import _checks
+
+METHODS = ("topk", "sampled")
+VALUE_BITS = (16, 8)
+FORMAT_VERSION = 1
+_ROWS_PER_CHUNK = 256  # rows encoded at a time (float64 work rows of V)
+
+
+def _bits_for(count: int) -> int:
+    """Bits to store 0..count-1."""
+    return max(1, (count - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How rows are packed; travels with every ``SoftLabels`` and store."""
+
+    method: str
+    vocab_size: int
+    k: int               # slots per row: top-k's k, or sampled's n (draws per row)
+    value_bits: int      # topk: 16 or 8; sampled: bits of a count (derived)
+    temperature: float   # the teacher's log-probs / draws are at this temperature
+
+    @property
+    def id_bits(self) -> int:
+        return _bits_for(self.vocab_size)
+
+    @property
+    def has_tail(self) -> bool:
+        return self.method == "topk"
+
+    @property
+    def values_offset(self) -> int:
+        return 4 if self.has_tail else 0
+
+    @property
+    def values_bytes(self) -> int:
+        return (self.k * self.value_bits + 7) // 8
+
+    @property
+    def ids_offset(self) -> int:
+        return self.values_offset + self.values_bytes
+
+    @property
+    def ids_bytes(self) -> int:
+        return (self.k * self.id_bits + 7) // 8
+
+    @property
+    def row_bytes(self) -> int:
+        return self.ids_offset + self.ids_bytes
+
+    @property
+    def tail(self) -> str:
+        """The sparse_kd_loss tail this codec's rows are meant for."""
+        return "bucket" if self.method == "topk" else "none"
+
+    def layout(self) -> tuple[int, ...]:
+        """The numbers the kernels unpack a row with (csrc/softlabels/packed_row.h)."""
+        return (METHODS.index(self.method), self.vocab_size, self.k, self.value_bits,
+                self.id_bits, self.values_offset, self.ids_offset, self.row_bytes)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Codec":
+        d = json.loads(text)
+        version = d.pop("format", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"soft-label codec format {version!r} is not supported "
+                             f"(this fastdistill reads format {FORMAT_VERSION})")
+        codec = cls(**d)
+        codec.validate()
+        return codec
+
+    def validate(self) -> None:
+        _checks.choice("method", self.method, METHODS)
+        for name in ("vocab_size", "k", "value_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"codec {name} must be a positive int, got {v!r}")
+        if self.method == "topk":
+            if self.value_bits not in VALUE_BITS:
+                raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {self.value_bits!r}")
+            if self.k > self.vocab_size:
+                raise ValueError(f"k={self.k} is larger than the vocabulary ({self.vocab_size})")
+        elif self.value_bits != _bits_for(self.k + 1):
+            raise ValueError(f"sampled codec: value_bits must be {_bits_for(self.k + 1)} for "
+                             f"n={self.k}, got {self.value_bits}")
+        if self.id_bits > 31:
+            raise ValueError(f"vocab_size={self.vocab_size} needs more than 31 bits per id")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"codec temperature must be > 0, got {self.temperature!r}")
+
+
+# ----------------------------------------------------------------- bit packing
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """(R, k) non-negative ints < 2**bits → (R, ⌈k·bits/8⌉) uint8, LSB-first."""
+    R, k = values.shape
+    shifts = torch.arange(bits, device=values.device)
+    flat = ((values.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(R, k * bits)
+    nbytes = (k * bits + 7) // 8
+    flat = torch.nn.functional.pad(flat, (0, nbytes * 8 - k * bits))
+    weights = 1 << torch.arange(8, device=values.device)
+    return (flat.reshape(R, nbytes, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: (R, nbytes) uint8 → (R, k) int64."""
+    R = packed.shape[0]
+    bit = (packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=packed.device)) & 1
+    bit = bit.reshape(R, -1)[:, : k * bits].reshape(R, k, bits)
+    return (bit << torch.arange(bits, device=packed.device)).sum(-1)
+
+
+def _float_field(data: torch.Tensor, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """``count`` little-endian floats of ``dtype`` at byte ``offset`` of every row."""
+    size = torch.empty((), dtype=dtype).element_size()
+    raw = data[:, offset:offset + count * size].contiguous()
+    return raw.view(dtype).reshape(data.shape[0], count)
+
+
+# ----------------------------------------------------------------- the container
+
+class SoftLabels:
+    """Packed soft labels of rows (tokens) of leading shape ``shape``.
+
+    ``data`` is a uint8 tensor (*shape, codec.row_bytes); ``codec`` says how
+    it is packed. Index it like the leading dimensions of a tensor
+    (``labels[3]``, ``labels[:, 10:20]``); ``decode()`` gives (ids,
+    logprobs) for ``fastdistill.sparse_kd_loss``; ``fastdistill.softlabels.
+    kd_loss`` computes the loss from ``data`` itself.
+    """
+
+    def __init__(self, codec: Codec, data: torch.Tensor):
+        if not isinstance(codec, Codec):
+            raise TypeError(f"codec must be a Codec, got {type(codec).__name__}")
+        codec.validate()
+        _checks.tensor("data", data)
+        if data.dtype != torch.uint8 or data.dim() < 1 or data.shape[-1] != codec.row_bytes:
+            raise ValueError(f"data must be a uint8 tensor of shape (..., {codec.row_bytes}) for "
+                             f"this codec, got {data.dtype} {tuple(data.shape)}")
+        self.codec = codec
+        self.data = data
+
+    # -- shape and storage
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape[:-1]
+
+    @property
+    def num_rows(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed rows (the codec's few bytes are not counted)."""
+        return self.num_rows * self.codec.row_bytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of the soft labels of a single row")
+        return self.shape[0]
+
+    def __getitem__(self, index) -> "SoftLabels":
+        if isinstance(index, tuple) and len(index) > len(self.shape):
+            raise IndexError(f"too many indices for soft labels of shape {tuple(self.shape)}")
+        if not isinstance(index, tuple):
+            index = (index,)
+        return SoftLabels(self.codec, self.data[index + (slice(None),)])
+
+    def reshape(self, *shape) -> "SoftLabels":
+        return SoftLabels(self.codec, self.data.reshape(*shape, self.codec.row_bytes))
+
+    def to(self, device) -> "SoftLabels":
+        return SoftLabels(self.codec, self.data.to(device))
+
+    def rows(self) -> torch.Tensor:
+        """``data`` as (R, row_bytes), contiguous."""
+        return self.data.reshape(-1, self.codec.row_bytes).contiguous()
+
+    def __repr__(self) -> str:
+        c = self.codec
+        return (f"SoftLabels({c.method}, k={c.k}, value_bits={c.value_bits}, V={c.vocab_size}, "
+                f"shape={tuple(self.shape)}, {c.row_bytes} bytes/row)")
+
+    # -- serialization
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only (torch.save / safetensors friendly): the packed rows and the codec."""
+        codec = torch.frombuffer(bytearray(self.codec.to_json().encode()), dtype=torch.uint8)
+        return {"data": self.data, "codec": codec.clone()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "SoftLabels":
+        for key in ("data", "codec"):
+            if key not in state:
+                raise ValueError(f"a SoftLabels state dict has '{key}'; got keys {sorted(state)}")
+        codec = Codec.from_json(bytes(state["codec"].cpu().tolist()).decode())
+        return cls(codec, state["data"])
+
+    # -- decoding (the readable reference of the kernels' unpack)
+    def tail_mass(self) -> torch.Tensor:
+        """The teacher mass off the stored ids (float32, shape ``shape``); 0 for sampled."""
+        rows = self.rows()
+        if not self.codec.has_tail:
+            return torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        return _float_field(rows, 0, 1, torch.float32).reshape(self.shape)
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids int64, logprobs float32), each (*shape, k); -inf log-probs mark
+        padding or probability 0 (their ids are then meaningless)."""
+        c = self.codec
+        rows = self.rows()
+        R = rows.shape[0]
+        ids = unpack_bits(rows[:, c.ids_offset:], c.k, c.id_bits)
+        if c.method == "sampled":
+            counts = unpack_bits(rows[:, c.values_offset:c.ids_offset], c.k, c.value_bits)
+            lp = torch.where(counts > 0, (counts.double() / c.k).log(),
+                             torch.full((), -math.inf, dtype=torch.float64, device=rows.device))
+        else:
+            if c.value_bits == 16:
+                raw = _float_field(rows, c.values_offset, c.k, torch.float16).double()
+            else:
+                code = rows[:, c.values_offset:c.ids_offset].to(torch.int64)
+                raw = torch.where(code > 0, 2.0 * (code.double() / 255.0).log(),
+                                  torch.full((), -math.inf, dtype=torch.float64, device=rows.device))
+            tail = _float_field(rows, 0, 1, torch.float32).double()
+            lse = torch.logsumexp(raw, -1, keepdim=True)
+            shift = torch.where(lse > -math.inf, torch.log1p(-tail) - lse, torch.zeros_like(lse))
+            lp = raw + shift
+        lead = tuple(self.shape)
+        return ids.reshape(*lead, c.k), lp.float().reshape(*lead, c.k)
+
+    def to_dense(self, vocab_size: int | None = None) -> torch.Tensor:
+        """Dense log-probabilities (*shape, V), float32: the decoded ids' values
+        and -inf elsewhere (a top-k row's tail mass is not spread over the
+        other tokens: see ``tail_mass()``). ``vocab_size`` ≥ the codec's pads."""
+        V = self.codec.vocab_size if vocab_size is None else vocab_size
+        if isinstance(V, bool) or not isinstance(V, int) or V < self.codec.vocab_size:
+            raise ValueError(f"vocab_size must be an int ≥ the codec's {self.codec.vocab_size}, "
+                             f"got {vocab_size!r}")
+        ids, lp = self.decode()
+        dense = torch.full((*ids.shape[:-1], V), -math.inf, dtype=torch.float32, device=ids.device)
+        keep = lp > -math.inf
+        return dense.scatter_(-1, torch.where(keep, ids, 0), torch.where(keep, lp, dense[..., :1]))
+
+
+# ----------------------------------------------------------------- encoding
+
+def _check_logits(logits: torch.Tensor) -> None:
+    bad = torch.isnan(logits) | (logits == math.inf)
+    if bool(bad.any()):
+        raise ValueError("logits must be finite or -inf (a masked token); got NaN or +inf")
+    if logits.numel() and bool((logits == -math.inf).all(-1).any()):
+        raise ValueError("every row of logits needs at least one finite entry")
+
+
+def encode(logits: torch.Tensor, *, method: str = "topk", k: int | None = None,
+           n_samples: int | None = None, temperature: float = 1.0, value_bits: int = 16,
+           seed: int | None = None) -> SoftLabels:
+    """Pack a teacher's logits (..., V) into ``SoftLabels``.
+
+    ``method="topk"``: the k most likely tokens of softmax(logits / T), their
+    log-probabilities at ``value_bits`` (16: float16; 8: one byte, see the
+    module docstring) and the exact tail mass; for
+    ``kd_loss(tail="bucket")``. ``method="sampled"``: ``n_samples`` draws per
+    row from softmax(logits / T) (``seed`` makes them reproducible), kept as
+    the distinct ids and their counts: an unbiased estimate of the teacher,
+    for ``tail="none"`` (``value_bits`` does not apply).
+    """
+    t = _checks.tensor("logits", logits, floating=True)
+    if t.dim() < 1 or t.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., V) with V ≥ 1, got {tuple(t.shape)}")
+    _checks.choice("method", method, METHODS)
+    temperature = _checks.real("temperature", temperature, low=0.0, low_open=True)
+    V = t.shape[-1]
+    lead = t.shape[:-1]
+    if method == "topk":
+        if n_samples is not None:
+            raise ValueError("n_samples applies to method='sampled'; top-k takes k")
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int (the number of tokens kept per row), got {k!r}")
+        if not 1 <= k <= V:
+            raise ValueError(f"k must be in [1, V={V}], got {k}")
+        if isinstance(value_bits, bool) or value_bits not in VALUE_BITS:
+            raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {value_bits!r}")
+        codec = Codec("topk", V, k, value_bits, temperature)
+    else:
+        if k is not None:
+            raise ValueError("k applies to method='topk'; sampling takes n_samples")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int):
+            raise TypeError(f"n_samples must be an int, got {n_samples!r}")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be ≥ 1, got {n_samples}")
+        if value_bits != 16:
+            raise ValueError("value_bits applies to method='topk' (sampled rows store counts)")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        codec = Codec("sampled", V, n_samples, _bits_for(n_samples + 1), temperature)
+    codec.validate()
+    t2 = t.detach().reshape(-1, V)
+    _check_logits(t2)
+    R = t2.shape[0]
+    out = torch.empty((R, codec.row_bytes), dtype=torch.uint8, device=t.device)
+    gen = None
+    if method == "sampled" and seed is not None:
+        gen = torch.Generator(device=t.device).manual_seed(seed)
+    for a in range(0, R, _ROWS_PER_CHUNK):
+        b = min(a + _ROWS_PER_CHUNK, R)
+        out[a:b] = _encode_rows(t2[a:b], codec, gen)
+    return SoftLabels(codec, out.reshape(*lead, codec.row_bytes))
+
+
+def _encode_rows(z: torch.Tensor, codec: Codec, gen) -> torch.Tensor:
+    """Packed rows of a chunk of logits (r, V)."""
+    from ..sparse import sample_counts
+
+    r = z.shape[0]
+    row = torch.zeros((r, codec.row_bytes), dtype=torch.uint8, device=z.device)
+    if codec.method == "sampled":
+        ids, counts = sample_counts(z, codec.k, temperature=codec.temperature, generator=gen)
+        row[:, codec.values_offset:codec.ids_offset] = pack_bits(counts, codec.value_bits)
+    else:
+        lp = torch.log_softmax(z.double() / codec.temperature, dim=-1)
+        top, ids = lp.topk(codec.k, dim=-1)              # sorted: top[:, 0] is the row max
+        rest = lp.scatter(-1, ids, -math.inf)
+        tail = torch.logsumexp(rest, -1).exp() if codec.k < codec.vocab_size else lp.new_zeros(r)
+        row[:, 0:4] = tail.float().unsqueeze(-1).contiguous().view(torch.uint8)
+        if codec.value_bits == 16:
+            vals = top.to(torch.float16)
+            row[:, codec.values_offset:codec.ids_offset] = vals.contiguous().view(torch.uint8)
+        else:
+            x = ((top - top[:, :1]) / 2).exp()          # sqrt(P / P_max) in [0, 1]
+            code = (x * 255).round().clamp(1, 255)      # a token with P > 0 never becomes 0
+            code = torch.where(top > -math.inf, code, torch.zeros_like(code))
+            row[:, codec.values_offset:codec.ids_offset] = code.to(torch.uint8)
+        ids = torch.where(top > -math.inf, ids, torch.zeros_like(ids))
+    row[:, codec.ids_offset:] = pack_bits(ids, codec.id_bits)
+    return row

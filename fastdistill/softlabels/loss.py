@@ -1,0 +1,122 @@
+"""``fastdistill.softlabels.kd_loss``: the sparse-teacher loss straight from packed rows.
+
+The cpp kernel is the sparse loss's own row kernel with a teacher source that
+unpacks each row's ids and values into its scratch (csrc/softlabels/): no
+int64 id tensor and no dense teacher row exists. The torch backend (the
+reference) decodes with ``SoftLabels.decode()`` and runs the sparse
+reference; so does triton for now (decode, then the sparse Triton kernel).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks
+from .._backend import resolve
+from ..kd import check_label_range, kd_options
+from ..reference import kd as ref_kd
+from ..reference import sparse as ref_sparse
+from ..sparse import SUPPORTED, TAILS, _FusedSparseKD, _sparse_forward
+from .codec import SoftLabels
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    soft_labels: SoftLabels,
+    *,
+    tail: str | None = None,
+    divergence: str = "forward_kl",
+    temperature: float | None = None,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    reduction: str = "mean",
+    t2_scale: bool = True,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """KD loss of ``student_logits`` (..., V) against packed ``soft_labels`` of
+    the same leading shape and vocabulary.
+
+    The same loss as :func:`fastdistill.sparse_kd_loss` on
+    ``soft_labels.decode()``, with its keywords. ``tail`` defaults to the
+    codec's (``"bucket"`` for top-k, which stores the tail mass; ``"none"``
+    for sampled). ``temperature`` defaults to the codec's — the teacher's
+    log-probabilities were taken at it — and another value is an error.
+    """
+    s = _checks.tensor("student_logits", student_logits, floating=True)
+    if not isinstance(soft_labels, SoftLabels):
+        raise TypeError(f"soft_labels must be fastdistill.softlabels.SoftLabels, got "
+                        f"{type(soft_labels).__name__}")
+    codec = soft_labels.codec
+    _checks.same_device(student_logits=s, soft_labels=soft_labels.data)
+    if s.dim() < 1 or s.shape[:-1] != soft_labels.shape:
+        raise ValueError(f"student_logits {tuple(s.shape)} must have shape (..., V) with the soft "
+                         f"labels' leading shape {tuple(soft_labels.shape)}")
+    V = s.shape[-1]
+    if V != codec.vocab_size:
+        raise ValueError(f"the student's vocabulary ({V}) differs from the soft labels' "
+                         f"({codec.vocab_size})")
+    tail = codec.tail if tail is None else tail
+    _checks.choice("tail", tail, TAILS)
+    if codec.method == "sampled" and tail == "bucket":
+        raise ValueError("sampled soft labels store no tail mass: use tail='none' (or "
+                         "'renormalize')")
+    if temperature is None:
+        temperature = codec.temperature
+    elif not math.isclose(float(temperature), codec.temperature, rel_tol=1e-6):
+        raise ValueError(f"temperature={temperature} differs from the soft labels' "
+                         f"({codec.temperature}): the teacher's log-probabilities were taken at that "
+                         "temperature")
+    if divergence == "taid":
+        raise ValueError("divergence='taid' needs the dense teacher logits; not with soft labels")
+    opt = kd_options(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
+                     taid_t=None, ignore_index=ignore_index, hard_weight=hard_weight,
+                     reduction=reduction, t2_scale=t2_scale)
+    if opt.divergence not in SUPPORTED[tail]:
+        raise ValueError(f"divergence={divergence!r} is not supported with tail={tail!r} "
+                         f"(supported: {SUPPORTED[tail]})")
+    _checks.flag("inplace_backward", inplace_backward)
+    if inplace_backward and s.requires_grad and s.is_leaf:
+        raise ValueError("inplace_backward=True overwrites student_logits with their gradient, so "
+                         "they must be the output of an op (e.g. the LM head), not a leaf tensor")
+    l1 = None
+    if labels is not None:
+        _checks.labels_for("labels", labels, s.shape[:-1], s.device)
+        l1 = labels.reshape(-1).to(torch.int64)
+        if opt.hard_weight > 0 and not torch.compiler.is_compiling():
+            check_label_range(l1, V, opt.ignore_index)
+    elif opt.hard_weight > 0:
+        raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
+
+    lead = s.shape[:-1]
+    s2 = s.reshape(-1, V)
+    data = soft_labels.rows()
+    name = resolve(backend, s.device, s.dtype)
+    tail_index = TAILS.index(tail)
+    if name in ("torch", "cuda"):  # the reference: decode, then the sparse reference
+        ids, lp = soft_labels.decode()
+        rows = ref_sparse.sparse_kd_loss_rows(
+            s2, ids.reshape(-1, codec.k), lp.reshape(-1, codec.k), tail=tail,
+            divergence=opt.divergence, temperature=opt.temperature, beta=opt.beta, skew=opt.skew,
+            labels=l1, ignore_index=opt.ignore_index, hard_weight=opt.hard_weight,
+            t2_scale=opt.t2_scale)
+        out = ref_kd.reduce_rows(rows, l1, opt.ignore_index, opt.reduction)
+    else:
+        if s2.dtype == torch.float64:
+            raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 logits; "
+                            "float64 runs on backend='torch'")
+        if not s2.is_contiguous():
+            s2 = s2.contiguous()
+        args = (s2, data, None, l1, name, opt.ignore_index, opt.div_index, tail_index, opt.param,
+                opt.temperature, opt.hard_weight, opt.soft_scale)
+        if torch.is_grad_enabled() and s2.requires_grad:
+            out = _FusedSparseKD.apply(*args, opt.reduction, inplace_backward, codec.layout())
+        else:  # evaluation: no gradient computed, no N×V buffer allocated
+            rows, _ = _sparse_forward(name, s2, data, None, l1, *args[5:],
+                                      opt.reduction == "mean", False, layout=codec.layout())
+            out = ref_kd.reduce_rows(rows, l1, opt.ignore_index, opt.reduction)
+    return out.reshape(lead) if opt.reduction == "none" else out
