@@ -27,7 +27,7 @@ EXT_NAME = "fastdistill_C"
 # Sources of the one extension, relative to csrc/. CUDA sources join only
 # when a CUDA toolkit and a CUDA torch are present.
 CPU_SOURCES = ("ops.cpp", "kd/kd_cpu.cpp", "sparse/sparse_cpu.cpp", "softlabels/softlabels_cpu.cpp")
-CUDA_SOURCES: tuple[str, ...] = ()
+CUDA_SOURCES: tuple[str, ...] = ("softlabels/softlabels_cuda.cu",)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -60,6 +60,22 @@ def compile_flags() -> list[str]:
     return flags
 
 
+def cuda_compile_flags() -> list[str]:
+    """nvcc flags of the CUDA sources (the build and the compile-only test use these)."""
+    return ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DNDEBUG"]
+
+
+def build_sources() -> tuple[str, ...]:
+    """The sources of this machine's build: the CUDA ones only where a CUDA
+    device, a CUDA build of torch and a toolkit are all present (elsewhere
+    they are compile-checked by tests/test_cuda_sources.py)."""
+    if not (torch.version.cuda and torch.cuda.is_available()):
+        return CPU_SOURCES
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CPU_SOURCES + (CUDA_SOURCES if CUDA_HOME is not None else ())
+
+
 def _prebuilt_library() -> Path | None:
     """An extension built ahead of time by ``FASTDISTILL_BUILD_EXT=1 pip install .``."""
     here = Path(__file__).resolve().parent
@@ -70,7 +86,7 @@ def _prebuilt_library() -> Path | None:
 def cache_key() -> str:
     src = csrc_dir()
     h = hashlib.sha256()
-    for rel in CPU_SOURCES + CUDA_SOURCES:
+    for rel in build_sources():
         h.update(rel.encode())
         h.update((src / rel).read_bytes())
     for header in sorted(src.rglob("*.h")):
@@ -107,8 +123,9 @@ def _build(verbose: bool = False) -> Path:
         src = csrc_dir()
         load(
             name=EXT_NAME,
-            sources=[str(src / s) for s in CPU_SOURCES + CUDA_SOURCES],
+            sources=[str(src / s) for s in build_sources()],
             extra_cflags=compile_flags(),
+            extra_cuda_cflags=cuda_compile_flags(),
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(src)],
             build_directory=str(out),
@@ -179,11 +196,12 @@ def _triton_status() -> tuple[bool, str]:
 
 
 def _cuda_status() -> tuple[bool, str]:
-    if not CUDA_SOURCES:
-        return False, "no op has CUDA kernels of its own yet (CUDA tensors use triton)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    return True, "CUDA device present"
+    if not set(CUDA_SOURCES) <= set(build_sources()):
+        return False, "no CUDA toolkit to build the CUDA sources with"
+    return True, ("CUDA device present; hand-written CUDA kernels: softlabel_decode "
+                  "(the losses on CUDA tensors use triton)")
 
 
 def backend_status(build: bool = True) -> dict[str, tuple[bool, str]]:

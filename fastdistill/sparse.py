@@ -103,8 +103,13 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
 
 
 def _decode_packed(data, layout):
-    """(ids, logprobs) of packed rows, by the readable decoder of the codec."""
+    """(ids, logprobs) of packed rows: the CUDA unpack on a GPU build, else the
+    readable decoder of the codec."""
     from .softlabels.codec import METHODS, Codec, SoftLabels
+
+    if data.is_cuda and load_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "fastdistill::softlabel_decode", "CUDA"):
+        return torch.ops.fastdistill.softlabel_decode(data, list(layout))
 
     method, V, k, value_bits = layout[:4]
     codec = Codec(METHODS[method], V, k, value_bits, 1.0)  # temperature: not needed to decode

@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 
 #if defined(__CUDACC__)
 #define FD_HD __host__ __device__ __forceinline__
@@ -32,7 +31,7 @@ struct Layout {
 };
 constexpr int kLayoutFields = 8;
 
-FD_HD double neg_inf() { return -std::numeric_limits<double>::infinity(); }
+FD_HD double neg_inf() { return -HUGE_VAL; }  // a plain constant: also in device code
 
 // Bits [bit, bit + width) of a little-endian bit stream (width ≤ 31); reads
 // only the bytes those bits touch.

@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "common/memory.h"
+#include "softlabels/layout.h"
 #include "softlabels/packed_row.h"
 #include "sparse/sparse_row.h"
 
@@ -40,27 +41,6 @@ struct PackedTeacher {
     return n;
   }
 };
-
-Layout check_layout(const at::Tensor& data, at::IntArrayRef layout) {
-  TORCH_CHECK_VALUE(layout.size() == packed::kLayoutFields, "softlabels: layout must have ",
-                    packed::kLayoutFields, " fields, got ", layout.size());
-  Layout L{layout[0], layout[1], layout[2], layout[3], layout[4], layout[5], layout[6], layout[7]};
-  const bool topk = L.method == packed::kTopK;
-  TORCH_CHECK_VALUE(topk || L.method == packed::kSampled, "softlabels: unknown method ", L.method);
-  TORCH_CHECK_VALUE(L.k >= 1 && L.vocab_size >= 1 && L.id_bits >= 1 && L.id_bits <= 31 &&
-                        (int64_t(1) << L.id_bits) >= L.vocab_size && L.value_bits >= 1 && L.value_bits <= 31,
-                    "softlabels: inconsistent layout");
-  TORCH_CHECK_VALUE(!topk || L.value_bits == 8 || L.value_bits == 16, "softlabels: top-k values are 8 or 16 bits");
-  const int64_t values_offset = topk ? 4 : 0;
-  const int64_t ids_offset = values_offset + (L.k * L.value_bits + 7) / 8;
-  const int64_t row_bytes = ids_offset + (L.k * L.id_bits + 7) / 8;
-  TORCH_CHECK_VALUE(L.values_offset == values_offset && L.ids_offset == ids_offset && L.row_bytes == row_bytes,
-                    "softlabels: inconsistent layout offsets");
-  TORCH_CHECK_VALUE(data.scalar_type() == at::kByte && data.dim() == 2 && data.size(1) == L.row_bytes &&
-                        data.is_contiguous(),
-                    "softlabels: packed rows must be a contiguous uint8 tensor (N, ", L.row_bytes, ")");
-  return L;
-}
 
 // The entries the kernel will read, checked once (O(N·K)): a corrupt row is
 // an error here, never an out-of-bounds read.
@@ -92,7 +72,7 @@ at::Tensor softlabel_kd_into(const at::Tensor& student, const at::Tensor& data, 
                              const std::optional<at::Tensor>& labels, const at::Tensor& grad, int64_t ignore_index,
                              int64_t divergence, int64_t tail, double param, double temperature,
                              double hard_weight, double soft_scale, bool mean_scale) {
-  const Layout L = check_layout(data, layout);
+  const Layout L = packed::check_layout(data, layout);
   TORCH_CHECK_VALUE(student.dim() == 2 && student.is_contiguous(),
                     "softlabel_kd_forward: student must be a contiguous (N, V) tensor");
   const int64_t N = student.size(0), V = student.size(1);
@@ -166,7 +146,7 @@ at::Tensor softlabel_kd_forward_inplace_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor> softlabel_decode_cpu(const at::Tensor& data, at::IntArrayRef layout) {
-  const Layout L = check_layout(data, layout);
+  const Layout L = packed::check_layout(data, layout);
   const int64_t N = data.size(0);
   auto ids = at::empty({N, L.k}, data.options().dtype(at::kLong));
   auto lp = at::empty({N, L.k}, data.options().dtype(at::kFloat));
