@@ -24,6 +24,8 @@ from . import vocab_parallel as vp
 from ._backend import resolve
 from .kd import KDOptions, _fused_forward, _match_vocab, check_label_range, kd_options
 from .reference import kd as ref
+from .softlabels.codec import SoftLabels
+from .softlabels.loss import check_soft_labels
 
 # Bytes of chunk temporaries ``chunk_size=None`` aims for (logits and
 # gradient of both sides): big enough that the matmuls run at full speed,
@@ -107,7 +109,8 @@ class _Plan:
     teacher: _Head | None          # hidden + weight teacher
     teacher_hidden: torch.Tensor | None
     teacher_logits: torch.Tensor | None
-    teacher_sparse: tuple | None   # (ids (N, K) int64, logprobs (N, K), tail index)
+    teacher_sparse: tuple | None   # (ids (N, K) int64, logprobs (N, K), tail index, None) or
+                                   # (packed rows (N, row_bytes), None, tail index, layout)
     rows: torch.Tensor | None      # indices of the rows that are not ignored (None: all)
     labels: torch.Tensor | None
     n_rows: int                    # rows that count (not ignored)
@@ -154,11 +157,12 @@ def _chunk_kernel(plan: _Plan, z, t, lab, a: int, b: int, need_grad: bool):
     The fused kernels may write the gradient over z: z is ours alone."""
     opt = plan.opt
     if plan.teacher_sparse is not None:
-        ids, lp, tail = plan.teacher_sparse
+        ids, lp, tail, layout = plan.teacher_sparse
+        lp = None if lp is None else _take(lp, plan, a, b).contiguous()
         return sparse_kd._sparse_forward(
-            plan.backend, z, _take(ids, plan, a, b).contiguous(), _take(lp, plan, a, b).contiguous(),
-            lab, opt.ignore_index, opt.div_index, tail, opt.param, opt.temperature,
-            opt.hard_weight, opt.soft_scale, False, need_grad, plan.backend != "torch")
+            plan.backend, z, _take(ids, plan, a, b).contiguous(), lp, lab, opt.ignore_index,
+            opt.div_index, tail, opt.param, opt.temperature, opt.hard_weight, opt.soft_scale,
+            False, need_grad, plan.backend != "torch", layout)
     if plan.group is not None:
         return vp.vocab_parallel_forward(
             z, t, lab, opt.ignore_index, opt.div_index, opt.param, opt.temperature,
@@ -290,8 +294,8 @@ def fused_linear_kd_loss(
     teacher_weight: torch.Tensor | None = None,
     *,
     teacher_logits: torch.Tensor | None = None,
-    teacher_sparse: tuple[torch.Tensor, torch.Tensor] | None = None,
-    tail: str = "bucket",
+    teacher_sparse=None,
+    tail: str | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
@@ -320,9 +324,11 @@ def fused_linear_kd_loss(
     head, fused the same way), as dense ``teacher_logits`` (..., Vt), or as
     ``teacher_sparse=(ids, logprobs)`` of shape (..., K): top-k or sampled
     log-probabilities at the distillation temperature, with ``tail`` as in
-    :func:`fastdistill.sparse_kd_loss` (whose divergences it supports; ids
-    index the student's vocabulary). The teacher is a constant and gets no
-    gradient. Each side's logits are
+    :func:`fastdistill.sparse_kd_loss` (default "bucket"; its divergences;
+    ids index the student's vocabulary), or as packed
+    ``fastdistill.softlabels.SoftLabels`` (unpacked inside the cpp kernel;
+    ``tail`` defaults to the codec's, and ``temperature`` must be the codec's). The teacher is a
+    constant and gets no gradient. Each side's logits are
     ``softcap·tanh(logit_scale·(h Wᵀ + b) / softcap)`` (the scale first, then
     Gemma-style soft capping; ``softcap=None`` skips it). All other keywords
     are those of :func:`fastdistill.kd_loss`. ``chunk_size`` rows are done at a
@@ -382,9 +388,10 @@ def fused_linear_kd_loss(
         vt = tl.shape[-1]
         tl2 = tl.detach().reshape(-1, vt)
     else:
-        if not isinstance(teacher_sparse, (tuple, list)) or len(teacher_sparse) != 2:
-            raise TypeError("teacher_sparse must be a pair (teacher_ids, teacher_logprobs), got "
-                            f"{type(teacher_sparse).__name__}")
+        packed = isinstance(teacher_sparse, SoftLabels)
+        if not packed and (not isinstance(teacher_sparse, (tuple, list)) or len(teacher_sparse) != 2):
+            raise TypeError("teacher_sparse must be a pair (teacher_ids, teacher_logprobs) or "
+                            f"SoftLabels, got {type(teacher_sparse).__name__}")
         if opt.divergence == "taid":
             raise ValueError("divergence='taid' is not supported with teacher_sparse (TAID "
                              "interpolates the dense teacher logits)")
@@ -431,11 +438,20 @@ def fused_linear_kd_loss(
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     sparse = None
-    if teacher_sparse is not None:
+    if isinstance(teacher_sparse, SoftLabels):
+        tail, _ = check_soft_labels(teacher_sparse, lead, vs, tail, opt.temperature,
+                                    opt.divergence, student_hidden=student_hidden)
+        if opt.divergence not in sparse_kd.SUPPORTED[tail]:
+            raise ValueError(f"divergence={opt.divergence!r} is not supported with tail={tail!r} "
+                             f"(supported: {sparse_kd.SUPPORTED[tail]})")
+        sparse = (teacher_sparse.rows(), None, sparse_kd.TAILS.index(tail),
+                  teacher_sparse.codec.layout())
+    elif teacher_sparse is not None:
+        tail = "bucket" if tail is None else tail
         ids2, lp2 = sparse_kd.check_sparse_teacher(
             teacher_sparse[0], teacher_sparse[1], lead, vs, tail, opt, l1,
             student_hidden=student_hidden)
-        sparse = (ids2, lp2, sparse_kd.TAILS.index(tail))
+        sparse = (ids2, lp2, sparse_kd.TAILS.index(tail), None)
     layout = None
     if process_group is not None:
         # every rank must walk the same chunks: the chunk size joins the agreed plan

@@ -322,3 +322,26 @@ def test_sparse_teacher_bad_input():
         f(sh, sw, teacher_sparse=(ids.float(), lp))
     with pytest.raises(ValueError, match="sum to at most 1"):
         f(sh, sw, teacher_sparse=(ids, lp + 1.0))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("codec", [dict(k=6, value_bits=8), dict(method="sampled", n_samples=12, seed=2)],
+                         ids=["topk8", "sampled"])
+def test_packed_soft_labels_teacher(backend, codec):
+    """teacher_sparse=SoftLabels equals the decoded (ids, logprobs) teacher."""
+    from fastdistill import softlabels as sl
+
+    d = make(seed=17)
+    labels = torch.tensor([3, -100, 0, 36, -100, 5, 7, 8, 9, -100, 11, 1, 2])
+    tl = head_logits(d["th"].double(), d["tw"].double(), d["tb"].double())
+    packed = sl.encode(tl, temperature=2.0, **codec)
+    kw = dict(labels=labels, chunk_size=4, temperature=2.0, hard_weight=0.3, student_softcap=3.0)
+    got = run(fd.fused_linear_kd_loss, d["sh"], d["sw"], d["sb"], teacher_sparse=packed,
+              backend=backend, **kw)
+    f64 = {k: v.double() for k, v in d.items()}
+    want = run(naive_sparse, f64["sh"], f64["sw"], f64["sb"], teacher_sparse=packed.decode(),
+               tail=packed.codec.tail, **kw)
+    for what, a, e in zip(("loss", "grad hidden", "grad weight", "grad bias"), got, want):
+        assert_close_rel(a, e, 1e-4, f"{backend} packed {what}")
+    with pytest.raises(ValueError, match="temperature=1.0 differs"):
+        fd.fused_linear_kd_loss(d["sh"], d["sw"], teacher_sparse=packed)

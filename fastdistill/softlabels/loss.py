@@ -21,6 +21,38 @@ from ..sparse import SUPPORTED, TAILS, _FusedSparseKD, _sparse_forward
 from .codec import SoftLabels
 
 
+def check_soft_labels(soft_labels, lead, vocab_size: int, tail, temperature, divergence: str,
+                      **same_device_as):
+    """Checks packed soft labels against the student (leading shape, vocabulary,
+    device) and the loss options; returns (tail, temperature) with the codec's
+    defaults filled in. A temperature other than the codec's is an error."""
+    if not isinstance(soft_labels, SoftLabels):
+        raise TypeError(f"soft_labels must be fastdistill.softlabels.SoftLabels, got "
+                        f"{type(soft_labels).__name__}")
+    codec = soft_labels.codec
+    _checks.same_device(**same_device_as, soft_labels=soft_labels.data)
+    if soft_labels.shape != lead:
+        raise ValueError(f"the student's leading shape {tuple(lead)} differs from the soft "
+                         f"labels' {tuple(soft_labels.shape)}")
+    if vocab_size != codec.vocab_size:
+        raise ValueError(f"the student's vocabulary ({vocab_size}) differs from the soft labels' "
+                         f"({codec.vocab_size})")
+    tail = codec.tail if tail is None else tail
+    _checks.choice("tail", tail, TAILS)
+    if codec.method == "sampled" and tail == "bucket":
+        raise ValueError("sampled soft labels store no tail mass: use tail='none' (or "
+                         "'renormalize')")
+    if temperature is None:
+        temperature = codec.temperature
+    elif not math.isclose(float(temperature), codec.temperature, rel_tol=1e-6):
+        raise ValueError(f"temperature={temperature} differs from the soft labels' "
+                         f"({codec.temperature}): the teacher's log-probabilities were taken at that "
+                         "temperature")
+    if divergence == "taid":
+        raise ValueError("divergence='taid' needs the dense teacher logits; not with soft labels")
+    return tail, temperature
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     soft_labels: SoftLabels,
@@ -48,31 +80,12 @@ def kd_loss(
     log-probabilities were taken at it — and another value is an error.
     """
     s = _checks.tensor("student_logits", student_logits, floating=True)
-    if not isinstance(soft_labels, SoftLabels):
-        raise TypeError(f"soft_labels must be fastdistill.softlabels.SoftLabels, got "
-                        f"{type(soft_labels).__name__}")
-    codec = soft_labels.codec
-    _checks.same_device(student_logits=s, soft_labels=soft_labels.data)
-    if s.dim() < 1 or s.shape[:-1] != soft_labels.shape:
-        raise ValueError(f"student_logits {tuple(s.shape)} must have shape (..., V) with the soft "
-                         f"labels' leading shape {tuple(soft_labels.shape)}")
+    if s.dim() < 1:
+        raise ValueError(f"student_logits must have shape (..., V), got {tuple(s.shape)}")
     V = s.shape[-1]
-    if V != codec.vocab_size:
-        raise ValueError(f"the student's vocabulary ({V}) differs from the soft labels' "
-                         f"({codec.vocab_size})")
-    tail = codec.tail if tail is None else tail
-    _checks.choice("tail", tail, TAILS)
-    if codec.method == "sampled" and tail == "bucket":
-        raise ValueError("sampled soft labels store no tail mass: use tail='none' (or "
-                         "'renormalize')")
-    if temperature is None:
-        temperature = codec.temperature
-    elif not math.isclose(float(temperature), codec.temperature, rel_tol=1e-6):
-        raise ValueError(f"temperature={temperature} differs from the soft labels' "
-                         f"({codec.temperature}): the teacher's log-probabilities were taken at that "
-                         "temperature")
-    if divergence == "taid":
-        raise ValueError("divergence='taid' needs the dense teacher logits; not with soft labels")
+    tail, temperature = check_soft_labels(soft_labels, s.shape[:-1], V, tail, temperature,
+                                          divergence, student_logits=s)
+    codec = soft_labels.codec
     opt = kd_options(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                      taid_t=None, ignore_index=ignore_index, hard_weight=hard_weight,
                      reduction=reduction, t2_scale=t2_scale)
