@@ -1,7 +1,9 @@
 """fastdistill: fused, memory-lean losses for distillation.
 
 ``kd_loss``/``KDLoss`` (the large-vocabulary divergence family),
-``TAIDSchedule``, and ``backends()`` to see what runs here.
+``fused_linear_kd_loss``/``FusedLinearKDLoss`` (the LM head fused in),
+``sparse_kd_loss``/``sample_teacher`` (sparse teachers), ``TAIDSchedule``,
+and ``backends()`` to see what runs here.
 """
 from ._backend import backends
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
@@ -10,4 +12,7 @@ from .sparse import sample_teacher, sparse_kd_loss
 from .taid import TAIDSchedule
 
 __version__ = "0.1.0"
-__all__ = ["DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends", "fused_linear_kd_loss", "kd_loss", "sample_teacher", "sparse_kd_loss", "__version__"]
+__all__ = [
+    "DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends",
+    "fused_linear_kd_loss", "kd_loss", "sample_teacher", "sparse_kd_loss", "__version__",
+]

@@ -216,6 +216,13 @@ def kd_loss(
     ``inplace_backward=True`` writes the gradient into the student logits'
     storage: the logits' values are gone after the call, and any other op that
     saved them for its backward raises autograd's in-place error.
+
+    ``process_group``: the logits are sharded over the vocabulary across the
+    group's ranks (each rank passes its own columns of both sides, the same
+    width on both, and the same rows); labels are global ids. Every rank gets
+    the full-vocabulary loss and the gradient of its own shard
+    (``fastdistill/vocab_parallel.py``). Not with ``inplace_backward`` or
+    ``vocab_mismatch`` other than "error".
     """
     s = _checks.tensor("student_logits", student_logits, floating=True)
     t = _checks.tensor("teacher_logits", teacher_logits, floating=True)
