@@ -126,6 +126,7 @@ def streaming_floor(n: int, v: int, repeat: int) -> float:
 PEERS = {
     "fused_linear_kd": "Liger-Kernel",
     "sparse_kd": "densify + kd_loss",
+    "softlabel_kd": "decode to dense + kd_loss",
 }
 
 def _kd_impls(divergence: str, with_compile: bool, with_inplace: bool):
@@ -247,13 +248,35 @@ def bench_fused_linear(report: Report, n: int, h: int, v: int, divergence: str, 
     _ratios(report, rows, shape)
 
 
+def _bench_student_losses(report: Report, op: str, base: torch.Tensor, impls, *, repeat: int,
+                          log=print) -> None:
+    """Forward+backward of each (label, loss(student logits)) on fresh student
+    logits (a non-leaf view of a fresh copy of ``base``, as an LM head gives)."""
+    n, v = base.shape
+    shape = f"{n}x{v}"
+    rows = []
+    for label, loss_fn in impls:
+        def prep():
+            leaf = base.clone().requires_grad_()
+            return leaf, leaf.view(n, v)
+
+        def run(state):
+            loss_fn(state[1]).backward()
+
+        secs, extra = measure(run, prep, repeat=repeat, warmup=1)
+        row = Row(op, shape, "float32", label, secs, None if extra is None else extra / MB)
+        rows.append(row)
+        log(f"  {row.op:28s} {shape:>12s} {row.dtype:9s} {label:48s} {secs:8.3f} s")
+    _ratios(report, rows, shape)
+
+
 def bench_sparse(report: Report, n: int, v: int, k: int, *, repeat: int, with_eager: bool = True,
                  log=print) -> None:
-    """Forward+backward of forward KL against a top-k teacher (tail bucket),
-    against densifying that teacher (a -inf-filled N×V row with the k
-    log-probabilities scattered in, what users do today) and the dense kd_loss,
-    each with and without inplace_backward. The densify step is timed and its
-    N×V buffer counts in the peak: it is the cost a sparse kernel avoids."""
+    """Forward KL against a top-k teacher (tail bucket), against densifying that
+    teacher (a -inf-filled N×V row with the k log-probabilities scattered in,
+    what users do today) and the dense kd_loss, each with and without
+    inplace_backward. The densify step is timed and its N×V buffer counts in
+    the peak: it is the cost a sparse kernel avoids."""
     from .sparse import sparse_kd_loss
 
     g = torch.Generator().manual_seed(0)
@@ -276,22 +299,36 @@ def bench_sparse(report: Report, n: int, v: int, k: int, *, repeat: int, with_ea
             ("fastdistill sparse_kd_loss cpp inplace_backward",
              lambda s: sparse_kd_loss(s, ids, lp, backend="cpp", inplace_backward=True)),
         ]
-    shape = f"{n}x{v}"
-    rows = []
-    for label, loss_fn in impls:
-        def prep():
-            leaf = base.clone().requires_grad_()
-            return leaf, leaf.view(n, v)  # a non-leaf, like an LM head's output
+    _bench_student_losses(report, f"sparse_kd[forward_kl top-{k}]", base, impls, repeat=repeat,
+                          log=log)
 
-        def run(state):
-            loss_fn(state[1]).backward()
 
-        secs, extra = measure(run, prep, repeat=repeat, warmup=1)
-        row = Row(f"sparse_kd[forward_kl top-{k}]", shape, "float32", label, secs,
-                  None if extra is None else extra / MB)
-        rows.append(row)
-        log(f"  {row.op:28s} {shape:>12s} {row.dtype:9s} {label:48s} {secs:8.3f} s")
-    _ratios(report, rows, shape)
+def bench_softlabels(report: Report, n: int, v: int, k: int, *, repeat: int,
+                     with_eager: bool = True, log=print) -> None:
+    """Forward KL from packed top-k soft labels (8-bit values), against decoding
+    them to a dense N×V teacher (``SoftLabels.to_dense()``) and the dense
+    kd_loss, each with and without inplace_backward; the decode is timed."""
+    from .softlabels import encode
+    from .softlabels import kd_loss as packed_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, v, generator=g) * 2
+    labels = encode(torch.randn(n, v, generator=g) * 2, k=k, value_bits=8)
+    impls = []
+    if with_eager:
+        impls.append(("torch eager (decode + sparse reference)",
+                      lambda s: packed_kd_loss(s, labels, backend="torch")))
+    if _backend.backends()["cpp"]:
+        impls += [
+            ("decode to dense + kd_loss cpp", lambda s: kd_loss(s, labels.to_dense(), backend="cpp")),
+            ("decode to dense + kd_loss cpp inplace_backward",
+             lambda s: kd_loss(s, labels.to_dense(), backend="cpp", inplace_backward=True)),
+            ("fastdistill softlabels.kd_loss cpp", lambda s: packed_kd_loss(s, labels, backend="cpp")),
+            ("fastdistill softlabels.kd_loss cpp inplace_backward",
+             lambda s: packed_kd_loss(s, labels, backend="cpp", inplace_backward=True)),
+        ]
+    _bench_student_losses(report, f"softlabel_kd[top-{k} 8-bit]", base, impls, repeat=repeat,
+                          log=log)
 
 
 def _ratios(report: Report, rows: list[Row], shape: str) -> None:
@@ -375,7 +412,7 @@ def environment() -> dict[str, str]:
     }
 
 
-CASES = ("kd", "fused_linear", "sparse")
+CASES = ("kd", "fused_linear", "sparse", "softlabels")
 
 
 def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergences=None,
@@ -409,6 +446,10 @@ def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergenc
         sp_n, sp_v, sp_k = (256, 32000, 64) if quick else (4096, 128256, 64)
         log(f"sparse KD: N={sp_n}, V={sp_v}, K={sp_k}")
         bench_sparse(report, sp_n, sp_v, sp_k, repeat=repeat, log=log)
+    if "softlabels" in cases_to_run:
+        sl_n, sl_v, sl_k = (256, 32000, 64) if quick else (4096, 128256, 64)
+        log(f"packed soft labels: N={sl_n}, V={sl_v}, k={sl_k}")
+        bench_softlabels(report, sl_n, sl_v, sl_k, repeat=repeat, log=log)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(report)

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes (the demo); under 3 minutes")
     p.add_argument("--out", default="bench/out", help="folder for the table, JSON and PNG chart")
     p.add_argument("--divergence", action="append", help="limit the full run to these (repeatable)")
-    p.add_argument("--case", action="append", choices=("kd", "fused_linear", "sparse"),
+    p.add_argument("--case", action="append", choices=("kd", "fused_linear", "sparse", "softlabels"),
                    help="run only these cases (repeatable; default: all)")
     p.set_defaults(func=bench)
     args = parser.parse_args(argv)
