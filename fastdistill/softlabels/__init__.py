@@ -2,5 +2,9 @@
 computed straight from the packed rows (``fastdistill.softlabels.kd_loss``)."""
 from .codec import METHODS, VALUE_BITS, Codec, SoftLabels, encode
 from .loss import kd_loss
+from .dataset import SoftLabelDataset, collate_soft_labels
+from .store import CorruptShardError, Entry, SoftLabelStore, SoftLabelWriter
 
 __all__ = ["METHODS", "VALUE_BITS", "Codec", "SoftLabels", "encode", "kd_loss"]
+__all__ += ["CorruptShardError", "Entry", "SoftLabelDataset", "SoftLabelStore",
+            "SoftLabelWriter", "collate_soft_labels"]
