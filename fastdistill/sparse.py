@@ -59,8 +59,8 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
     With ``inplace`` (fused backends) the gradient is written over
     ``student`` and ``grad`` is ``student`` itself. With ``layout``
     (``Codec.layout()``) the teacher is packed soft labels: ``ids`` is the
-    uint8 rows (N, row_bytes), ``logprobs`` is None, and the cpp kernel
-    unpacks them itself (torch and triton decode them first). No argument checks beyond
+    uint8 rows (N, row_bytes), ``logprobs`` is None, and the cpp and triton
+    kernels unpack them themselves (torch decodes them first). No argument checks beyond
     what the kernels need: the public function checks. backend="torch"
     computes rows with the reference and the gradient with autograd.
     """
@@ -69,6 +69,13 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
             return _packed_cpp_forward(student, ids, layout, labels, ignore_index, div, tail, param,
                                        temperature, hard_weight, soft_scale, mean_scale, need_grad,
                                        inplace)
+        if backend == "triton":
+            from .kernels import sparse as triton_sparse
+
+            return triton_sparse.sparse_kd_forward(
+                student, ids, None, labels, ignore_index, div, tail, param, temperature,
+                hard_weight, soft_scale, mean_scale, need_grad=need_grad,
+                out=student if inplace and need_grad else None, layout=layout)
         ids, logprobs = _decode_packed(ids, layout)
     if ids.dtype != torch.int64:
         ids = ids.to(torch.int64)

@@ -17,6 +17,11 @@ the K teacher entries in ``BLOCK_K`` chunks, everything accumulated in float32:
   K pass 3 after a barrier, overwrites the K id positions with their own
            gradient (G_k − q_k S and the CE part).
 
+With PACKED the teacher is packed soft-label rows (fastdistill/softlabels/
+codec.py, the same unpack as csrc/softlabels/packed_row.h): each K pass
+unpacks its block of entries from the row's bytes, after one K pass that
+finds a top-k row's renormalizing shift; no id or log-prob tensor exists.
+
 Gradient of the bins (shared/notes/kd-math.md §3), G_b = Q_b ∂D/∂Q_b:
 ∂L/∂u_j = [j = i_k] G_k + [j ∉ ids] r·q_j − q_j S, r = ∂D/∂Q_tail.
 """
@@ -70,6 +75,56 @@ def _logaddexp(a, b):
 
 
 @triton.jit
+def _read_bits(base, bit, width, limit, mask):
+    """Bits [bit, bit + width) of a little-endian bit stream at ``base`` (width
+    ≤ 25: four bytes cover them), reading no byte at or past ``limit``."""
+    byte = bit >> 3
+    shift = bit & 7
+    v = tl.zeros_like(bit)
+    for i in tl.static_range(4):
+        b = tl.load(base + byte + i, mask=mask & (byte + i < limit), other=0).to(tl.int64)
+        v = v | (b << (8 * i))
+    one = tl.full([], 1, tl.int64)
+    return (v >> shift) & ((one << width) - 1)
+
+
+@triton.jit
+def _packed_raw(d_row, ks, K, values_off, values_bytes, value_bits, inv_k,
+                METHOD: tl.constexpr, VBITS16: tl.constexpr):
+    """Entries ks' values before renormalization; -inf at padding / probability 0."""
+    mask = ks < K
+    vals = d_row + values_off
+    if METHOD == 1:  # sampled: counts
+        c = _read_bits(vals, ks.to(tl.int64) * value_bits, value_bits, values_bytes, mask)
+        raw = tl.where(c > 0, tl.log(c.to(tl.float32) * inv_k), float("-inf"))
+    elif VBITS16:  # float16 log-probs
+        lo = tl.load(vals + 2 * ks, mask=mask, other=0).to(tl.int32)
+        hi = tl.load(vals + 2 * ks + 1, mask=mask, other=0).to(tl.int32)
+        raw = (lo | (hi << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:  # 8-bit codes: x = c/255 = sqrt(P / P_max)
+        c = tl.load(vals + ks, mask=mask, other=0).to(tl.float32)
+        raw = tl.where(c > 0.0, 2.0 * tl.log(c / 255.0), float("-inf"))
+    return tl.where(mask, raw, float("-inf"))
+
+
+@triton.jit
+def _entries(id_row, lp_row, ks, K, shift, ids_off, ids_bytes, values_off, values_bytes, id_bits,
+             value_bits, inv_k, PACKED: tl.constexpr, METHOD: tl.constexpr, VBITS16: tl.constexpr):
+    """(lp, valid, idx) of entries ks of a row: read from the (ids, logprobs)
+    rows, or unpacked from the packed row ``id_row`` (lp = raw + shift)."""
+    if PACKED:
+        lp = _packed_raw(id_row, ks, K, values_off, values_bytes, value_bits, inv_k, METHOD,
+                         VBITS16) + shift
+        valid = lp > float("-inf")
+        idx = _read_bits(id_row + ids_off, ks.to(tl.int64) * id_bits, id_bits, ids_bytes, valid)
+    else:
+        lp = tl.load(lp_row + ks, mask=ks < K, other=float("-inf"))
+        valid = lp > float("-inf")
+        idx = tl.load(id_row + ks, mask=valid, other=0)
+    return lp, valid, idx
+
+
+@triton.jit
 def _bin(lp, lq, param, log_wp, log_wq, DIV: tl.constexpr):
     """One bin's (term, G = Q ∂D/∂Q, ∂D/∂Q) between teacher lp and student lq
     log-probabilities; a bin that is -inf on both sides is dead: all 0."""
@@ -118,8 +173,8 @@ def _bin(lp, lq, param, log_wp, log_wq, DIV: tl.constexpr):
 @triton.jit
 def _sparse_fwd_kernel(
     S,  # (N, V) student logits
-    IDS,  # (N, K) int64
-    LP,  # (N, K) float32, -inf at padding
+    IDS,  # (N, K) int64; PACKED: the packed rows (N, ROW_BYTES) uint8
+    LP,  # (N, K) float32, -inf at padding (unused when PACKED)
     OUT,  # (N, V) gradient (S itself when in place)
     ZK,  # (N, K) float32 scratch: z at the ids, kept for pass 3 (pass B may overwrite S)
     LABELS,  # (N,) int64 (unused unless HAS_LABELS)
@@ -134,6 +189,12 @@ def _sparse_fwd_kernel(
     log_wq,
     hard_weight,
     soft_scale,
+    ROW_BYTES,  # PACKED only: the packed row layout (Codec.layout())
+    VALUES_OFF,
+    IDS_OFF,
+    ID_BITS,
+    VALUE_BITS,
+    INV_K,  # 1 / k: a sampled count c is log(c / k)
     DIV: tl.constexpr,
     TAIL: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -142,13 +203,21 @@ def _sparse_fwd_kernel(
     NEED_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PACKED: tl.constexpr,
+    METHOD: tl.constexpr,
+    VBITS16: tl.constexpr,
 ):
     NEG_INF = float("-inf")
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * V
     o_row = OUT + row * V
-    id_row = IDS + row * K
+    if PACKED:
+        id_row = IDS + row * ROW_BYTES
+    else:
+        id_row = IDS + row * K
     lp_row = LP + row * K
+    values_bytes = IDS_OFF - VALUES_OFF
+    ids_bytes = ROW_BYTES - IDS_OFF
     zk_row = ZK + row * K
     cols0 = tl.arange(0, BLOCK_V)
     ks0 = tl.arange(0, BLOCK_K)
@@ -196,6 +265,25 @@ def _sparse_fwd_kernel(
             m_zc = m_x
             ls_z = tl.log(tl.sum(s_z, axis=0))
 
+        # ------------------------------------------------------------ K pass 0
+        # packed top-k: the shift that makes the k masses sum to 1 − tail
+        shift = 0.0
+        if PACKED:
+            if METHOD == 0:
+                m_r = float("-inf")
+                s_r = tl.zeros([BLOCK_K], dtype=tl.float32)
+                for kb in range(0, K, BLOCK_K):
+                    raw = _packed_raw(id_row, kb + ks0, K, VALUES_OFF, values_bytes, VALUE_BITS,
+                                      INV_K, METHOD, VBITS16)
+                    m_r, s_r = _lse_step(m_r, s_r, raw)
+                t_lo = tl.load(id_row + 0).to(tl.int32)
+                t_1 = tl.load(id_row + 1).to(tl.int32)
+                t_2 = tl.load(id_row + 2).to(tl.int32)
+                t_3 = tl.load(id_row + 3).to(tl.int32)
+                tail_mass = (t_lo | (t_1 << 8) | (t_2 << 16) | (t_3 << 24)).to(tl.float32, bitcast=True)
+                shift = tl.where(m_r > float("-inf"),
+                                 _log1p(-tail_mass) - (m_r + tl.log(tl.sum(s_r, axis=0))), 0.0)
+
         # ------------------------------------------------------------ K pass 1
         # the number of valid entries, Σ P, the lse of lp, Σ_ids e^{u - max}
         n_valid = 0
@@ -205,9 +293,9 @@ def _sparse_fwd_kernel(
         s_ids = tl.zeros([BLOCK_K], dtype=tl.float64)
         for kb in range(0, K, BLOCK_K):
             ks = kb + ks0
-            lp = tl.load(lp_row + ks, mask=ks < K, other=NEG_INF)
-            valid = lp > NEG_INF
-            idx = tl.load(id_row + ks, mask=valid, other=0)
+            lp, valid, idx = _entries(id_row, lp_row, ks, K, shift, IDS_OFF, ids_bytes, VALUES_OFF,
+                                      values_bytes, ID_BITS, VALUE_BITS, INV_K, PACKED, METHOD,
+                                      VBITS16)
             zi = tl.load(s_row + idx, mask=valid, other=NEG_INF).to(tl.float32)
             n_valid += tl.sum(valid.to(tl.int32), axis=0)
             # float64: the teacher's tail 1 − Σ P keeps its precision
@@ -226,9 +314,9 @@ def _sparse_fwd_kernel(
         big_s = 0.0
         for kb in range(0, K, BLOCK_K):
             ks = kb + ks0
-            lp = tl.load(lp_row + ks, mask=ks < K, other=NEG_INF)
-            valid = lp > NEG_INF
-            idx = tl.load(id_row + ks, mask=valid, other=0)
+            lp, valid, idx = _entries(id_row, lp_row, ks, K, shift, IDS_OFF, ids_bytes, VALUES_OFF,
+                                      values_bytes, ID_BITS, VALUE_BITS, INV_K, PACKED, METHOD,
+                                      VBITS16)
             zi = tl.load(s_row + idx, mask=valid, other=0.0).to(tl.float32)
             if NEED_GRAD:
                 tl.store(zk_row + ks, zi, mask=ks < K)
@@ -285,9 +373,9 @@ def _sparse_fwd_kernel(
             # -------------------------------------------------------- K pass 3
             for kb in range(0, K, BLOCK_K):
                 ks = kb + ks0
-                lp = tl.load(lp_row + ks, mask=ks < K, other=NEG_INF)
-                valid = lp > NEG_INF
-                idx = tl.load(id_row + ks, mask=valid, other=0)
+                lp, valid, idx = _entries(id_row, lp_row, ks, K, shift, IDS_OFF, ids_bytes,
+                                          VALUES_OFF, values_bytes, ID_BITS, VALUE_BITS, INV_K,
+                                          PACKED, METHOD, VBITS16)
                 zi = tl.load(zk_row + ks, mask=valid, other=0.0)
                 lu = tl.where(valid, (zi * inv_t - m_u) - ls_u, NEG_INF)
                 if TAIL == 2:
@@ -324,10 +412,12 @@ def _check_inputs(student, ids, logprobs, labels, divergence, tail, temperature,
         raise TypeError("sparse_kd_forward: the triton backend takes float32, bfloat16 or float16 logits")
     if student.shape[1] == 0:
         raise ValueError("sparse_kd_forward: the vocabulary must not be empty")
-    if (ids.dim() != 2 or ids.shape[0] != student.shape[0] or not ids.is_contiguous()
+    if ids is None:  # packed rows: checked by the caller
+        pass
+    elif (ids.dim() != 2 or ids.shape[0] != student.shape[0] or not ids.is_contiguous()
             or ids.dtype != torch.int64 or ids.device != student.device):
         raise ValueError("sparse_kd_forward: ids must be a contiguous int64 tensor of shape (N, K)")
-    if (logprobs.shape != ids.shape or not logprobs.is_contiguous() or logprobs.dtype != torch.float32
+    elif (logprobs.shape != ids.shape or not logprobs.is_contiguous() or logprobs.dtype != torch.float32
             or logprobs.device != student.device):
         raise ValueError("sparse_kd_forward: logprobs must be a contiguous float32 tensor shaped like ids")
     if not (0 <= divergence < len(DIVERGENCES)) or divergence == _TAID:
@@ -368,6 +458,7 @@ def sparse_kd_forward(
     mean_scale: bool,
     need_grad: bool = True,
     out: torch.Tensor | None = None,
+    layout: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (float32, (N,)) and the gradient w.r.t. the student logits.
 
@@ -378,13 +469,31 @@ def sparse_kd_forward(
     ``logprobs`` float32 (N, K), -inf marking padding; the ids of finite
     entries must be distinct and in [0, V) (the public function checks).
     ``out=student`` writes the gradient over the logits (in place) and returns it.
+    With ``layout`` (``Codec.layout()``), ``ids`` is packed soft-label rows
+    (N, row_bytes) uint8 and ``logprobs`` is None: the kernel unpacks them.
     """
     divergence = int(divergence)
     tail = int(tail)
     hard_weight = float(hard_weight)
-    _check_inputs(student, ids, logprobs, labels, divergence, tail, temperature, hard_weight)
+    packed = layout is not None
+    if packed:
+        method, vocab, K, value_bits, id_bits, values_off, ids_off, row_bytes = (int(x) for x in layout)
+        if (ids.dtype != torch.uint8 or ids.dim() != 2 or ids.shape != (student.shape[0], row_bytes)
+                or not ids.is_contiguous() or ids.device != student.device):
+            raise ValueError("sparse_kd_forward: packed rows must be a contiguous uint8 tensor "
+                             f"(N, {row_bytes}) on the student's device")
+        if id_bits > 25 or (method == 1 and value_bits > 25):
+            raise ValueError("sparse_kd_forward: the triton unpack reads fields of at most 25 bits")
+        if vocab != student.shape[1]:
+            raise ValueError(f"sparse_kd_forward: the student's vocabulary ({student.shape[1]}) "
+                             f"differs from the soft labels' ({vocab})")
+        logprobs = ids  # never read when packed
+        _check_inputs(student, None, None, labels, divergence, tail, temperature, hard_weight)
+    else:
+        method = value_bits = id_bits = values_off = ids_off = row_bytes = 0
+        _check_inputs(student, ids, logprobs, labels, divergence, tail, temperature, hard_weight)
+        K = ids.shape[1]
     N, V = student.shape
-    K = ids.shape[1]
     device = student.device
     loss_rows = torch.empty((N,), dtype=torch.float32, device=device)
     if out is not None and need_grad:
@@ -440,6 +549,12 @@ def sparse_kd_forward(
         log_wq,
         hard_weight,
         float(soft_scale),
+        row_bytes,
+        values_off,
+        ids_off,
+        id_bits,
+        value_bits,
+        1.0 / K,
         DIV=divergence,
         TAIL=tail,
         HAS_LABELS=labels is not None,
@@ -449,5 +564,8 @@ def sparse_kd_forward(
         BLOCK_V=block_v,
         BLOCK_K=block_k,
         num_warps=num_warps,
+        PACKED=packed,
+        METHOD=method,
+        VBITS16=value_bits == 16,
     )
     return loss_rows, grad
