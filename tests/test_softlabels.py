@@ -277,3 +277,17 @@ def test_corrupt_packed_row_is_a_clear_error():
     data[2, 0:4] = torch.tensor([0, 0, 0x80, 0x7F], dtype=torch.uint8)  # tail = +inf... not in [0, 1]
     with pytest.raises(ValueError, match="row 2: tail mass"):
         sl.kd_loss(torch.randn(3, 100), sl.SoftLabels(c, data), backend="cpp")
+
+
+@pytest.mark.parametrize("kw", CODECS, ids=CODEC_IDS)
+def test_single_row_and_empty_labels_decode(kw):
+    t = teacher_logits(3, 200)
+    labels = sl.encode(t, **kw)
+    ids, lp = labels.decode()
+    one = labels[1]  # a one-row slice of a bigger tensor (row stride kept)
+    assert one.shape == ()
+    assert torch.equal(one.decode()[0], ids[1]) and torch.equal(one.decode()[1], lp[1])
+    assert torch.equal(sl.encode(t[:1], **kw).decode()[1], lp[:1])
+    assert one.tail_mass().shape == ()
+    empty = sl.encode(t[:0], **kw)
+    assert empty.shape == (0,) and empty.decode()[0].shape == (0, labels.codec.k)

@@ -152,14 +152,16 @@ def unpack_bits(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: (R, nbytes) uint8 → (R, k) int64."""
     R = packed.shape[0]
     bit = (packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=packed.device)) & 1
-    bit = bit.reshape(R, -1)[:, : k * bits].reshape(R, k, bits)
+    bit = bit.reshape(R, packed.shape[1] * 8)[:, : k * bits].reshape(R, k, bits)
     return (bit << torch.arange(bits, device=packed.device)).sum(-1)
 
 
 def _float_field(data: torch.Tensor, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
     """``count`` little-endian floats of ``dtype`` at byte ``offset`` of every row."""
     size = torch.empty((), dtype=dtype).element_size()
-    raw = data[:, offset:offset + count * size].contiguous()
+    # a fresh dense copy: a one-row slice counts as contiguous yet keeps the row stride
+    raw = torch.empty((data.shape[0], count * size), dtype=torch.uint8, device=data.device)
+    raw.copy_(data[:, offset:offset + count * size])
     return raw.view(dtype).reshape(data.shape[0], count)
 
 
