@@ -4,7 +4,8 @@ from .codec import METHODS, VALUE_BITS, Codec, SoftLabels, encode
 from .loss import kd_loss
 from .dataset import SoftLabelDataset, collate_soft_labels
 from .store import CorruptShardError, Entry, SoftLabelStore, SoftLabelWriter
+from .teacher import label_tokens
 
-__all__ = ["METHODS", "VALUE_BITS", "Codec", "SoftLabels", "encode", "kd_loss"]
+__all__ = ["METHODS", "VALUE_BITS", "Codec", "SoftLabels", "encode", "kd_loss", "label_tokens"]
 __all__ += ["CorruptShardError", "Entry", "SoftLabelDataset", "SoftLabelStore",
             "SoftLabelWriter", "collate_soft_labels"]
