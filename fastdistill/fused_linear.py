@@ -186,10 +186,16 @@ def _walk(plan: _Plan, hidden: torch.Tensor, need_grad: bool, grad_rows=None, *,
     gh = gw = gb = None
     if need_grad:
         if want_hidden:  # summed over the ranks at the end: in the accumulation dtype then
-            gh = torch.zeros(hidden.shape, dtype=acc if plan.group is not None else hidden.dtype,
-                             device=hidden.device)
-        if want_weight:
-            gw = torch.zeros((plan.vocab_out, W.shape[1]), dtype=acc, device=W.device)
+            # every row is written when none is ignored: no zero fill needed then
+            alloc = torch.empty if plan.rows is None and plan.n_rows > 0 else torch.zeros
+            gh = alloc(hidden.shape, dtype=acc if plan.group is not None else hidden.dtype,
+                       device=hidden.device)
+        if want_weight:  # the first chunk overwrites it (beta=0): zero only what it never writes
+            gw = torch.empty((plan.vocab_out, W.shape[1]), dtype=acc, device=W.device)
+            if plan.n_rows == 0:
+                gw.zero_()
+            elif plan.vs < plan.vocab_out:
+                gw[plan.vs:].zero_()
         if want_bias:
             gb = torch.zeros(plan.vocab_out, dtype=acc, device=W.device)
     scale = 1.0 / max(plan.n_rows, 1) if (opt.reduction == "mean" and grad_rows is None) else 1.0
@@ -201,8 +207,12 @@ def _walk(plan: _Plan, hidden: torch.Tensor, need_grad: bool, grad_rows=None, *,
         with torch.no_grad():
             z, t, capped = _chunk_logits(plan, h, a, b)
             rows, g = _chunk_kernel(plan, z, t, lab, a, b, need_grad)
+            # drop this chunk's logits now (g may be z itself), so that the next
+            # chunk's are never alive beside them: the peak is one chunk, not two
+            del z, t
         losses.append(rows)
         if not need_grad:
+            del g, capped
             continue
         with torch.no_grad():
             g = g[:, :vs_used]
@@ -222,9 +232,11 @@ def _walk(plan: _Plan, hidden: torch.Tensor, need_grad: bool, grad_rows=None, *,
                 else:
                     gh.index_copy_(0, plan.rows[a:b], part.to(gh.dtype))
             if gw is not None:
-                gw[:vs_used].addmm_(g.t().to(acc), h.to(acc), alpha=scale)
+                gw[:vs_used].addmm_(g.t().to(acc), h.to(acc), beta=0.0 if a == 0 else 1.0,
+                                    alpha=scale)
             if gb is not None:
                 gb[:vs_used].add_(g.sum(0, dtype=acc), alpha=scale)
+            del g, capped
     loss_rows = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=acc)
     if gh is not None and plan.group is not None:
         # each rank has its shard's share Σ_j g_j W_j of grad_hidden: sum them

@@ -92,6 +92,30 @@ def check_label_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
         raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}")
 
 
+def student_labels(labels, student: torch.Tensor, opt: KDOptions) -> torch.Tensor | None:
+    """``labels`` for student logits (..., V), checked (shape, device; range
+    when the cross-entropy term reads them) and flattened to int64 rows."""
+    if labels is None:
+        if opt.hard_weight > 0:
+            raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
+        return None
+    _checks.labels_for("labels", labels, student.shape[:-1], student.device)
+    flat = labels.reshape(-1).to(torch.int64)
+    if opt.hard_weight > 0 and not torch.compiler.is_compiling():
+        check_label_range(flat, student.shape[-1], opt.ignore_index)
+    return flat
+
+
+def check_inplace_target(inplace_backward, student: torch.Tensor) -> None:
+    """``inplace_backward=True`` needs logits that are an op's output, not a leaf."""
+    _checks.flag("inplace_backward", inplace_backward)
+    if inplace_backward and student.requires_grad and student.is_leaf:
+        raise ValueError(
+            "inplace_backward=True overwrites student_logits with their gradient, so they "
+            "must be the output of an op (e.g. the LM head), not a leaf tensor"
+        )
+
+
 def _match_vocab(student, teacher, mode):
     vs, vt = student.shape[-1], teacher.shape[-1]
     if vs == vt:

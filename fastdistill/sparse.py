@@ -16,7 +16,7 @@ import torch
 
 from . import _checks
 from ._backend import load_extension, resolve
-from .kd import DIVERGENCES, check_label_range, kd_options
+from .kd import DIVERGENCES, check_inplace_target, kd_options, student_labels
 from .reference import kd as ref_kd
 from .reference import sparse as ref
 
@@ -318,24 +318,13 @@ def sparse_kd_loss(
     opt = kd_options(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                      taid_t=None, ignore_index=ignore_index, hard_weight=hard_weight,
                      reduction=reduction, t2_scale=t2_scale)
-    _checks.flag("inplace_backward", inplace_backward)
-    if inplace_backward and s.requires_grad and s.is_leaf:
-        raise ValueError(
-            "inplace_backward=True overwrites student_logits with their gradient, so they "
-            "must be the output of an op (e.g. the LM head), not a leaf tensor")
+    check_inplace_target(inplace_backward, s)
     V = s.shape[-1]
-    l1 = None
-    if labels is not None:
-        _checks.labels_for("labels", labels, s.shape[:-1], s.device)
-        l1 = labels.reshape(-1).to(torch.int64)
-    elif opt.hard_weight > 0:
-        raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
+    l1 = student_labels(labels, s, opt)
     ids2, lp2 = check_sparse_teacher(teacher_ids, teacher_logprobs, s.shape[:-1], V, tail, opt,
                                      l1, student_logits=s)
     lead = s.shape[:-1]
     s2 = s.reshape(-1, V)
-    if not torch.compiler.is_compiling() and l1 is not None and opt.hard_weight > 0:
-        check_label_range(l1, V, opt.ignore_index)
 
     name = resolve(backend, s.device, s.dtype)
     tail_index = TAILS.index(tail)

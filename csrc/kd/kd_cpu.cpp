@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/memory.h"
+#include "common/vec.h"
 
 namespace fastdistill {
 namespace {
@@ -101,22 +102,6 @@ struct RowConst {
   float k;  // the row sum the gradient subtracts (see pass3)
   float shift;  // reverse_kl: lse_v - lse_u, taken in double before rounding
 };
-
-inline float hsum(const Vec& x) {
-  alignas(64) float b[kVec];
-  x.store(b);
-  float r = 0.f;
-  for (int64_t i = 0; i < kVec; ++i) r += b[i];
-  return r;
-}
-
-inline float hmax(const Vec& x) {
-  alignas(64) float b[kVec];
-  x.store(b);
-  float r = b[0];
-  for (int64_t i = 1; i < kVec; ++i) r = std::max(r, b[i]);
-  return r;
-}
 
 // Loads `count` (< kVec) floats, the rest -inf: probability 0 everywhere below.
 inline Vec load_tail(const float* p, int64_t count) {

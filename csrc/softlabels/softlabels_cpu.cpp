@@ -101,26 +101,8 @@ at::Tensor softlabel_kd_into(const at::Tensor& student, const at::Tensor& data, 
     TORCH_CHECK_VALUE(hard_weight <= 0, "softlabel_kd_forward: hard_weight > 0 needs labels");
   }
   check_rows(data, L, labels, ignore_index);
-  const bool need_grad = grad.defined();
-  auto loss_rows = at::empty({N}, student.options().dtype(at::kFloat));
-  if (N == 0) return loss_rows;
-  int64_t valid = N;
-  if (labels) valid = labels->ne(ignore_index).sum().item<int64_t>();
-  const double grad_scale = mean_scale ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
-  const Params P = make_params(divergence, tail, param, temperature, hard_weight, soft_scale, grad_scale);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "softlabel_kd_forward", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "softlabel_kd_forward: the cpp backend takes float32, bfloat16 or float16 logits");
-    } else {
-      using S = scalar_t;
-      RowKernel<S, PackedTeacher> k{student.data_ptr<S>(), {data.data_ptr<uint8_t>(), L},
-                                    need_grad ? grad.data_ptr<S>() : nullptr,
-                                    labels ? labels->data_ptr<int64_t>() : nullptr, ignore_index, V, L.k, P};
-      k.run(loss_rows.data_ptr<float>(), N);
-    }
-  });
-  return loss_rows;
+  return run_rows(student, PackedTeacher{data.data_ptr<uint8_t>(), L}, L.k, grad, labels, ignore_index, divergence,
+                  tail, param, temperature, hard_weight, soft_scale, mean_scale, "softlabel_kd_forward");
 }
 
 std::tuple<at::Tensor, at::Tensor> softlabel_kd_forward_cpu(

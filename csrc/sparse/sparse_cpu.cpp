@@ -72,36 +72,13 @@ at::Tensor sparse_kd_into(const at::Tensor& student, const at::Tensor& ids, cons
                           int64_t divergence, int64_t tail, double param, double temperature, double hard_weight,
                           double soft_scale, bool mean_scale) {
   check_inputs(student, ids, logprobs, labels, ignore_index, divergence, tail, temperature, hard_weight > 0);
-  const int64_t N = student.size(0), V = student.size(1), K = ids.size(1);
-  const bool need_grad = grad.defined();
-  auto loss_rows = at::empty({N}, student.options().dtype(at::kFloat));
-  if (N == 0) return loss_rows;
-  int64_t valid = N;
-  if (labels) valid = labels->ne(ignore_index).sum().item<int64_t>();
-  const double grad_scale = mean_scale ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
-
-  const Params P = make_params(divergence, tail, param, temperature, hard_weight, soft_scale, grad_scale);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "sparse_kd_forward", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "sparse_kd_forward: the cpp backend takes float32, bfloat16 or float16 logits");
-    } else {
-      using S = scalar_t;
-      auto go = [&](auto* lp) {
-        using LP = std::remove_const_t<std::remove_pointer_t<decltype(lp)>>;
-        RowKernel<S, ListTeacher<LP>> k{student.data_ptr<S>(), {ids.data_ptr<int64_t>(), lp, K},
-                                        need_grad ? grad.data_ptr<S>() : nullptr,
-                                        labels ? labels->data_ptr<int64_t>() : nullptr, ignore_index, V, K, P};
-        k.run(loss_rows.data_ptr<float>(), N);
-      };
-      if (logprobs.scalar_type() == at::kFloat) {
-        go(logprobs.data_ptr<float>());
-      } else {
-        go(logprobs.data_ptr<double>());
-      }
-    }
-  });
-  return loss_rows;
+  const int64_t K = ids.size(1);
+  auto run = [&](const auto* lp) {
+    using LP = std::remove_const_t<std::remove_pointer_t<decltype(lp)>>;
+    return run_rows(student, ListTeacher<LP>{ids.data_ptr<int64_t>(), lp, K}, K, grad, labels, ignore_index,
+                    divergence, tail, param, temperature, hard_weight, soft_scale, mean_scale, "sparse_kd_forward");
+  };
+  return logprobs.scalar_type() == at::kFloat ? run(logprobs.data_ptr<float>()) : run(logprobs.data_ptr<double>());
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(

@@ -41,6 +41,8 @@
 #include <optional>
 #include <vector>
 
+#include "common/vec.h"
+
 namespace fastdistill {
 namespace sparse_row {
 
@@ -77,22 +79,6 @@ struct Params {
   double c_hard;   // grad_scale·hard_weight
   double hard_weight, soft_scale;
 };
-
-inline float hsum(const Vec& x) {
-  alignas(64) float b[kVec];
-  x.store(b);
-  float r = 0.f;
-  for (int64_t i = 0; i < kVec; ++i) r += b[i];
-  return r;
-}
-
-inline float hmax(const Vec& x) {
-  alignas(64) float b[kVec];
-  x.store(b);
-  float r = b[0];
-  for (int64_t i = 1; i < kVec; ++i) r = std::max(r, b[i]);
-  return r;
-}
 
 // `count` (≤ kVec) floats, the rest -inf (probability 0).
 inline Vec load(const float* p, int64_t count) {
@@ -475,6 +461,34 @@ inline Params make_params(int64_t divergence, int64_t tail, double param, double
   P.hard_weight = hard_weight;
   P.soft_scale = soft_scale;
   return P;
+}
+
+// Runs the row kernel over every row with the given teacher source: the loss
+// rows, and the gradient into `grad` when it is defined (the student itself
+// when in place). Inputs are checked by the caller; `op` names it in errors.
+template <typename Teacher>
+at::Tensor run_rows(const at::Tensor& student, const Teacher& teacher, int64_t K, const at::Tensor& grad,
+                    const std::optional<at::Tensor>& labels, int64_t ignore_index, int64_t divergence,
+                    int64_t tail, double param, double temperature, double hard_weight, double soft_scale,
+                    bool mean_scale, const char* op) {
+  const int64_t N = student.size(0), V = student.size(1);
+  auto loss_rows = at::empty({N}, student.options().dtype(at::kFloat));
+  if (N == 0) return loss_rows;
+  int64_t valid = N;
+  if (labels) valid = labels->ne(ignore_index).sum().item<int64_t>();
+  const double grad_scale = mean_scale ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
+  const Params P = make_params(divergence, tail, param, temperature, hard_weight, soft_scale, grad_scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "sparse_rows", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, op, ": the cpp backend takes float32, bfloat16 or float16 logits");
+    } else {
+      using S = scalar_t;
+      RowKernel<S, Teacher> k{student.data_ptr<S>(), teacher, grad.defined() ? grad.data_ptr<S>() : nullptr,
+                              labels ? labels->data_ptr<int64_t>() : nullptr, ignore_index, V, K, P};
+      k.run(loss_rows.data_ptr<float>(), N);
+    }
+  });
+  return loss_rows;
 }
 
 }  // namespace sparse_row

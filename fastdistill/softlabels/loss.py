@@ -14,7 +14,7 @@ import torch
 
 from .. import _checks
 from .._backend import resolve
-from ..kd import check_label_range, kd_options
+from ..kd import check_inplace_target, kd_options, student_labels
 from ..reference import kd as ref_kd
 from ..reference import sparse as ref_sparse
 from ..sparse import SUPPORTED, TAILS, _FusedSparseKD, _sparse_forward
@@ -92,18 +92,8 @@ def kd_loss(
     if opt.divergence not in SUPPORTED[tail]:
         raise ValueError(f"divergence={divergence!r} is not supported with tail={tail!r} "
                          f"(supported: {SUPPORTED[tail]})")
-    _checks.flag("inplace_backward", inplace_backward)
-    if inplace_backward and s.requires_grad and s.is_leaf:
-        raise ValueError("inplace_backward=True overwrites student_logits with their gradient, so "
-                         "they must be the output of an op (e.g. the LM head), not a leaf tensor")
-    l1 = None
-    if labels is not None:
-        _checks.labels_for("labels", labels, s.shape[:-1], s.device)
-        l1 = labels.reshape(-1).to(torch.int64)
-        if opt.hard_weight > 0 and not torch.compiler.is_compiling():
-            check_label_range(l1, V, opt.ignore_index)
-    elif opt.hard_weight > 0:
-        raise ValueError("hard_weight > 0 needs labels for the cross-entropy term")
+    check_inplace_target(inplace_backward, s)
+    l1 = student_labels(labels, s, opt)
 
     lead = s.shape[:-1]
     s2 = s.reshape(-1, V)
