@@ -184,7 +184,9 @@ struct Scratch {
   std::vector<int64_t> id, sid;  // ids in entry order, and sorted (for masking)
   std::vector<float> z, u;       // z and u = z/T at the ids (kept: pass B may overwrite z)
   std::vector<double> lp, lu, gk;
-  explicit Scratch(int64_t K) : id(K), sid(K), z(K), u(K), lp(K), lu(K), gk(K) {}
+  std::vector<float> block_max;  // pass A's running max after each block (see RowKernel::row)
+  Scratch(int64_t K, int64_t V)
+      : id(K), sid(K), z(K), u(K), lp(K), lu(K), gk(K), block_max((V + kBlock - 1) / kBlock) {}
 };
 
 // The bin math of one row. In: n valid entries (lp = teacher log-prob, lu =
@@ -321,6 +323,37 @@ struct RowKernel {
     return hsum(acc);
   }
 
+  // block_sum that also stores each e^{x·scale − M} to out (float rows).
+  static float block_sum_store(const float* x, int64_t n, float scale, float M, float* out) {
+    const Vec vs(scale), vm(M);
+    Vec acc(0.f);
+    for (int64_t i = 0; i < n; i += kVec) {
+      const int64_t c = std::min(kVec, n - i);
+      const Vec e = (load(x + i, c) * vs - vm).exp_u20();
+      acc = acc + e;
+      if (c == kVec) {
+        e.store(out + i);
+      } else {
+        e.store(out + i, c);
+      }
+    }
+    return hsum(acc);
+  }
+
+  // out[i] *= f over a block.
+  static void scale_block(float* out, int64_t n, float f) {
+    const Vec vf(f);
+    for (int64_t i = 0; i < n; i += kVec) {
+      const int64_t c = std::min(kVec, n - i);
+      const Vec y = Vec::loadu(out + i, c) * vf;
+      if (c == kVec) {
+        y.store(out + i);
+      } else {
+        y.store(out + i, c);
+      }
+    }
+  }
+
   // pass B over one block: out = A·q_j + B·softmax(z)_j, each as
   // sign·exp((x − max) + off) (A = 0 or B = 0: that term is absent).
   void pass_b(const float* x, float* out, int64_t n, float Mu, float offA, float sgnA, bool hasA,
@@ -356,8 +389,19 @@ struct RowKernel {
     }
     std::sort(sc.sid.begin(), sc.sid.begin() + n);
 
+    // z at the label, read before anything may overwrite the row (in place)
+    const float z_label = P.ce ? static_cast<float>(zrow[label]) : 0.f;
+
     // pass A: the log-sum-exp of the tail (every u_j but the ids, which are
     // masked to -inf in the block copy) and, for CE at T ≠ 1, of all of z.
+    // With a float gradient row and no separate CE softmax, pass A also keeps
+    // each e^{u_j − m_b} (m_b: the running max after block b) in the gradient
+    // row, so that pass B is one multiply per block instead of one exponential
+    // per element: the row's exponentials are computed once.
+    float* keep = nullptr;
+    if constexpr (std::is_same_v<S, float>) {
+      if (grow && !P.ce_own) keep = grow;
+    }
     Lse lt, lz;
     {
       alignas(64) float buf[kBlock];
@@ -371,7 +415,16 @@ struct RowKernel {
         }
         for (; next < n && sc.sid[next] < b + m; ++next) buf[sc.sid[next] - b] = -kInfF;
         lt.raise(block_max(buf, m) * P.inv_t);
-        if (lt.m != -kInfF) lt.s += block_sum(buf, m, P.inv_t, lt.m);
+        if (keep) {
+          if (lt.m != -kInfF) {
+            lt.s += block_sum_store(buf, m, P.inv_t, lt.m, keep + b);
+          } else {
+            std::fill(keep + b, keep + b + m, 0.f);
+          }
+          sc.block_max[b / kBlock] = lt.m;
+        } else if (lt.m != -kInfF) {
+          lt.s += block_sum(buf, m, P.inv_t, lt.m);
+        }
       }
     }
     // everything relative to M = max u (a float, so that u − M is exact as in pass B)
@@ -387,7 +440,6 @@ struct RowKernel {
     const double lse_z = P.ce_own ? lz.lse() : double(M) + log_s;
 
     const SoftRow soft = soft_row(n, V, sc, P, lse_q, lq_tail);
-    const float z_label = P.ce ? static_cast<float>(zrow[label]) : 0.f;
     double loss = (1.0 - P.hard_weight) * P.soft_scale * soft.loss;
     if (P.ce) loss += P.hard_weight * (lse_z - static_cast<double>(z_label));
     if (!grow) return float(loss);
@@ -402,6 +454,12 @@ struct RowKernel {
     const float sgnA = A < 0 ? -1.f : 1.f;
     if (!hasA && !hasB) {
       std::fill(grow, grow + V, S(0));
+    } else if (keep) {  // A·q_j = sgnA·e^{offA + m_b − M}·e^{u_j − m_b}: a scale per block
+      for (int64_t b = 0; b < V; b += kBlock) {
+        const float mb = sc.block_max[b / kBlock];
+        const float f = mb == -kInfF ? 0.f : sgnA * std::exp((mb - M) + offA);
+        scale_block(keep + b, std::min(kBlock, V - b), f);
+      }
     } else {
       alignas(64) float obuf[kBlock];
       read_blocks(r, [&](const float* x, int64_t m, int64_t off) {
@@ -435,7 +493,7 @@ struct RowKernel {
 
   void run(float* loss_rows, int64_t N) const {
     at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
-      Scratch sc(std::max<int64_t>(K, 1));
+      Scratch sc(std::max<int64_t>(K, 1), V);
       for (int64_t r = r0; r < r1; ++r) loss_rows[r] = row(r, sc);
     });
   }
