@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/memory.h"
+#include "common/divergences.h"
 #include "common/vec.h"
 
 namespace fastdistill {
@@ -32,18 +33,6 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
 constexpr int64_t kBlock = 2048;  // elements per block; the block buffers live in L1/L2
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// Must match fastdistill.reference.kd.DIVERGENCES.
-enum Divergence : int64_t {
-  kForwardKL = 0,
-  kReverseKL,
-  kJSD,
-  kTVD,
-  kSkewForwardKL,
-  kSkewReverseKL,
-  kTAID,
-  kNumDivergences
-};
 
 struct Params {
   int64_t div;

@@ -41,6 +41,7 @@
 #include <optional>
 #include <vector>
 
+#include "common/divergences.h"
 #include "common/vec.h"
 
 namespace fastdistill {
@@ -51,18 +52,6 @@ constexpr int64_t kVec = Vec::size();
 constexpr int64_t kBlock = 2048;  // elements per conversion/max block (stays in L1)
 constexpr float kInfF = std::numeric_limits<float>::infinity();
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-// Must match fastdistill.reference.kd.DIVERGENCES.
-enum Divergence : int64_t {
-  kForwardKL = 0,
-  kReverseKL,
-  kJSD,
-  kTVD,
-  kSkewForwardKL,
-  kSkewReverseKL,
-  kTAID,  // not defined on sparse teachers
-  kNumDivergences
-};
 
 // Must match fastdistill.sparse.TAILS.
 enum Tail : int64_t { kBucket = 0, kRenormalize, kNone, kNumTails };
