@@ -101,9 +101,9 @@ def _packed_raw(d_row, ks, K, values_off, values_bytes, value_bits, inv_k,
         lo = tl.load(vals + 2 * ks, mask=mask, other=0).to(tl.int32)
         hi = tl.load(vals + 2 * ks + 1, mask=mask, other=0).to(tl.int32)
         raw = (lo | (hi << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:  # 8-bit codes: x = c/255 = sqrt(P / P_max)
+    else:  # 8-bit codes: c/255 = (P / P_max)^(1/4)
         c = tl.load(vals + ks, mask=mask, other=0).to(tl.float32)
-        raw = tl.where(c > 0.0, 2.0 * tl.log(c / 255.0), float("-inf"))
+        raw = tl.where(c > 0.0, 4.0 * tl.log(c / 255.0), float("-inf"))
     return tl.where(mask, raw, float("-inf"))
 
 

@@ -4,7 +4,7 @@
 //
 // Row (little-endian): [tail float32, topk only] [k values] [k ids of id_bits,
 // bit-packed LSB-first]. Values: topk 16-bit float16 log-probs; topk 8-bit
-// codes c (0: probability 0, else raw = 2·log(c/255)); sampled: counts of
+// codes c (0: probability 0, else raw = 4·log(c/255)); sampled: counts of
 // value_bits bits (0: padding, else lp = log(c/k)). A top-k row's raw values
 // are renormalized to sum to 1 − tail: lp = raw + log(1 − tail) − lse(raw).
 #pragma once
@@ -95,7 +95,7 @@ FD_HD double raw_value(const Layout& L, const uint8_t* row, int64_t i) {
     return double(half_bits_to_float(h));
   }
   const uint8_t c = vals[i];
-  return c ? 2.0 * log(double(c) / 255.0) : neg_inf();
+  return c ? 4.0 * log(double(c) / 255.0) : neg_inf();
 }
 
 // What to add to every raw value of the row: log(1 − tail) − lse(raw) for
