@@ -15,12 +15,16 @@
 //           (see fastdistill/reference/sparse.py), the loss, the gradient at
 //           each id, and the one row coefficient c that the gradient is
 //           everywhere else (c·q_j);
-//   pass B  one vectorized write of the gradient row, c·q_j as
-//           sign(c)·exp((u_j − max) + log|c| − log Σ), then the K id
+//   pass B  one vectorized write of the gradient row, c·q_j, then the K id
 //           positions (and the label) are overwritten with their own values.
+//           With a float gradient row (and no separate CE softmax) pass A
+//           already left e^{u_j − m_b} there (m_b: its running max after
+//           block b), so pass B is a multiply by sign(c)·e^{log|c| − log Σ +
+//           m_b − max} per block: one exponential per element in all.
+//           Otherwise it computes sign(c)·exp((u_j − max) + log|c| − log Σ).
 // No dense teacher row and no N×V temporary besides the gradient itself;
 // the in-place variant writes the gradient over the student row (every value
-// read after pass B — z at the ids and at the label — is kept from before it),
+// read after pass A — z at the ids and at the label — is kept from before it),
 // and then there is no N×V buffer at all.
 //
 // Gradient (shared/notes/kd-math.md §3): with bins ℓ_k = u_{i_k} − LSE,
