@@ -3,10 +3,11 @@
 ``kd_loss``/``KDLoss`` (the large-vocabulary divergence family),
 ``fused_linear_kd_loss``/``FusedLinearKDLoss`` (the LM head fused in),
 ``sparse_kd_loss``/``sample_teacher`` (sparse teachers), ``softlabels`` (packed
-teacher outputs on disk, decoded inside the loss), ``TAIDSchedule``,
+teacher outputs on disk, decoded inside the loss), ``ot`` (Sinkhorn, SinKD),
+``TAIDSchedule``,
 and ``backends()`` to see what runs here.
 """
-from . import softlabels
+from . import ot, softlabels
 from ._backend import backends
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from .kd import DIVERGENCES, KDLoss, kd_loss
@@ -16,6 +17,6 @@ from .taid import TAIDSchedule
 __version__ = "0.1.0"
 __all__ = [
     "DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends",
-    "fused_linear_kd_loss", "kd_loss", "sample_teacher", "softlabels", "sparse_kd_loss",
+    "fused_linear_kd_loss", "kd_loss", "ot", "sample_teacher", "softlabels", "sparse_kd_loss",
     "__version__",
 ]

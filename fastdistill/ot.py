@@ -1,0 +1,396 @@
+"""Entropic optimal transport: ``sinkhorn``, ``sinkhorn_divergence`` and the
+SinKD batch-wise KD loss ``sinkhorn_kd_loss``.
+
+This module is the pure-torch backend (``shared/notes/kd-math.md`` §4): the
+readable specification that every fast kernel of the family is checked
+against. The iterations run in the log domain, so tiny ε or fp16 costs never
+underflow the Gibbs kernel exp(−C/ε) the way the linear-domain form does.
+
+Conventions, for one problem with cost C (N×M), weights a (N), b (M), ε > 0:
+
+    f_i = −ε LSE_j((g_j − C_ij)/ε + log b_j)         (rows; first, from g = 0)
+    g_j = −ε LSE_i((f_i − C_ij)/ε + log a_i)         (columns; one iteration = f then g)
+    P_ij = a_i b_j exp((f_i + g_j − C_ij)/ε)         (the plan)
+    OT_ε(a, b) = ⟨a, f⟩ + ⟨b, g⟩                     (the entropic objective, dual form)
+
+Gradients come from the envelope (Danskin) theorem applied to OT_ε at
+convergence: ∂OT_ε/∂C = P, ∂OT_ε/∂a = f, ∂OT_ε/∂b = g. No graph is kept
+through the iterations (except in ``sinkhorn_kd_loss(gradient="unrolled")``).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from . import _checks
+
+KD_COSTS = ("l1", "sqeuclidean", "cosine")
+KD_GRADIENTS = ("envelope", "unrolled")
+
+__all__ = ["SinkhornResult", "sinkhorn", "sinkhorn_divergence", "sinkhorn_kd_loss",
+           "KD_COSTS", "KD_GRADIENTS"]
+
+
+class SinkhornResult(NamedTuple):
+    """What ``sinkhorn`` returns; every field has the batch shape (...) in front.
+
+    value: ⟨P, C⟩, shape (...): the transport cost (POT's ``sinkhorn2``).
+        Its backward is the envelope gradient of OT_ε (see ``sinkhorn``).
+    f: (..., N) and g: (..., M): the potentials, centered so that
+        ⟨a, f⟩ = ⟨b, g⟩ = OT_ε / 2; returned without gradient.
+    plan: (..., N, M) with ``return_plan=True``, else None; without gradient.
+    """
+
+    value: torch.Tensor
+    f: torch.Tensor
+    g: torch.Tensor
+    plan: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------- checks
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _positive_int(name: str, x) -> int:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < 1:
+        raise ValueError(f"{name} must be >= 1, got {x}")
+    return int(x)
+
+
+def _weights(name: str, w, shape: torch.Size, device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
+    """Non-negative finite weights of the given shape that sum to 1 per problem.
+
+    They are used as given (never renormalized); the sum may differ from 1 by
+    what the weights' own dtype can represent (max(1e-6, n·eps(dtype)))."""
+    if w is None:
+        n = shape[-1]
+        return torch.full(shape, 1.0 / n, dtype=dtype, device=device)
+    _checks.tensor(name, w, floating=True)
+    if w.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"{name} is on {w.device} but cost is on {device}")
+    if w.numel():
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{name} must be finite")
+        if (w < 0).any():
+            raise ValueError(f"{name} must be non-negative, got min {w.min().item():g}")
+        tol = max(1e-6, shape[-1] * torch.finfo(w.dtype).eps)
+        err = (w.double().sum(-1) - 1).abs().max().item()
+        if err > tol:
+            raise ValueError(
+                f"{name} must sum to 1 over its last dimension (each problem's weights), "
+                f"off by up to {err:.3g} (tolerance {tol:.3g}); normalize it"
+            )
+    return w.to(dtype)
+
+
+def _options(epsilon, n_iters, tol=None) -> tuple[float, int, float | None]:
+    eps = _checks.real("epsilon", epsilon, low=0.0, low_open=True)
+    n = _positive_int("n_iters", n_iters)
+    if tol is not None:
+        tol = _checks.real("tol", tol, low=0.0, low_open=True)
+    return eps, n, tol
+
+
+def _log(w: torch.Tensor) -> torch.Tensor:
+    """log of the weights; a zero weight gives -inf, which every LSE below takes."""
+    return w.log()
+
+
+# --------------------------------------------------------------------------- the solver
+
+def _lse_rows(C, g, logb, eps):
+    """−ε LSE_j((g_j − C_ij)/ε + log b_j): the f update (the c-transform of g)."""
+    return -eps * torch.logsumexp((g.unsqueeze(-2) - C) / eps + logb.unsqueeze(-2), dim=-1)
+
+
+def _lse_cols(C, f, loga, eps):
+    """−ε LSE_i((f_i − C_ij)/ε + log a_i): the g update."""
+    return -eps * torch.logsumexp((f.unsqueeze(-1) - C) / eps + loga.unsqueeze(-1), dim=-2)
+
+
+def _iterate(C, loga, logb, eps, n_iters, tol):
+    """Log-domain Sinkhorn: n_iters rounds of (f update, g update), from g = 0.
+
+    After each g update the column marginals are exact; the row marginals
+    are off by a_i (exp((f_i − f_new_i)/ε) − 1), which the next f update gives
+    for free. With ``tol`` the loop stops as soon as that L1 error per
+    problem, maximized over the batch, is below tol, keeping the (f, g) it was
+    measured on. Plain torch ops: under autograd this is the unrolled graph.
+    """
+    g = torch.zeros_like(logb)
+    f = _lse_rows(C, g, logb, eps)
+    for it in range(n_iters):
+        g = _lse_cols(C, f, loga, eps)
+        if it == n_iters - 1:
+            break
+        f_new = _lse_rows(C, g, logb, eps)
+        if tol is not None:
+            row_mass = torch.exp(loga + (f - f_new) / eps)
+            err = (row_mass - loga.exp()).abs().sum(-1)
+            if err.numel() == 0 or err.max().item() < tol:
+                break
+        f = f_new
+    return f, g
+
+
+def _plan(C, f, g, loga, logb, eps):
+    return torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps
+                     + loga.unsqueeze(-1) + logb.unsqueeze(-2))
+
+
+def _center(f, g, a, b):
+    """Shift (f + c, g − c), which changes neither P nor OT_ε, so that
+    ⟨a, f⟩ = ⟨b, g⟩: a convention that depends on neither the start nor the
+    number of iterations."""
+    c = 0.5 * ((b * g).sum(-1) - (a * f).sum(-1))
+    return f + c.unsqueeze(-1), g - c.unsqueeze(-1)
+
+
+class _Envelope(torch.autograd.Function):
+    """Forward: solve, return ⟨P, C⟩, OT_ε, f, g (and P). Backward: the envelope
+    gradient of OT_ε for both scalar outputs (P, f, g); f, g, P carry none."""
+
+    @staticmethod
+    def forward(ctx, C, a, b, eps, n_iters, tol, want_plan):
+        loga, logb = _log(a), _log(b)
+        f, g = _iterate(C, loga, logb, eps, n_iters, tol)
+        f, g = _center(f, g, a, b)
+        P = _plan(C, f, g, loga, logb, eps)
+        value = (P * C).sum((-2, -1))
+        objective = (a * f).sum(-1) + (b * g).sum(-1)
+        ctx.eps = eps
+        ctx.save_for_backward(C, a, b, f, g)  # P is recomputed: O(N + M) extra, not O(NM)
+        plan = P if want_plan else None
+        if plan is not None:
+            ctx.mark_non_differentiable(f, g, plan)
+        else:
+            ctx.mark_non_differentiable(f, g)
+        return value, objective, f, g, plan
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_value, d_objective, _df, _dg, _dplan):
+        C, a, b, f, g = ctx.saved_tensors
+        scale = torch.zeros_like(f[..., 0])
+        if d_value is not None:
+            scale = scale + d_value
+        if d_objective is not None:
+            scale = scale + d_objective
+        grad_C = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            P = _plan(C, f, g, _log(a), _log(b), ctx.eps)
+            grad_C = scale[..., None, None] * P
+        if ctx.needs_input_grad[1]:
+            grad_a = scale.unsqueeze(-1) * f
+        if ctx.needs_input_grad[2]:
+            grad_b = scale.unsqueeze(-1) * g
+        return grad_C, grad_a, grad_b, None, None, None, None
+
+
+def _check_cost(cost) -> None:
+    _checks.tensor("cost", cost, floating=True)
+    if cost.dim() < 2:
+        raise ValueError(f"cost must have shape (..., N, M), got {tuple(cost.shape)}")
+    if cost.shape[-1] == 0 or cost.shape[-2] == 0:
+        raise ValueError(f"cost must have at least one row and one column, got {tuple(cost.shape)}")
+    if cost.numel() and not torch.isfinite(cost).all():
+        raise ValueError("cost must be finite (give a zero weight instead of an infinite cost)")
+
+
+def _solve(cost, a, b, eps, n_iters, tol, want_plan):
+    """Checked inputs in, (value, OT_ε, f, g, plan) out, in the work dtype."""
+    wd = _work_dtype(cost)
+    C = cost.to(wd)
+    a = _weights("a", a, cost.shape[:-1], cost.device, wd)
+    b = _weights("b", b, cost.shape[:-2] + cost.shape[-1:], cost.device, wd)
+    return _Envelope.apply(C, a, b, eps, n_iters, tol, want_plan)
+
+
+def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+             *, epsilon: float, n_iters: int = 100, tol: float | None = None,
+             return_plan: bool = False) -> SinkhornResult:
+    """Entropic OT between weights a and b with cost C, log-domain, batched.
+
+    cost: (..., N, M), any leading batch shape (many problems in one call);
+    a: (..., N) and b: (..., M), non-negative and summing to 1 per problem
+    (default uniform). Zero weights are allowed. Used as given: nothing is
+    renormalized or broadcast. The work is done in float32 (float64 stays
+    float64; fp16/bf16 costs are upcast) and the results come back in that
+    dtype; the gradient w.r.t. cost comes back in cost's dtype.
+
+    n_iters rounds of (f update, g update), or fewer with ``tol``: stop once
+    the L1 error of the row marginals, Σ_i |Σ_j P_ij − a_i| (the columns are
+    exact after each round), is below tol for every problem of the batch.
+
+    Returns ``SinkhornResult(value, f, g, plan)``: value = ⟨P, C⟩ as POT's
+    ``sinkhorn2`` reports it; f, g centered so that ⟨a, f⟩ = ⟨b, g⟩ =
+    OT_ε/2; plan P only with ``return_plan=True``.
+
+    Gradients (envelope theorem, no backpropagation through the iterations):
+    ``value`` backpropagates the gradient of the entropic objective
+    OT_ε = ⟨a, f⟩ + ⟨b, g⟩ at convergence, not that of ⟨P, C⟩ itself:
+    ∂/∂C = P, ∂/∂a = f, ∂/∂b = g (f, g with the centering above; on the
+    simplex only their differences matter, since Σ δa = Σ δb = 0). The two
+    differ by the gradient of ε·KL(P ‖ a⊗b), which is O(ε). f, g and plan
+    are returned without gradient.
+    """
+    _check_cost(cost)
+    eps, n_iters, tol = _options(epsilon, n_iters, tol)
+    _checks.flag("return_plan", return_plan)
+    value, _, f, g, plan = _solve(cost, a, b, eps, n_iters, tol, return_plan)
+    return SinkhornResult(value, f, g, plan)
+
+
+# --------------------------------------------------------------------------- divergence
+
+def _point_cost(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
+    """|x_i − y_j|^p / p, dense (..., N, M)."""
+    if p == 2:
+        # ½|x|² + ½|y|² − x·y: O(NM) memory; the clamp only removes rounding below 0
+        xx = (x * x).sum(-1, keepdim=True)
+        yy = (y * y).sum(-1).unsqueeze(-2)
+        return (0.5 * (xx + yy) - x @ y.transpose(-1, -2)).clamp_min(0)
+    # p = 1: exact differences (the expanded form loses |x − y| near 0 to sqrt of rounding);
+    # the norm's gradient at x_i = y_j is taken as 0 (a subgradient), not NaN
+    sq = (x.unsqueeze(-2) - y.unsqueeze(-3)).pow(2).sum(-1)
+    live = sq > 0
+    return torch.where(live, torch.where(live, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+
+
+def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None = None,
+                        b: torch.Tensor | None = None, *, epsilon: float, p: int = 2,
+                        debias: bool = True, n_iters: int = 100) -> torch.Tensor:
+    """Sinkhorn divergence between point clouds x (..., N, d) and y (..., M, d).
+
+    Cost |x_i − y_j|^p / p (Euclidean norm, p in {1, 2}); weights a (..., N),
+    b (..., M) as in ``sinkhorn``. Like GeomLoss, it uses the entropic
+    objective OT_ε = ⟨a, f⟩ + ⟨b, g⟩ (not ⟨P, C⟩):
+    debias=True gives S_ε = OT_ε(a, b) − ½ OT_ε(a, a) − ½ OT_ε(b, b), which is
+    ≥ 0 and 0 when the clouds are equal (Feydy et al. 2019); debias=False
+    gives OT_ε(a, b). Shape (...), in the work dtype of ``sinkhorn``.
+
+    Gradients w.r.t. x, y (and a, b) by autograd through the cost, with the
+    envelope gradient of each solve. This torch reference builds the dense
+    cost: O(NM) memory (O(NMd) for p = 1).
+    """
+    _checks.tensor("x", x, floating=True)
+    _checks.tensor("y", y, floating=True)
+    _checks.same_device(x=x, y=y)
+    if x.dim() < 2 or y.dim() < 2:
+        raise ValueError(f"x and y must have shape (..., N, d) and (..., M, d), got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[:-2] != y.shape[:-2] or x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must agree in their batch "
+                         "dimensions and in d (the last)")
+    if x.shape[-2] == 0 or y.shape[-2] == 0:
+        raise ValueError("x and y must each have at least one point")
+    if isinstance(p, bool) or p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p!r}")
+    _checks.flag("debias", debias)
+    eps, n_iters, _ = _options(epsilon, n_iters)
+    wd = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    x, y = x.to(wd), y.to(wd)
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        raise ValueError("x and y must be finite")
+    a = _weights("a", a, x.shape[:-1], x.device, wd)
+    b = _weights("b", b, y.shape[:-1], y.device, wd)
+
+    def ot_eps(u, v, wu, wv):
+        return _Envelope.apply(_point_cost(u, v, p), wu, wv, eps, n_iters, None, False)[1]
+
+    out = ot_eps(x, y, a, b)
+    if debias:
+        out = out - 0.5 * ot_eps(x, x, a, a) - 0.5 * ot_eps(y, y, b, b)
+    return out
+
+
+# --------------------------------------------------------------------------- SinKD
+
+def _kd_cost(q: torch.Tensor, p: torch.Tensor, cost: str) -> torch.Tensor:
+    """W_ij between student row q_i and teacher row p_j, (B, B)."""
+    if cost == "l1":
+        return torch.cdist(q.unsqueeze(0), p.unsqueeze(0), p=1).squeeze(0)
+    if cost == "sqeuclidean":
+        # Σ_v (q_iv − p_jv)²; the clamp only removes rounding below 0
+        qq = (q * q).sum(-1, keepdim=True)
+        pp = (p * p).sum(-1).unsqueeze(0)
+        return (qq + pp - 2 * q @ p.T).clamp_min(0)
+    # cosine: 1 − cos(q_i, p_j); probability rows never have norm 0
+    qn = q / q.norm(dim=-1, keepdim=True)
+    pn = p / p.norm(dim=-1, keepdim=True)
+    return 1 - qn @ pn.T
+
+
+def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                     temperature: float = 2.0, epsilon: float = 0.1, n_iters: int = 20,
+                     cost: str = "l1", gradient: str = "envelope",
+                     labels: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """SinKD (Cui et al. 2024): entropic OT across the rows of a batch.
+
+    Logits (..., V) are flattened to rows; rows whose label is ignore_index
+    are dropped; the remaining B rows are the support points of both sides,
+    with uniform weights 1/B. q = softmax(student/T), p = softmax(teacher/T);
+    W_ij = cost(q_i, p_j): "l1" Σ_v |q_iv − p_jv| (the paper's), "sqeuclidean"
+    Σ_v (q_iv − p_jv)², "cosine" 1 − cos(q_i, p_j). Returns ⟨P, W⟩ (a scalar,
+    float32, or float64 for float64 logits) after n_iters rounds of (row,
+    column) updates from the Gibbs kernel exp(−W/ε): the reference's sum
+    Σ P_ref·W divided by B (its 0.001 factor is the user's loss weight).
+    An all-ignored batch gives 0.
+
+    gradient="envelope" (cheap): ∂/∂W = P, the envelope gradient of OT_ε,
+    which differs from the exact gradient of ⟨P, W⟩ by O(ε) terms;
+    "unrolled": autograd through the iterations, the gradient of the
+    reference formulation. The teacher is a constant: teacher_logits must
+    not require grad.
+    """
+    s = _checks.tensor("student_logits", student_logits, floating=True)
+    t = _checks.tensor("teacher_logits", teacher_logits, floating=True)
+    _checks.same_device(student_logits=s, teacher_logits=t)
+    if s.dim() < 1 or s.shape != t.shape:
+        raise ValueError(f"student_logits {tuple(s.shape)} and teacher_logits "
+                         f"{tuple(t.shape)} must have the same shape (..., V)")
+    if s.shape[-1] == 0:
+        raise ValueError("the vocabulary dimension of the logits must not be empty")
+    T = _checks.real("temperature", temperature, low=0.0, low_open=True)
+    eps, n_iters, _ = _options(epsilon, n_iters)
+    _checks.choice("cost", cost, KD_COSTS)
+    _checks.choice("gradient", gradient, KD_GRADIENTS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError("teacher_logits requires grad, but the teacher is a constant in KD: "
+                         "pass teacher_logits.detach()")
+    if labels is not None:
+        _checks.labels_for("labels", labels, s.shape[:-1], s.device)
+
+    wd = _work_dtype(s) if s.dtype == t.dtype else torch.promote_types(_work_dtype(s), _work_dtype(t))
+    V = s.shape[-1]
+    s2, t2 = s.reshape(-1, V), t.reshape(-1, V)
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+        s2, t2 = s2[keep], t2[keep]
+    B = s2.shape[0]
+    if B == 0:  # still attached to the graph: backward gives zeros, never NaN
+        return s2.to(wd).sum()
+    q = torch.softmax(s2.to(wd) / T, dim=-1)
+    p = torch.softmax(t2.to(wd) / T, dim=-1)
+    W = _kd_cost(q, p, cost)
+    if not torch.isfinite(W).all():
+        raise ValueError("the logits must be finite (their softmax gave a non-finite cost)")
+    w = torch.full((B,), 1.0 / B, dtype=wd, device=s.device)
+    if gradient == "envelope":
+        return _Envelope.apply(W, w, w, eps, n_iters, None, False)[0]
+    logw = _log(w)
+    f, g = _iterate(W, logw, logw, eps, n_iters, None)
+    return (_plan(W, f, g, logw, logw, eps) * W).sum()
