@@ -227,7 +227,10 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
     (default uniform). Zero weights are allowed. Used as given: nothing is
     renormalized or broadcast. The work is done in float32 (float64 stays
     float64; fp16/bf16 costs are upcast) and the results come back in that
-    dtype; the gradient w.r.t. cost comes back in cost's dtype.
+    dtype; the gradient w.r.t. cost comes back in cost's dtype. The log
+    domain never underflows, but float32 potentials carry rounding of
+    ~|f|·2⁻²⁴, which the plan sees magnified by 1/ε (relative ~1e-3 at
+    ε = 1e-4 with costs ~1): use float64 for tiny ε where that matters.
 
     n_iters rounds of (f update, g update), or fewer with ``tol``: stop once
     the L1 error of the row marginals, Σ_i |Σ_j P_ij − a_i| (the columns are
