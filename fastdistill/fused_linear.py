@@ -369,6 +369,8 @@ def fused_linear_kd_loss(
     if given != 1:
         raise ValueError("give the teacher exactly one way: teacher_hidden + teacher_weight, "
                          f"teacher_logits, or teacher_sparse=(ids, logprobs); got {given}")
+    if tail is not None and teacher_sparse is None:
+        raise ValueError("tail applies to teacher_sparse; a dense teacher has no tail to choose")
     if process_group is not None:
         if teacher_sparse is not None:
             raise ValueError("teacher_sparse is not supported with process_group")

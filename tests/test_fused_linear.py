@@ -322,6 +322,8 @@ def test_sparse_teacher_bad_input():
         f(sh, sw, teacher_sparse=(ids.float(), lp))
     with pytest.raises(ValueError, match="sum to at most 1"):
         f(sh, sw, teacher_sparse=(ids, lp + 1.0))
+    with pytest.raises(ValueError, match="tail applies to teacher_sparse"):
+        f(sh, sw, th, tw, tail="bucket")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
