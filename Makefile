@@ -28,7 +28,7 @@ demo: build
 	$(PY) -m fastdistill.cli bench --quick
 
 bench: build
-	$(PY) -m pip install -q --no-deps liger-kernel  # the peer implementation compared against
+	$(PY) -m pip install -q --no-deps liger-kernel pot geomloss  # the peer implementations compared against
 	$(PY) -m fastdistill.cli bench
 	$(PY) -m pytest -q bench --benchmark-only
 

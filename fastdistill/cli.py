@@ -50,7 +50,7 @@ def bench(args) -> int:
     from . import bench as report
 
     report.run(quick=args.quick, out_dir=args.out, divergences=args.divergence,
-               cases_to_run=args.case or report.CASES)
+               cases_to_run=args.case or (report.QUICK_CASES if args.quick else report.CASES))
     return 0
 
 
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes (the demo); under 3 minutes")
     p.add_argument("--out", default="bench/out", help="folder for the table, JSON and PNG chart")
     p.add_argument("--divergence", action="append", help="limit the full run to these (repeatable)")
-    p.add_argument("--case", action="append", choices=("kd", "fused_linear", "sparse", "softlabels"),
-                   help="run only these cases (repeatable; default: all)")
+    p.add_argument("--case", action="append", choices=("kd", "fused_linear", "sparse", "softlabels", "ot"),
+                   help="run only these cases (repeatable; default: all; --quick never runs ot)")
     p.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)
