@@ -48,4 +48,12 @@ TORCH_LIBRARY(fastdistill, m) {
       "float hard_weight, float soft_scale, bool mean_scale) -> Tensor");
   // Packed rows → (ids int64 (N, k), log-probs float32 (N, k)); CPU and CUDA.
   m.def("softlabel_decode(Tensor packed, int[] layout) -> (Tensor, Tensor)");
+  // Entropic OT between point clouds (fastdistill/ot.py), costs built tile by
+  // tile, never stored: x (B, N, d), y (B, M, d) float32, cost
+  // C_ij = |x_i - y_j|^p / p (p = 1 or 2). ot_softmin: the Sinkhorn half-step,
+  // out (B, N) = -eps * LSE_j(h_j - C_ij / eps) for h (B, M) = g / eps + log b.
+  m.def("ot_softmin(Tensor x, Tensor y, Tensor h, float eps, int p) -> Tensor");
+  // The envelope gradient: out (B, N, d) = sum_j P_ij * d C(x_i, y_j) / d x_i,
+  // P_ij = exp(l_i + h_j - C_ij / eps), l (B, N) = f / eps + log a.
+  m.def("ot_transport_grad(Tensor x, Tensor y, Tensor l, Tensor h, float eps, int p) -> Tensor");
 }

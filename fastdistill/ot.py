@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from . import _checks
+from ._backend import resolve
 
 KD_COSTS = ("l1", "sqeuclidean", "cosine")
 KD_GRADIENTS = ("envelope", "unrolled")
@@ -122,26 +123,46 @@ def _lse_cols(C, f, loga, eps):
 def _iterate(C, loga, logb, eps, n_iters, tol):
     """Log-domain Sinkhorn: n_iters rounds of (f update, g update), from g = 0.
 
-    After each g update the column marginals are exact; the row marginals
-    are off by a_i (exp((f_i − f_new_i)/ε) − 1), which the next f update gives
-    for free. With ``tol`` the loop stops as soon as that L1 error per
-    problem, maximized over the batch, is below tol, keeping the (f, g) it was
-    measured on. Plain torch ops: under autograd this is the unrolled graph.
+    ``eps`` is one float or a schedule of n_iters floats (ε-scaling): round k
+    updates f, then g, at eps[k]. After each g update the column marginals
+    are exact; the row marginals are off by a_i (exp((f_i − f_new_i)/ε) − 1),
+    which the next f update gives for free. With ``tol`` the loop stops as
+    soon as that L1 error per problem, maximized over the batch, is below
+    tol, keeping the (f, g) it was measured on. Plain torch ops: under
+    autograd this is the unrolled graph.
     """
+    sched = _schedule_list(eps, n_iters)
     g = torch.zeros_like(logb)
-    f = _lse_rows(C, g, logb, eps)
+    f = _lse_rows(C, g, logb, sched[0])
     for it in range(n_iters):
-        g = _lse_cols(C, f, loga, eps)
+        g = _lse_cols(C, f, loga, sched[it])
         if it == n_iters - 1:
             break
-        f_new = _lse_rows(C, g, logb, eps)
+        f_new = _lse_rows(C, g, logb, sched[it + 1])
         if tol is not None:
-            row_mass = torch.exp(loga + (f - f_new) / eps)
+            row_mass = torch.exp(loga + (f - f_new) / sched[it + 1])
             err = (row_mass - loga.exp()).abs().sum(-1)
             if err.numel() == 0 or err.max().item() < tol:
                 break
         f = f_new
     return f, g
+
+
+def _iterate_symmetric(C, loga, eps, n_iters):
+    """The self-transport OT_ε(a, a) of a symmetric cost (debiasing terms):
+    its potentials are equal (f = g), and the averaged update
+    f ← ½(f + T(f)), T(f)_i = −ε LSE_j((f_j − C_ij)/ε + log a_j), from
+    f = T(0), converges in a few steps (Feydy et al. 2019), where the
+    alternating one oscillates. n_iters + 1 half-steps, round k at eps[k]."""
+    sched = _schedule_list(eps, n_iters)
+    f = _lse_rows(C, torch.zeros_like(loga), loga, sched[0])
+    for it in range(n_iters):
+        f = 0.5 * (f + _lse_rows(C, f, loga, sched[it]))
+    return f
+
+
+def _schedule_list(eps, n_iters) -> list[float]:
+    return [eps] * n_iters if isinstance(eps, float) else list(eps)
 
 
 def _plan(C, f, g, loga, logb, eps):
@@ -162,9 +183,10 @@ class _Envelope(torch.autograd.Function):
     gradient of OT_ε for both scalar outputs (P, f, g); f, g, P carry none."""
 
     @staticmethod
-    def forward(ctx, C, a, b, eps, n_iters, tol, want_plan):
+    def forward(ctx, C, a, b, eps, solve, want_plan):
+        """solve(C, loga, logb) -> (f, g), converged at the final ε ``eps``."""
         loga, logb = _log(a), _log(b)
-        f, g = _iterate(C, loga, logb, eps, n_iters, tol)
+        f, g = solve(C, loga, logb)
         f, g = _center(f, g, a, b)
         P = _plan(C, f, g, loga, logb, eps)
         value = (P * C).sum((-2, -1))
@@ -195,7 +217,7 @@ class _Envelope(torch.autograd.Function):
             grad_a = scale.unsqueeze(-1) * f
         if ctx.needs_input_grad[2]:
             grad_b = scale.unsqueeze(-1) * g
-        return grad_C, grad_a, grad_b, None, None, None, None
+        return grad_C, grad_a, grad_b, None, None, None
 
 
 def _check_cost(cost) -> None:
@@ -214,7 +236,8 @@ def _solve(cost, a, b, eps, n_iters, tol, want_plan):
     C = cost.to(wd)
     a = _weights("a", a, cost.shape[:-1], cost.device, wd)
     b = _weights("b", b, cost.shape[:-2] + cost.shape[-1:], cost.device, wd)
-    return _Envelope.apply(C, a, b, eps, n_iters, tol, want_plan)
+    return _Envelope.apply(C, a, b, eps, lambda C, la, lb: _iterate(C, la, lb, eps, n_iters, tol),
+                           want_plan)
 
 
 def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
@@ -271,9 +294,31 @@ def _point_cost(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
     return torch.where(live, torch.where(live, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
+def _eps_schedule(eps: float, n_iters: int, scaling, x: torch.Tensor, y: torch.Tensor,
+                  p: int) -> list[float]:
+    """ε per round: constant, or with ε-scaling ε_k = max(ε, ε₀·scaling^k) from
+    ε₀ = diameter^p / p, the largest cost the clouds can have (diameter: the
+    diagonal of the box holding every point of x and y, over the batch)."""
+    if scaling is None:
+        return [eps] * n_iters
+    scaling = _checks.real("scaling", scaling, low=0.0, high=1.0, low_open=True, high_open=True)
+    pts = torch.cat([x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])])
+    diameter = (pts.amax(0) - pts.amin(0)).norm().item()
+    eps0 = diameter ** p / p
+    if eps0 <= eps:
+        return [eps] * n_iters
+    needed = math.ceil(math.log(eps / eps0) / math.log(scaling)) + 1
+    if needed > n_iters:
+        raise ValueError(f"scaling={scaling} anneals ε from {eps0:.4g} (diameter^p/p) to epsilon="
+                         f"{eps} in {needed} rounds, more than n_iters={n_iters}: raise n_iters "
+                         "or lower scaling")
+    return [max(eps, eps0 * scaling ** k) for k in range(n_iters)]
+
+
 def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None = None,
                         b: torch.Tensor | None = None, *, epsilon: float, p: int = 2,
-                        debias: bool = True, n_iters: int = 100) -> torch.Tensor:
+                        debias: bool = True, n_iters: int = 100, scaling: float | None = None,
+                        backend: str = "auto") -> torch.Tensor:
     """Sinkhorn divergence between point clouds x (..., N, d) and y (..., M, d).
 
     Cost |x_i − y_j|^p / p (Euclidean norm, p in {1, 2}); weights a (..., N),
@@ -281,11 +326,21 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None
     objective OT_ε = ⟨a, f⟩ + ⟨b, g⟩ (not ⟨P, C⟩):
     debias=True gives S_ε = OT_ε(a, b) − ½ OT_ε(a, a) − ½ OT_ε(b, b), which is
     ≥ 0 and 0 when the clouds are equal (Feydy et al. 2019); debias=False
-    gives OT_ε(a, b). Shape (...), in the work dtype of ``sinkhorn``.
+    gives OT_ε(a, b). Shape (...), float32 (float64 for float64 clouds).
 
-    Gradients w.r.t. x, y (and a, b) by autograd through the cost, with the
-    envelope gradient of each solve. This torch reference builds the dense
-    cost: O(NM) memory (O(NMd) for p = 1).
+    OT_ε(a, b) runs n_iters rounds of (f, g) updates as ``sinkhorn`` does; each
+    self term OT_ε(a, a) n_iters averaged symmetric updates (its two
+    potentials are equal). ``scaling`` in (0, 1) anneals ε (ε-scaling): round
+    k runs at max(ε, ε₀·scaling^k), ε₀ = diameter^p/p; the schedule must reach
+    ε within n_iters.
+
+    Gradients w.r.t. x, y, a, b: the envelope gradient of each solve.
+    backend="torch" is the readable reference: it builds the dense cost
+    (O(NM) memory, O(NMd) for p = 1) and lets autograd take the gradient
+    through it. "cpp" (CPU) and "triton" (CUDA) never store the cost: they
+    rebuild it tile by tile in every half-step (extra memory O(N + M)) and
+    take the gradient in the same tiled way; "auto" picks per
+    ``fastdistill.backends()``.
     """
     _checks.tensor("x", x, floating=True)
     _checks.tensor("y", y, floating=True)
@@ -298,24 +353,128 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None
                          "dimensions and in d (the last)")
     if x.shape[-2] == 0 or y.shape[-2] == 0:
         raise ValueError("x and y must each have at least one point")
+    if x.shape[-1] == 0:
+        raise ValueError("the points must have at least one coordinate (d >= 1)")
     if isinstance(p, bool) or p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     _checks.flag("debias", debias)
     eps, n_iters, _ = _options(epsilon, n_iters)
     wd = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    name = resolve(backend, x.device, wd)
+    if name != "torch" and wd == torch.float64:
+        raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 points; "
+                        "float64 runs on backend='torch'")
     x, y = x.to(wd), y.to(wd)
     if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
         raise ValueError("x and y must be finite")
     a = _weights("a", a, x.shape[:-1], x.device, wd)
     b = _weights("b", b, y.shape[:-1], y.device, wd)
+    sched = _eps_schedule(eps, n_iters, scaling, x.detach(), y.detach(), p)
+
+    if name != "torch":
+        ops = _point_ops(name)
+        batch = x.shape[:-2]
+        flat = [t.reshape((-1,) + t.shape[len(batch):]) for t in (x, y, a, b)]
+        return _TiledDivergence.apply(*flat, sched, p, debias, ops).reshape(batch)
 
     def ot_eps(u, v, wu, wv):
-        return _Envelope.apply(_point_cost(u, v, p), wu, wv, eps, n_iters, None, False)[1]
+        solve = lambda C, la, lb: _iterate(C, la, lb, sched, n_iters, None)  # noqa: E731
+        return _Envelope.apply(_point_cost(u, v, p), wu, wv, eps, solve, False)[1]
+
+    def ot_self(u, wu):
+        def solve(C, la, _lb):
+            f = _iterate_symmetric(C, la, sched, n_iters)
+            return f, f
+        return _Envelope.apply(_point_cost(u, u, p), wu, wu, eps, solve, False)[1]
 
     out = ot_eps(x, y, a, b)
     if debias:
-        out = out - 0.5 * ot_eps(x, x, a, a) - 0.5 * ot_eps(y, y, b, b)
+        out = out - 0.5 * ot_self(x, a) - 0.5 * ot_self(y, b)
     return out
+
+
+class _PointOps(NamedTuple):
+    """One backend's tiled kernels (contract of the fastdistill::ot_* ops)."""
+
+    softmin: object        # (x, y, h, eps, p) -> (B, N)
+    transport_grad: object  # (x, y, l, h, eps, p) -> (B, N, d)
+
+
+def _point_ops(name: str) -> _PointOps:
+    if name == "cpp":
+        return _PointOps(torch.ops.fastdistill.ot_softmin, torch.ops.fastdistill.ot_transport_grad)
+    from fastdistill.kernels import ot as triton_ot  # CUDA only; imported on demand
+
+    return _PointOps(triton_ot.softmin, triton_ot.transport_grad)
+
+
+def _tiled_solve(ops, x, y, loga, logb, sched, p):
+    """``_iterate`` (fixed rounds, no tol) with the tiled c-transforms."""
+    n = len(sched)
+    g = torch.zeros_like(logb)
+    f = ops.softmin(x, y, (logb + g / sched[0]).contiguous(), sched[0], p)
+    for it in range(n):
+        g = ops.softmin(y, x, (loga + f / sched[it]).contiguous(), sched[it], p)
+        if it < n - 1:
+            f = ops.softmin(x, y, (logb + g / sched[it + 1]).contiguous(), sched[it + 1], p)
+    return f, g
+
+
+def _tiled_solve_symmetric(ops, x, loga, sched, p):
+    """``_iterate_symmetric`` with the tiled c-transform."""
+    f = ops.softmin(x, x, loga.contiguous(), sched[0], p)
+    for e in sched:
+        f = 0.5 * (f + ops.softmin(x, x, (loga + f / e).contiguous(), e, p))
+    return f
+
+
+class _TiledDivergence(torch.autograd.Function):
+    """``sinkhorn_divergence`` on flattened (B, N, d) float32 clouds with the
+    tiled kernels; backward: the envelope gradient of each solve,
+    ∂OT_ε(a, b)/∂x_i = Σ_j P_ij ∇_x C(x_i, y_j) (the self terms count twice,
+    once per argument of the symmetric cost, halved by the ½ of S_ε),
+    ∂OT_ε/∂a = f, ∂OT_ε/∂b = g."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, sched, p, debias, ops):
+        x, y = x.contiguous(), y.contiguous()
+        loga, logb = _log(a), _log(b)
+        f, g = _center(*_tiled_solve(ops, x, y, loga, logb, sched, p), a, b)
+        out = (a * f).sum(-1) + (b * g).sum(-1)
+        fx = fy = None
+        if debias:
+            fx = _tiled_solve_symmetric(ops, x, loga, sched, p)
+            fy = _tiled_solve_symmetric(ops, y, logb, sched, p)
+            out = out - (a * fx).sum(-1) - (b * fy).sum(-1)  # ½ OT_ε(a, a) = ⟨a, f_x⟩
+        ctx.eps, ctx.p, ctx.ops, ctx.debias = sched[-1], p, ops, debias
+        ctx.save_for_backward(x, y, a, b, f, g, fx if debias else f, fy if debias else g)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        x, y, a, b, f, g, fx, fy = ctx.saved_tensors
+        eps, p, ops = ctx.eps, ctx.p, ctx.ops
+        lf, lg = (_log(a) + f / eps).contiguous(), (_log(b) + g / eps).contiguous()
+        grad = [None] * 8
+        scale = d_out.unsqueeze(-1)
+        if ctx.needs_input_grad[0]:
+            gx = ops.transport_grad(x, y, lf, lg, eps, p)
+            if ctx.debias:
+                lx = (_log(a) + fx / eps).contiguous()
+                gx = gx - ops.transport_grad(x, x, lx, lx, eps, p)
+            grad[0] = scale.unsqueeze(-1) * gx
+        if ctx.needs_input_grad[1]:
+            gy = ops.transport_grad(y, x, lg, lf, eps, p)
+            if ctx.debias:
+                ly = (_log(b) + fy / eps).contiguous()
+                gy = gy - ops.transport_grad(y, y, ly, ly, eps, p)
+            grad[1] = scale.unsqueeze(-1) * gy
+        if ctx.needs_input_grad[2]:
+            grad[2] = scale * ((f - fx) if ctx.debias else f)
+        if ctx.needs_input_grad[3]:
+            grad[3] = scale * ((g - fy) if ctx.debias else g)
+        return tuple(grad)
 
 
 # --------------------------------------------------------------------------- SinKD
@@ -393,7 +552,8 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError("the logits must be finite (their softmax gave a non-finite cost)")
     w = torch.full((B,), 1.0 / B, dtype=wd, device=s.device)
     if gradient == "envelope":
-        return _Envelope.apply(W, w, w, eps, n_iters, None, False)[0]
+        return _Envelope.apply(W, w, w, eps, lambda C, la, lb: _iterate(C, la, lb, eps, n_iters, None),
+                               False)[0]
     logw = _log(w)
     f, g = _iterate(W, logw, logw, eps, n_iters, None)
     return (_plan(W, f, g, logw, logw, eps) * W).sum()

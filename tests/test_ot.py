@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdistill as fd
+from conftest import fused_backends
 
 ot = fd.ot
 F64 = torch.float64
@@ -280,6 +281,100 @@ def test_sinkhorn_divergence_gradcheck():
         eps=1e-6, atol=1e-6)
 
 
+def test_symmetric_self_transport_equals_the_two_sided_solve():
+    # OT_ε(a, a) of the debiasing terms runs the averaged symmetric update;
+    # converged, it equals the alternating solve of the same problem
+    x = torch.randn(2, 12, 3, dtype=F64)
+    a = simplex(2, 12)
+    C = 0.5 * torch.cdist(x, x) ** 2
+    r = ot.sinkhorn(C, a, a, epsilon=0.3, n_iters=2000)
+    f = ot._iterate_symmetric(C, a.log(), 0.3, 60)
+    torch.testing.assert_close(2 * (a * f).sum(-1), (a * r.f).sum(-1) + (a * r.g).sum(-1))
+    torch.testing.assert_close(f, r.f)
+
+
+def test_eps_scaling_schedule():
+    x, y = torch.zeros(4, 2, dtype=F64), torch.zeros(3, 2, dtype=F64)
+    x[0, 0], y[0, 1] = 3.0, 4.0  # box diagonal 5: ε₀ = 5²/2 for p = 2, 5 for p = 1
+    sched = ot._eps_schedule(0.1, 20, 0.5, x, y, 2)
+    assert sched[0] == 12.5 and sched[1] == 6.25 and sched[-1] == 0.1 and len(sched) == 20
+    assert ot._eps_schedule(0.1, 20, 0.5, x, y, 1)[0] == 5.0
+    assert ot._eps_schedule(0.1, 5, None, x, y, 2) == [0.1] * 5
+    assert ot._eps_schedule(50.0, 3, 0.5, x, y, 2) == [50.0] * 3  # ε₀ below ε: no annealing
+    with pytest.raises(ValueError, match="n_iters"):
+        ot._eps_schedule(0.1, 5, 0.5, x, y, 2)
+    # annealed and plain runs converge to the same divergence
+    u, v = torch.randn(20, 3, dtype=F64), torch.randn(17, 3, dtype=F64) + 1
+    torch.testing.assert_close(ot.sinkhorn_divergence(u, v, epsilon=0.05, n_iters=400, scaling=0.7),
+                               ot.sinkhorn_divergence(u, v, epsilon=0.05, n_iters=400))
+
+
+# --------------------------------------------------------------------------- tiled kernels
+
+def _tiled_ops(backend):
+    return ot._point_ops(backend)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("p", [1, 2])
+def test_tiled_kernels_match_the_dense_formulas(backend, p):
+    # shapes that are not multiples of the tiles (cpp 128 x 512, triton 32 x 32)
+    N, M, d = (300, 530, 7) if backend == "cpp" else (37, 45, 19)
+    x = torch.randn(2, N, d) / math.sqrt(d)
+    y = 0.8 * torch.randn(2, M, d) / math.sqrt(d) + 0.3
+    y[1, :3] = x[1, :3]  # coincident points: cost 0, the p = 1 gradient's subgradient 0
+    eps = 0.3
+    h = torch.randn(2, M) - math.log(M)
+    h[0, 5:40] = -math.inf  # zero weights
+    ops = _tiled_ops(backend)
+    C = ot._point_cost(x.double(), y.double(), p)
+    ref = -eps * torch.logsumexp(h.double().unsqueeze(-2) - C / eps, -1)
+    torch.testing.assert_close(ops.softmin(x, y, h, eps, p).double(), ref, rtol=1e-5, atol=1e-5)
+    # row potentials that give the plan rows of mass ~1/N (a real plan, not underflow)
+    l = (ref / eps - math.log(N) + 0.1 * torch.randn(2, N, dtype=F64)).float()
+    xr = x.double().requires_grad_()
+    plan = torch.exp(l.double().unsqueeze(-1) + h.double().unsqueeze(-2) - C / eps)
+    (plan * ot._point_cost(xr, y.double(), p)).sum().backward()
+    got = ops.transport_grad(x, y, l, h, eps, p).double()
+    torch.testing.assert_close(got, xr.grad, rtol=1e-4, atol=1e-5 * xr.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("debias,scaling", [(True, None), (False, None), (True, 0.6)])
+def test_sinkhorn_divergence_backends_agree(backend, p, debias, scaling):
+    shape = (2, 3) if backend == "cpp" else (2,)
+    N, M, d = (150, 140, 5) if backend == "cpp" else (21, 18, 3)
+    x = torch.randn(*shape, N, d)
+    y = 0.7 * torch.randn(*shape, M, d) + 0.4
+    a, b = simplex(*shape, N, dtype=torch.float32, zeros=2), simplex(*shape, M, dtype=torch.float32)
+    kw = dict(epsilon=0.1, p=p, debias=debias, n_iters=30, scaling=scaling)
+    grads = []
+    w = torch.randn(shape)
+    for name in ("torch", backend):
+        xs, ys, as_, bs = (t.clone().requires_grad_() for t in (x, y, a, b))
+        out = ot.sinkhorn_divergence(xs, ys, as_, bs, backend=name, **kw)
+        assert out.shape == shape and out.dtype == torch.float32
+        (out * w).sum().backward()
+        grads.append((out.detach(), xs.grad, ys.grad, as_.grad, bs.grad))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5 * (1 + want.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sinkhorn_divergence_half_inputs_and_views(backend, dtype):
+    # half clouds are upcast (the work is float32); non-contiguous views are fine
+    x = torch.randn(30, 8, dtype=dtype)[::2]
+    y = torch.randn(8, 25, dtype=dtype).T
+    want = ot.sinkhorn_divergence(x.float(), y.float().contiguous(), epsilon=0.2, n_iters=20,
+                                  backend="torch")
+    got = ot.sinkhorn_divergence(x, y, epsilon=0.2, n_iters=20, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="float64"):
+        ot.sinkhorn_divergence(x.double(), y.double(), epsilon=0.2, backend=backend)
+
+
 # --------------------------------------------------------------------------- SinKD
 
 def sinkd_reference(student, teacher, temperature=2.0, epsilon=0.1, n_iters=20, cost="l1"):
@@ -441,6 +536,10 @@ L0 = torch.randn(4, 8)
     (lambda: ot.sinkhorn_divergence(X0, Y0, epsilon=0.0), ValueError, "epsilon"),
     (lambda: ot.sinkhorn_divergence(X0, Y0, torch.ones(5), epsilon=0.1), ValueError, "a must sum"),
     (lambda: ot.sinkhorn_divergence(X0, Y0, epsilon=0.1, n_iters=0), ValueError, "n_iters"),
+    (lambda: ot.sinkhorn_divergence(X0, Y0, epsilon=0.1, scaling=1.0), ValueError, "scaling"),
+    (lambda: ot.sinkhorn_divergence(X0, Y0, epsilon=1e-3, n_iters=3, scaling=0.5), ValueError, "n_iters"),
+    (lambda: ot.sinkhorn_divergence(X0[..., :0], Y0[..., :0], epsilon=0.1), ValueError, "d >= 1"),
+    (lambda: ot.sinkhorn_divergence(X0, Y0, epsilon=0.1, backend="gpu"), ValueError, "backend"),
     (lambda: ot.sinkhorn_kd_loss(L0, L0[:, :7]), ValueError, "same shape"),
     (lambda: ot.sinkhorn_kd_loss(L0, L0, cost="kl"), ValueError, "cost"),
     (lambda: ot.sinkhorn_kd_loss(L0, L0, gradient="implicit"), ValueError, "gradient"),
