@@ -1,8 +1,9 @@
 """pytest-benchmark cases for fd.ot (issue 5), at sizes where a round takes
 seconds: forward+backward of the debiased Sinkhorn divergence between point
-clouds (fastdistill's torch backend against POT's log-domain solver and
-GeomLoss's tensorized backend, configured as in ``fastdistill bench --case
-ot``), and the SinKD loss against the faithful torch port of its formulation.
+clouds (fastdistill's torch and cpp backends against POT's log-domain solver
+and GeomLoss's tensorized backend, configured as in ``fastdistill bench
+--case ot``), and the SinKD loss against the faithful torch port of its
+formulation.
 POT and GeomLoss are bench-only dependencies: their cases skip without them.
 
     pytest bench/bench_ot.py --benchmark-only
@@ -15,7 +16,7 @@ from fastdistill import bench as report
 
 N, D, EPS, ITERS = 1024, 64, 0.05, 100
 B, V, T, KD_EPS, KD_ITERS = 64, 8000, 2.0, 0.1, 20
-DIV_IMPLS = ["POT", "GeomLoss", "fastdistill"]
+DIV_IMPLS = ["POT", "GeomLoss", "fastdistill sinkhorn_divergence torch", "fastdistill sinkhorn_divergence cpp"]
 KD_IMPLS = ["reference-port", "envelope", "unrolled"]
 
 

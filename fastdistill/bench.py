@@ -431,8 +431,13 @@ def _ot_divergence_impls(epsilon: float, n_iters: int, log=print):
         gl = SamplesLoss("sinkhorn", p=2, blur=blur, diameter=diameter, scaling=scaling,
                          debias=True, backend="tensorized")
         impls.append((f"GeomLoss SamplesLoss tensorized ({n_iters} it at ε)", gl))
-    impls.append(("fastdistill sinkhorn_divergence torch",
-                  lambda x, y: sinkhorn_divergence(x, y, epsilon=epsilon, p=2, n_iters=n_iters)))
+    for backend, what in (("torch", "dense cost"), ("cpp", "cost tiles on the fly")):
+        if backend != "torch" and not _backend.backends().get(backend):
+            log(f"  skipped fastdistill {backend}: unavailable (fastdistill doctor says why)")
+            continue
+        impls.append((f"fastdistill sinkhorn_divergence {backend} ({what})",
+                      lambda x, y, backend=backend: sinkhorn_divergence(
+                          x, y, epsilon=epsilon, p=2, n_iters=n_iters, backend=backend)))
     return impls
 
 
@@ -449,12 +454,15 @@ def bench_ot_divergence(report: Report, n: int, d: int, *, epsilon: float = 0.05
         def prep():
             return x0.clone().requires_grad_(), y0.clone().requires_grad_()
 
+        value = []
+
         def run(state):
-            loss_fn(*state).backward()
+            out = loss_fn(*state)
+            out.backward()
+            value.append(float(out))
 
         secs, extra = measure(run, prep, repeat=repeat, warmup=warmup)
-        with torch.no_grad():
-            val = float(loss_fn(x0, y0))
+        val = value[-1]
         row = Row(f"sinkhorn_divergence[p=2 eps={epsilon} {n_iters} it]", shape, "float32", label,
                   secs, None if extra is None else extra / MB, notes=f"S_eps = {val:.6f}")
         rows.append(row)

@@ -318,7 +318,7 @@ def _tiled_ops(backend):
 @pytest.mark.parametrize("backend", fused_backends())
 @pytest.mark.parametrize("p", [1, 2])
 def test_tiled_kernels_match_the_dense_formulas(backend, p):
-    # shapes that are not multiples of the tiles (cpp 128 x 512, triton 32 x 32)
+    # shapes that are not multiples of the tiles (cpp 256 x 256, triton 32 x 32)
     N, M, d = (300, 530, 7) if backend == "cpp" else (37, 45, 19)
     x = torch.randn(2, N, d) / math.sqrt(d)
     y = 0.8 * torch.randn(2, M, d) / math.sqrt(d) + 0.3

@@ -33,8 +33,8 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
-constexpr int64_t kRows = 128;  // rows of x per task
-constexpr int64_t kCols = 512;  // points of y per tile
+constexpr int64_t kRows = 256;  // rows of x per task
+constexpr int64_t kCols = 256;  // points of y per tile
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // One problem of the batch: x (N, d), y (M, d), row-major floats.
@@ -63,13 +63,13 @@ std::vector<float> half_sq_norms(const float* v, int64_t n, int64_t d) {
 }
 
 // Fills tile[r * kCols + c], r < nr, c < nc, for x_{i0+r} and y_{j0+c}: with
-// p = 1 the cost |x − y|, with p = 2 the dot product x·y (see row_costs).
+// p = 1 the cost |x − y|, with p = 2 the dot product x·y (see RowCosts).
 // yt: scratch of d × kCols floats (p = 1: the tile of y transposed).
 void cost_tile(const Clouds& P, int64_t i0, int64_t nr, int64_t j0, int64_t nc, float* tile, float* yt) {
   const int64_t d = P.d;
   if (P.p == 2) {
     // tile[r][c] = x_r · y_c: one sgemm into the strided tile (row stride
-    // kCols); row_costs turns a row of it into costs where it is read
+    // kCols); RowCosts turns it into costs where it is read
     at::Tensor out = at::from_blob(tile, {nr, nc}, {kCols, 1}, at::kFloat);
     at::mm_out(out, blob(P.x + i0 * d, nr, d), blob(P.y + j0 * d, nc, d).t());
     return;
@@ -96,15 +96,20 @@ void cost_tile(const Clouds& P, int64_t i0, int64_t nr, int64_t j0, int64_t nc, 
   }
 }
 
-// p = 2: rewrites one tile row (nc dot products) into costs
-// ½|x_r|² + ½|y_c|² − x_r·y_c clamped at 0 (the clamp only removes rounding
-// below 0), while the row is in L1. hx_r = ½|x_r|², hy = ½|y_c|² from c = 0.
-inline void row_costs(float* t, int64_t nc, float hx_r, const float* hy) {
-  const Vec zero(0.f), hxr(hx_r);
-  int64_t c = 0;
-  for (; c + kVec <= nc; c += kVec) at::vec::maximum(hxr + Vec::loadu(hy + c) - Vec::loadu(t + c), zero).store(t + c);
-  for (; c < nc; ++c) t[c] = std::max(0.f, hx_r + hy[c] - t[c]);
-}
+// The costs of a tile row from what cost_tile left there: p = 2 from the dot
+// products, ½|x_r|² + ½|y_c|² − x_r·y_c clamped at 0 (the clamp only
+// removes rounding below 0); p = 1 as they are. hx_r = ½|x_r|², hy[c] = ½|y_c|².
+struct RowCosts {
+  const float* t;
+  const float* hy;  // p = 2 only
+  float hx_r;
+  int p;
+  Vec at(int64_t c) const {
+    const Vec v = Vec::loadu(t + c);
+    return p == 2 ? at::vec::maximum(Vec(hx_r) + Vec::loadu(hy + c) - v, Vec(0.f)) : v;
+  }
+  float at1(int64_t c) const { return p == 2 ? std::max(0.f, hx_r + hy[c] - t[c]) : t[c]; }
+};
 
 // Calls body(b, i0, nr) for every block of kRows rows of every problem, in parallel.
 template <typename F>
@@ -166,18 +171,18 @@ at::Tensor ot_softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Te
       cost_tile(P, i0, nr, j0, nc, tile.data(), yt.data());
       for (int64_t r = 0; r < nr; ++r) {
         float* t = tile.data() + r * kCols;
-        if (p == 2) row_costs(t, nc, hx[b][i0 + r], hy[b].data() + j0);
-        // the tile row's exponents and their max, then Σ e^{· − max}
+        const RowCosts rc{t, p == 2 ? hy[b].data() + j0 : nullptr, p == 2 ? hx[b][i0 + r] : 0.f, int(p)};
+        // the tile row's exponents (over its costs, in place) and their max, then Σ e^{· − max}
         Vec vm(-kInf);
         int64_t c = 0;
         for (; c + kVec <= nc; c += kVec) {
-          const Vec e = Vec::loadu(hb + j0 + c) - Vec::loadu(t + c) * inv_eps;
+          const Vec e = Vec::loadu(hb + j0 + c) - rc.at(c) * inv_eps;
           e.store(t + c);
           vm = at::vec::maximum(vm, e);
         }
         float tm = hmax(vm);
         for (; c < nc; ++c) {
-          t[c] = hb[j0 + c] - t[c] * P.inv_eps;
+          t[c] = hb[j0 + c] - rc.at1(c) * P.inv_eps;
           tm = std::max(tm, t[c]);
         }
         if (tm == -kInf) continue;  // only zero weights in this tile
@@ -230,13 +235,13 @@ at::Tensor ot_transport_grad_cpu(const at::Tensor& x, const at::Tensor& y, const
       cost_tile(P, i0, nr, j0, nc, tile.data(), yt.data());
       for (int64_t r = 0; r < nr; ++r) {
         float* t = tile.data() + r * kCols;
-        if (p == 2) row_costs(t, nc, hx[b][i0 + r], hy[b].data() + j0);
+        const RowCosts rc{t, p == 2 ? hy[b].data() + j0 : nullptr, p == 2 ? hx[b][i0 + r] : 0.f, int(p)};
         const float lr = lp[b * N + i0 + r];
         const Vec vl(lr);
         Vec vs(0.f);
         int64_t c = 0;
         for (; c + kVec <= nc; c += kVec) {
-          const Vec cost = Vec::loadu(t + c);
+          const Vec cost = rc.at(c);
           Vec w = (vl + Vec::loadu(hb + j0 + c) - cost * inv_eps).exp_u20();
           if (p == 1) w = Vec::blendv(zero, w / cost, cost > zero);
           w.store(t + c);
@@ -244,7 +249,7 @@ at::Tensor ot_transport_grad_cpu(const at::Tensor& x, const at::Tensor& y, const
         }
         double rs = hsum(vs);
         for (; c < nc; ++c) {
-          const float cost = t[c];
+          const float cost = rc.at1(c);
           float w = std::exp(lr + hb[j0 + c] - cost * P.inv_eps);
           if (p == 1) w = cost > 0.f ? w / cost : 0.f;
           t[c] = w;
