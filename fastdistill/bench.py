@@ -459,7 +459,7 @@ def bench_ot_divergence(report: Report, n: int, d: int, *, epsilon: float = 0.05
         def run(state):
             out = loss_fn(*state)
             out.backward()
-            value.append(float(out))
+            value.append(float(out.detach()))
 
         secs, extra = measure(run, prep, repeat=repeat, warmup=warmup)
         val = value[-1]
