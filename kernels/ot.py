@@ -1,5 +1,7 @@
 """Triton backend of entropic OT between point clouds (``fastdistill::ot_softmin``
-and ``fastdistill::ot_transport_grad``; same contract as ``csrc/ot/ot_cpu.cpp``).
+and ``fastdistill::ot_transport_grad``; same contract as ``csrc/ot/ot_cpu.cpp``)
+and of SinKD's L1 cost (``fastdistill::sinkd_l1_cost[_backward]``, as
+``csrc/ot/sinkd_cpu.cpp``: tiles of W over V, never a B×B×V difference tensor).
 
 The cost C_ij = |x_i − y_j|^p / p is never stored. One program takes
 ``BLOCK_N`` points of x and walks y in ``BLOCK_M`` tiles (flash-attention
@@ -173,3 +175,78 @@ def transport_grad(x: torch.Tensor, y: torch.Tensor, l: torch.Tensor, h: torch.T
                                  1.0 / float(eps), P=p, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
                                  BLOCK_K=_block_k(D, p), BLOCK_D=bd)
     return out
+
+
+# --------------------------------------------------------------------- SinKD's L1 cost
+SINKD_BLOCK_B = 16  # rows of q (and of p) per program
+SINKD_BLOCK_V = 32  # vocabulary columns per step
+
+
+@triton.jit
+def _sinkd_l1_kernel(q_ptr, p_ptr, w_ptr, Bq, Bp, V,
+                     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr):
+    """W[i, j] = Σ_v |q_iv − p_jv| for one (BLOCK_B × BLOCK_B) tile of W."""
+    ri = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rj = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        vs = v0 + tl.arange(0, BLOCK_V)
+        q = tl.load(q_ptr + ri[:, None] * V + vs[None, :], mask=(ri[:, None] < Bq) & (vs[None, :] < V), other=0.0)
+        p = tl.load(p_ptr + rj[:, None] * V + vs[None, :], mask=(rj[:, None] < Bp) & (vs[None, :] < V), other=0.0)
+        acc += tl.sum(tl.abs(q[:, None, :] - p[None, :, :]), axis=2)
+    tl.store(w_ptr + ri[:, None] * Bp + rj[None, :], acc, mask=(ri[:, None] < Bq) & (rj[None, :] < Bp))
+
+
+@triton.jit
+def _sinkd_l1_backward_kernel(q_ptr, p_ptr, g_ptr, dq_ptr, Bq, Bp, V,
+                              BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr):
+    """dq[i, v] = Σ_j G_ij sign(q_iv − p_jv) for BLOCK_B rows and BLOCK_V columns."""
+    ri = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    vs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = vs < V
+    q = tl.load(q_ptr + ri[:, None] * V + vs[None, :], mask=(ri[:, None] < Bq) & vmask[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_B, BLOCK_V), dtype=tl.float32)
+    for j0 in range(0, Bp, BLOCK_B):
+        rj = j0 + tl.arange(0, BLOCK_B)
+        p = tl.load(p_ptr + rj[:, None] * V + vs[None, :], mask=(rj[:, None] < Bp) & vmask[None, :], other=0.0)
+        g = tl.load(g_ptr + ri[:, None] * Bp + rj[None, :], mask=(ri[:, None] < Bq) & (rj[None, :] < Bp),
+                    other=0.0)
+        d = q[:, None, :] - p[None, :, :]
+        sign = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+        acc += tl.sum(g[:, :, None] * sign, axis=1)
+    tl.store(dq_ptr + ri[:, None] * V + vs[None, :], acc, mask=(ri[:, None] < Bq) & vmask[None, :])
+
+
+def _check_rows(op: str, q: torch.Tensor, p: torch.Tensor) -> None:
+    if q.dim() != 2 or p.dim() != 2 or q.shape[1] != p.shape[1]:
+        raise ValueError(f"{op}: q and p must be (Bq, V) and (Bp, V), got {tuple(q.shape)} and "
+                         f"{tuple(p.shape)}")
+    if q.dtype != torch.float32 or p.dtype != torch.float32:
+        raise TypeError(f"{op}: q and p must be float32")
+
+
+def sinkd_l1_cost(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """W (Bq, Bp) = Σ_v |q_iv − p_jv| (contract of fastdistill::sinkd_l1_cost)."""
+    _check_rows("sinkd_l1_cost", q, p)
+    q, p = q.contiguous(), p.contiguous()
+    Bq, V = q.shape
+    Bp = p.shape[0]
+    w = torch.zeros((Bq, Bp), dtype=torch.float32, device=q.device)
+    if Bq and Bp and V:
+        grid = (triton.cdiv(Bq, SINKD_BLOCK_B), triton.cdiv(Bp, SINKD_BLOCK_B))
+        _sinkd_l1_kernel[grid](q, p, w, Bq, Bp, V, BLOCK_B=SINKD_BLOCK_B, BLOCK_V=SINKD_BLOCK_V)
+    return w
+
+
+def sinkd_l1_cost_backward(q: torch.Tensor, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dq (Bq, V) = Σ_j G_ij sign(q_iv − p_jv) (contract of fastdistill::sinkd_l1_cost_backward)."""
+    _check_rows("sinkd_l1_cost_backward", q, p)
+    q, p, grad = q.contiguous(), p.contiguous(), grad.float().contiguous()
+    Bq, V = q.shape
+    Bp = p.shape[0]
+    dq = torch.zeros_like(q)
+    if Bq and Bp and V:
+        grid = (triton.cdiv(Bq, SINKD_BLOCK_B), triton.cdiv(V, SINKD_BLOCK_V))
+        _sinkd_l1_backward_kernel[grid](q, p, grad, dq, Bq, Bp, V, BLOCK_B=SINKD_BLOCK_B,
+                                        BLOCK_V=SINKD_BLOCK_V)
+    return dq

@@ -498,6 +498,43 @@ def test_sinkd_identical_rows_single_row_and_3d():
                                ot.sinkhorn_kd_loss(z, z.view(2, 3, 12).flip(0).reshape(6, 12)))
 
 
+@pytest.mark.parametrize("backend", fused_backends())
+def test_sinkd_l1_kernels_match_the_dense_formulas(backend):
+    # sizes off the blocks (cpp: 4 rows, 1024 columns; triton: 16 rows, 32 columns)
+    Bq, Bp, V = (11, 9, 2100) if backend == "cpp" else (19, 17, 70)
+    q = torch.softmax(torch.randn(Bq, V) * 2, -1)
+    p = torch.softmax(torch.randn(Bp, V) * 2, -1)
+    p[2, :V // 2] = q[5, :V // 2]  # equal entries: sign(0) = 0, as torch's abs
+    G = torch.randn(Bq, Bp)
+    l1, l1_backward = ot._l1_ops(backend)
+    qd = q.double().requires_grad_()
+    W = (qd[:, None, :] - p.double()[None, :, :]).abs().sum(-1)
+    torch.testing.assert_close(l1(q, p).double(), W.detach(), rtol=1e-5, atol=1e-6)
+    (W * G.double()).sum().backward()
+    torch.testing.assert_close(l1_backward(q, p, G).double(), qd.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("mode", ot.KD_GRADIENTS)
+def test_sinkd_backends_agree(backend, mode):
+    B, V = (21, 1500) if backend == "cpp" else (19, 70)
+    s0 = torch.randn(3, B, V) * 2
+    t = torch.randn(3, B, V) * 2
+    t[0, 3] = s0[0, 3]  # a row whose student and teacher coincide
+    labels = torch.randint(0, V, (3, B))
+    labels[1, ::4] = -100
+    out = []
+    for name in ("torch", backend):
+        s = s0.clone().requires_grad_()
+        loss = ot.sinkhorn_kd_loss(s, t, labels=labels, gradient=mode, backend=name)
+        loss.backward()
+        out.append((loss.detach(), s.grad))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-4, atol=1e-7)
+    with pytest.raises(TypeError, match="float64"):
+        ot.sinkhorn_kd_loss(s0.double(), t.double(), backend=backend)
+
+
 # --------------------------------------------------------------------------- bad input
 
 C0 = torch.rand(3, 4)
