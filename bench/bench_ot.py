@@ -17,7 +17,7 @@ from fastdistill import bench as report
 N, D, EPS, ITERS = 1024, 64, 0.05, 100
 B, V, T, KD_EPS, KD_ITERS = 64, 8000, 2.0, 0.1, 20
 DIV_IMPLS = ["POT", "GeomLoss", "fastdistill sinkhorn_divergence torch", "fastdistill sinkhorn_divergence cpp"]
-KD_IMPLS = ["reference-port", "envelope", "unrolled"]
+KD_IMPLS = ["reference-port", "torch-envelope", "torch-unrolled", "cpp-envelope", "cpp-unrolled"]
 
 
 @pytest.mark.parametrize("impl", DIV_IMPLS)
@@ -52,9 +52,11 @@ def test_sinkhorn_kd_loss_fwd_bwd(benchmark, impl):
         def loss_fn(s):
             return report.sinkd_reference(s, teacher, T, KD_EPS, KD_ITERS) / B
     else:
+        backend, mode = impl.split("-")
+
         def loss_fn(s):
             return fd.ot.sinkhorn_kd_loss(s, teacher, temperature=T, epsilon=KD_EPS,
-                                          n_iters=KD_ITERS, gradient=impl)
+                                          n_iters=KD_ITERS, gradient=mode, backend=backend)
 
     def setup():
         return (base.clone().requires_grad_(),), {}

@@ -56,8 +56,10 @@ TORCH_LIBRARY(fastdistill, m) {
   // The envelope gradient: out (B, N, d) = sum_j P_ij * d C(x_i, y_j) / d x_i,
   // P_ij = exp(l_i + h_j - C_ij / eps), l (B, N) = f / eps + log a.
   m.def("ot_transport_grad(Tensor x, Tensor y, Tensor l, Tensor h, float eps, int p) -> Tensor");
-  // SinKD's L1 cost between probability rows q (Bq, V) and p (Bp, V), float32:
-  // W (Bq, Bp) = sum_v |q_iv - p_jv|; its backward dq (Bq, V) = sum_j G_ij sign(q_iv - p_jv).
-  m.def("sinkd_l1_cost(Tensor q, Tensor p) -> Tensor");
-  m.def("sinkd_l1_cost_backward(Tensor q, Tensor p, Tensor grad) -> Tensor");
+  // SinKD's L1 cost from float32 logits, student (Bq, V) and teacher (Bp, V):
+  // q = softmax(student / T), p = softmax(teacher / T), W (Bq, Bp) =
+  // sum_v |q_iv - p_jv|; returns (W, q, p). The backward takes q, p and
+  // G = dL/dW and returns dL/d student (Bq, V) through sign(q - p) and the softmax.
+  m.def("sinkd_l1_forward(Tensor student, Tensor teacher, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def("sinkd_l1_backward(Tensor q, Tensor p, Tensor grad, float temperature) -> Tensor");
 }

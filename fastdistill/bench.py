@@ -482,11 +482,13 @@ def bench_sinkd(report: Report, b: int, v: int, *, temperature: float = 2.0, eps
     impls = [
         ("torch eager (SinKD reference port)",
          lambda s: sinkd_reference(s, teacher, temperature, epsilon, n_iters) / b),
-        ("fastdistill sinkhorn_kd_loss torch envelope",
-         lambda s: sinkhorn_kd_loss(s, teacher, gradient="envelope", **kw)),
-        ("fastdistill sinkhorn_kd_loss torch unrolled",
-         lambda s: sinkhorn_kd_loss(s, teacher, gradient="unrolled", **kw)),
     ]
+    names = ["torch"] + (["cpp"] if _backend.backends()["cpp"] else [])
+    for name in names:
+        for mode in ("envelope", "unrolled"):
+            impls.append((f"fastdistill sinkhorn_kd_loss {name} {mode}",
+                          lambda s, name=name, mode=mode: sinkhorn_kd_loss(
+                              s, teacher, gradient=mode, backend=name, **kw)))
     _bench_student_losses(report, f"sinkhorn_kd[l1 T={temperature:g} eps={epsilon:g} {n_iters} it]",
                           base, impls, repeat=repeat, log=log)
 

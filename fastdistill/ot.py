@@ -495,29 +495,44 @@ def _kd_cost(q: torch.Tensor, p: torch.Tensor, cost: str) -> torch.Tensor:
 
 
 class _TiledL1Cost(torch.autograd.Function):
-    """W = Σ_v |q_iv − p_jv| by a fast backend's tiled kernels (q differentiable,
+    """W = Σ_v |q_iv − p_jv| by the Triton kernels, tiled over V (q differentiable,
     p constant); backward dq = Σ_j G_ij sign(q_iv − p_jv)."""
 
     @staticmethod
-    def forward(ctx, q, p, ops):
+    def forward(ctx, q, p):
+        from fastdistill.kernels import ot as triton_ot  # CUDA only; imported on demand
+
         q, p = q.contiguous(), p.contiguous()
         ctx.save_for_backward(q, p)
-        ctx.ops = ops
-        return ops[0](q, p)
+        return triton_ot.sinkd_l1_cost(q, p)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        from fastdistill.kernels import ot as triton_ot
+
+        q, p = ctx.saved_tensors
+        return triton_ot.sinkd_l1_cost_backward(q, p, grad.float().contiguous()), None
+
+
+class _FusedL1Cost(torch.autograd.Function):
+    """The cpp kernel: softmax(z/T) of both sides and W = Σ_v |q_iv − p_jv| in one
+    op from float32 logits; backward straight to the student logits."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature):
+        W, q, p = torch.ops.fastdistill.sinkd_l1_forward(student.contiguous(), teacher.contiguous(),
+                                                          temperature)
+        ctx.save_for_backward(q, p)
+        ctx.temperature = temperature
+        return W
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, p = ctx.saved_tensors
-        return ctx.ops[1](q, p, grad.float().contiguous()), None, None
-
-
-def _l1_ops(name: str):
-    if name == "cpp":
-        return torch.ops.fastdistill.sinkd_l1_cost, torch.ops.fastdistill.sinkd_l1_cost_backward
-    from fastdistill.kernels import ot as triton_ot  # CUDA only; imported on demand
-
-    return triton_ot.sinkd_l1_cost, triton_ot.sinkd_l1_cost_backward
+        dz = torch.ops.fastdistill.sinkd_l1_backward(q, p, grad.float().contiguous(), ctx.temperature)
+        return dz, None, None
 
 
 def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
@@ -543,10 +558,12 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     reference formulation. The teacher is a constant: teacher_logits must
     not require grad.
 
-    backend="torch" builds W with ``torch.cdist`` (the reference); "cpp" and
-    "triton" compute the L1 cost and its gradient with tiled kernels over V
-    (the O(B²V) hot part; the softmaxes are torch's, O(BV)); the
-    "sqeuclidean" and "cosine" costs are GEMMs on every backend.
+    backend="torch" builds W with ``torch.cdist`` (the reference); "cpp"
+    computes both softmaxes and the L1 cost (the O(B²V) hot part) in one
+    kernel walking V in chunks, and the gradient back to the logits in
+    another; "triton" has tiled kernels for the L1 cost and its gradient
+    (softmaxes by torch). The "sqeuclidean" and "cosine" costs are GEMMs on
+    every backend.
     """
     s = _checks.tensor("student_logits", student_logits, floating=True)
     t = _checks.tensor("teacher_logits", teacher_logits, floating=True)
@@ -581,12 +598,12 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     B = s2.shape[0]
     if B == 0:  # still attached to the graph: backward gives zeros, never NaN
         return s2.to(wd).sum()
-    q = torch.softmax(s2.to(wd) / T, dim=-1)
-    p = torch.softmax(t2.to(wd) / T, dim=-1)
-    if cost == "l1" and name != "torch":
-        W = _TiledL1Cost.apply(q, p.detach(), _l1_ops(name))
+    if cost == "l1" and name == "cpp":
+        W = _FusedL1Cost.apply(s2.to(wd), t2.detach().to(wd), T)
     else:
-        W = _kd_cost(q, p, cost)
+        q = torch.softmax(s2.to(wd) / T, dim=-1)
+        p = torch.softmax(t2.to(wd) / T, dim=-1)
+        W = _TiledL1Cost.apply(q, p.detach()) if cost == "l1" and name != "torch" else _kd_cost(q, p, cost)
     if not torch.isfinite(W).all():
         raise ValueError("the logits must be finite (their softmax gave a non-finite cost)")
     w = torch.full((B,), 1.0 / B, dtype=wd, device=s.device)

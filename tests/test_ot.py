@@ -498,20 +498,45 @@ def test_sinkd_identical_rows_single_row_and_3d():
                                ot.sinkhorn_kd_loss(z, z.view(2, 3, 12).flip(0).reshape(6, 12)))
 
 
-@pytest.mark.parametrize("backend", fused_backends())
-def test_sinkd_l1_kernels_match_the_dense_formulas(backend):
-    # sizes off the blocks (cpp: 4 rows, 1024 columns; triton: 16 rows, 32 columns)
-    Bq, Bp, V = (11, 9, 2100) if backend == "cpp" else (19, 17, 70)
+def _sinkd_l1_dense(zs, zt, T, G):
+    """float64 W = Σ_v |q − p| from logits and dL/dzs for L = Σ G ⊙ W, by autograd."""
+    zd = zs.double().requires_grad_()
+    q, p = torch.softmax(zd / T, -1), torch.softmax(zt.double() / T, -1)
+    W = (q[:, None, :] - p[None, :, :]).abs().sum(-1)
+    (W * G.double()).sum().backward()
+    return W.detach(), zd.grad
+
+
+def test_sinkd_l1_cpp_kernels_match_the_dense_formulas():
+    if not fd.backends()["cpp"]:
+        pytest.skip("the C++ extension is unavailable")
+    Bq, Bp, V, T = 11, 9, 2100, 1.7  # rows and columns off the blocks (4 rows, 1024 columns)
+    zs, zt = torch.randn(Bq, V) * 2, torch.randn(Bp, V) * 2
+    zt[2] = zs[5]  # equal probabilities: sign(0) = 0, as torch's abs
+    G = torch.randn(Bq, Bp)
+    W, q, p = torch.ops.fastdistill.sinkd_l1_forward(zs, zt, T)
+    W_ref, dz_ref = _sinkd_l1_dense(zs, zt, T, G)
+    torch.testing.assert_close(W.double(), W_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q, torch.softmax(zs / T, -1))
+    dz = torch.ops.fastdistill.sinkd_l1_backward(q, p, G, T)
+    torch.testing.assert_close(dz.double(), dz_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_sinkd_l1_triton_kernels_match_the_dense_formulas():
+    if not fd.backends()["triton"]:
+        pytest.skip("triton is unavailable")
+    from fastdistill.kernels import ot as triton_ot
+    Bq, Bp, V = 19, 17, 70  # off the blocks (16 rows, 32 columns)
     q = torch.softmax(torch.randn(Bq, V) * 2, -1)
     p = torch.softmax(torch.randn(Bp, V) * 2, -1)
-    p[2, :V // 2] = q[5, :V // 2]  # equal entries: sign(0) = 0, as torch's abs
+    p[2, :V // 2] = q[5, :V // 2]  # equal entries: sign(0) = 0
     G = torch.randn(Bq, Bp)
-    l1, l1_backward = ot._l1_ops(backend)
     qd = q.double().requires_grad_()
     W = (qd[:, None, :] - p.double()[None, :, :]).abs().sum(-1)
-    torch.testing.assert_close(l1(q, p).double(), W.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(triton_ot.sinkd_l1_cost(q, p).double(), W.detach(), rtol=1e-5, atol=1e-6)
     (W * G.double()).sum().backward()
-    torch.testing.assert_close(l1_backward(q, p, G).double(), qd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(triton_ot.sinkd_l1_cost_backward(q, p, G).double(), qd.grad,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", fused_backends())
