@@ -4,10 +4,11 @@
 ``fused_linear_kd_loss``/``FusedLinearKDLoss`` (the LM head fused in),
 ``sparse_kd_loss``/``sample_teacher`` (sparse teachers), ``softlabels`` (packed
 teacher outputs on disk, decoded inside the loss), ``ot`` (Sinkhorn, SinKD),
+``dd`` (dataset distillation: grouped/per-sample gradients, matching losses),
 ``TAIDSchedule``,
 and ``backends()`` to see what runs here.
 """
-from . import ot, softlabels
+from . import dd, ot, softlabels
 from ._backend import backends
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from .kd import DIVERGENCES, KDLoss, kd_loss
@@ -16,7 +17,7 @@ from .taid import TAIDSchedule
 
 __version__ = "0.1.0"
 __all__ = [
-    "DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends",
+    "DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends", "dd",
     "fused_linear_kd_loss", "kd_loss", "ot", "sample_teacher", "softlabels", "sparse_kd_loss",
     "__version__",
 ]

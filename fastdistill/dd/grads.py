@@ -1,0 +1,346 @@
+"""Grouped and per-sample gradients from ONE forward and backward pass
+(``shared/notes/kd-math.md`` §5).
+
+A layer's weight gradient is a sum over samples of per-sample pieces built from
+what the layer saw (its input a_i) and what came back (b_i = ∂loss_i/∂output_i):
+Linear b_iᵀ a_i, Conv2d b_i unfold(a_i)ᵀ, a norm layer's affine Σ b_i x̂_i. So
+one pass that records a and b per layer gives every group's gradient (sum the
+pieces of the group's samples), and per-sample norms and Gram matrices
+without forming the B per-sample gradients where the factored form is
+cheaper. Layer types with parameters that are not known here fall back to
+``torch.func`` (vmap of a vjp over the layer alone, with the recorded a and b).
+
+The model must treat samples independently (no batch norm in training mode):
+then ∂(Σ_i loss_i)/∂output restricted to row i is ∂loss_i/∂output_i.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _checks
+
+__all__ = ["grouped_gradients", "per_sample_grad_norms", "per_sample_grad_gram"]
+
+
+@dataclass
+class _Call:
+    """One call of a module with parameters: its input and output."""
+
+    module: nn.Module
+    input: torch.Tensor
+    output: torch.Tensor
+    version: int
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise ValueError(f"model.{name} is a {type(m).__name__} in training mode: it mixes the "
+                             "samples of a batch, so per-sample and per-group gradients are not "
+                             "defined by one pass; call model.eval() or use instance/group norm")
+
+
+def _record(model: nn.Module, inputs: torch.Tensor):
+    """model(inputs) with every call of a module that owns parameters recorded."""
+    calls: list[_Call] = []
+
+    def hook(module, args, output):
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+            raise TypeError(f"{type(module).__name__} takes or returns something other than one "
+                            "tensor; grouped/per-sample gradients need layers with one tensor "
+                            "input and one tensor output")
+        calls.append(_Call(module, args[0], output, output._version))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if any(True for _ in m.parameters(recurse=False))]
+    try:
+        outputs = model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, calls
+
+
+def _backward_pass(model, loss_fn, inputs, targets, create_graph):
+    """One forward, one backward: the recorded calls and b = ∂Σloss/∂output per call."""
+    _check_model(model)
+    _checks.tensor("inputs", inputs)
+    if inputs.dim() < 1 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must have a non-empty batch dimension, got {tuple(inputs.shape)}")
+    B = inputs.shape[0]
+    outputs, calls = _record(model, inputs)
+    losses = loss_fn(outputs, targets)
+    if not isinstance(losses, torch.Tensor) or losses.shape != (B,):
+        raise ValueError(f"loss_fn(outputs, targets) must return per-sample losses of shape ({B},), "
+                         f"got {getattr(losses, 'shape', type(losses).__name__)} (use reduction='none')")
+    for c in calls:
+        if c.output._version != c.version:
+            raise ValueError(f"the output of a {type(c.module).__name__} was modified in place after "
+                             "the layer ran (e.g. ReLU(inplace=True)): use out-of-place ops")
+        if c.input.shape[:1] != (B,) or c.output.shape[:1] != (B,):
+            raise ValueError(f"a {type(c.module).__name__} saw a tensor without the batch of {B} "
+                             "in front")
+    live = [c for c in calls if c.output.requires_grad]
+    grads = torch.autograd.grad(losses.sum(), [c.output for c in live], create_graph=create_graph,
+                                allow_unused=True)
+    out = []
+    for c, b in zip(live, grads):
+        out.append((c, torch.zeros_like(c.output) if b is None else b))
+    return out, B
+
+
+# ----------------------------------------------------------------- per-sample pieces
+# Each known layer gives, per parameter, a factored per-sample gradient: for a
+# weight, g_i = B_iᵀ A_i with A (B, T, k) and B (B, T, m) (g_i is m × k); for a
+# vector (bias, norm affine), the per-sample gradients themselves (B, n).
+
+@dataclass
+class _Outer:
+    """g_i = B_iᵀ A_i: A (B, T, k), Bm (B, T, m); the parameter has shape ``shape`` (numel m·k)."""
+
+    A: torch.Tensor
+    Bm: torch.Tensor
+    shape: torch.Size
+
+    def materialize(self) -> torch.Tensor:  # (B, numel)
+        return torch.bmm(self.Bm.transpose(1, 2), self.A).reshape(self.A.shape[0], -1)
+
+    def group_sum(self, idx: torch.Tensor) -> torch.Tensor:
+        A, Bm = self.A[idx], self.Bm[idx]
+        return (Bm.reshape(-1, Bm.shape[-1]).T @ A.reshape(-1, A.shape[-1])).reshape(self.shape)
+
+    def _factored_cheaper(self) -> bool:
+        _, T, k = self.A.shape
+        m = self.Bm.shape[-1]
+        return T * T * (k + m) < k * m  # kd-math §5: T² < k·m/(k+m)
+
+    def sqnorms(self) -> torch.Tensor:
+        if self.A.shape[1] == 1:
+            return self.A.pow(2).sum((1, 2)) * self.Bm.pow(2).sum((1, 2))
+        if self._factored_cheaper():
+            aa = torch.bmm(self.A, self.A.transpose(1, 2))
+            bb = torch.bmm(self.Bm, self.Bm.transpose(1, 2))
+            return (aa * bb).sum((1, 2))
+        return self.materialize().pow(2).sum(1)
+
+    def gram(self) -> torch.Tensor:
+        if self.A.shape[1] == 1:
+            a, b = self.A[:, 0], self.Bm[:, 0]
+            return (a @ a.T) * (b @ b.T)
+        if self._factored_cheaper():
+            # ⟨g_i, g_j⟩ = Σ_{t,s} (a_it·a_js)(b_it·b_js)
+            aa = torch.einsum("itk,jsk->ijts", self.A, self.A)
+            bb = torch.einsum("itm,jsm->ijts", self.Bm, self.Bm)
+            return (aa * bb).sum((2, 3))
+        g = self.materialize()
+        return g @ g.T
+
+
+@dataclass
+class _Dense:
+    """Per-sample gradients as they are, (B, numel) (bias, norm affine, fallback)."""
+
+    G: torch.Tensor
+    shape: torch.Size
+
+    def materialize(self) -> torch.Tensor:
+        return self.G
+
+    def group_sum(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.G[idx].sum(0).reshape(self.shape)
+
+    def sqnorms(self) -> torch.Tensor:
+        return self.G.pow(2).sum(1)
+
+    def gram(self) -> torch.Tensor:
+        return self.G @ self.G.T
+
+
+def _linear(m: nn.Linear, a, b):
+    Bn = a.shape[0]
+    A = a.reshape(Bn, -1, a.shape[-1])
+    Bm = b.reshape(Bn, -1, b.shape[-1])
+    out = {"weight": _Outer(A, Bm, m.weight.shape)}
+    if m.bias is not None:
+        out["bias"] = _Dense(Bm.sum(1), m.bias.shape)
+    return out
+
+
+def _conv2d(m: nn.Conv2d, a, b):
+    Bn = a.shape[0]
+    cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    A = cols.transpose(1, 2)  # (B, L, Cin·kh·kw)
+    Bm = b.reshape(Bn, b.shape[1], -1).transpose(1, 2)  # (B, L, Cout)
+    out = {"weight": _Outer(A, Bm, m.weight.shape)}
+    if m.bias is not None:
+        out["bias"] = _Dense(Bm.sum(1), m.bias.shape)
+    return out
+
+
+def _conv2d_known(m: nn.Module) -> bool:
+    return (type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+def _affine(m: nn.Module, xhat, b, channel_dim: bool):
+    """γ, β of a norm layer from the normalized input x̂ and b."""
+    Bn = b.shape[0]
+    if channel_dim:  # (B, C, *spatial): per-channel affine
+        gw = (b * xhat).reshape(Bn, b.shape[1], -1).sum(-1)
+        gb = b.reshape(Bn, b.shape[1], -1).sum(-1)
+    else:  # LayerNorm: affine over the trailing normalized_shape
+        n = m.weight.numel()
+        gw = (b * xhat).reshape(Bn, -1, n).sum(1)
+        gb = b.reshape(Bn, -1, n).sum(1)
+    out = {}
+    if m.weight is not None:
+        out["weight"] = _Dense(gw, m.weight.shape)
+    if m.bias is not None:
+        out["bias"] = _Dense(gb, m.bias.shape)
+    return out
+
+
+def _norm_known(m: nn.Module) -> bool:
+    if type(m) in (nn.GroupNorm, nn.LayerNorm):
+        return m.weight is not None or m.bias is not None
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        return m.affine and not (m.track_running_stats and not m.training)
+    return False
+
+
+def _norm(m: nn.Module, a, b):
+    if type(m) is nn.GroupNorm:
+        return _affine(m, F.group_norm(a, m.num_groups, None, None, m.eps), b, True)
+    if type(m) is nn.LayerNorm:
+        return _affine(m, F.layer_norm(a, m.normalized_shape, None, None, m.eps), b, False)
+    return _affine(m, F.instance_norm(a, eps=m.eps), b, True)
+
+
+def _fallback(m: nn.Module, a, b):
+    """Per-sample gradients of the layer's own parameters by torch.func."""
+    from torch.func import functional_call, vjp, vmap
+
+    names = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+    params = {n: getattr(m, n) for n in names}
+
+    def one(p, a_i, b_i):
+        _, pull = vjp(lambda pp: functional_call(m, pp, (a_i.unsqueeze(0),)), p)
+        return pull(b_i.unsqueeze(0))[0]
+
+    per = vmap(one, in_dims=(None, 0, 0))(params, a, b)
+    return {n: _Dense(per[n].reshape(a.shape[0], -1), params[n].shape) for n in names}
+
+
+def _pieces(model, loss_fn, inputs, targets, create_graph):
+    """{parameter: [per-sample pieces]} over every recorded call, and B."""
+    calls, B = _backward_pass(model, loss_fn, inputs, targets, create_graph)
+    pieces: dict[int, list] = {}
+    for c, b in calls:
+        m, a = c.module, c.input
+        if not create_graph:  # first order: the pieces need no graph of their own
+            a, b = a.detach(), b.detach()
+        if type(m) is nn.Linear:
+            got = _linear(m, a, b)
+        elif _conv2d_known(m):
+            got = _conv2d(m, a, b)
+        elif _norm_known(m):
+            got = _norm(m, a, b)
+        else:
+            got = _fallback(m, a, b)
+        for name, piece in got.items():
+            p = getattr(m, name)
+            if p is not None and p.requires_grad:
+                pieces.setdefault(id(p), []).append(piece)
+    return pieces, B
+
+
+def _group_ids(groups, B: int, device, num_groups):
+    g = _checks.tensor("groups", groups)
+    if g.dtype in (torch.bool,) or g.dtype.is_floating_point or g.is_complex():
+        raise TypeError(f"groups must be an integer tensor, got {g.dtype}")
+    if g.shape != (B,):
+        raise ValueError(f"groups must have shape ({B},) (one group id per sample), got {tuple(g.shape)}")
+    if g.device != device:
+        raise ValueError(f"groups is on {g.device}, inputs on {device}")
+    if (g < 0).any():
+        raise ValueError("groups must be >= 0")
+    G = int(g.max()) + 1
+    if num_groups is not None:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
+            raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
+        if G > num_groups:
+            raise ValueError(f"groups has id {G - 1}, not below num_groups={num_groups}")
+        G = int(num_groups)
+    return g, G
+
+
+def grouped_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, groups: torch.Tensor,
+                      *, create_graph: bool = False, num_groups: int | None = None
+                      ) -> list[list[torch.Tensor]]:
+    """Gradient of each group's summed loss, for every parameter, from ONE pass.
+
+    loss_fn(outputs, targets) returns per-sample losses (B,); groups (B,) gives
+    each sample's group id. Returns, for each group 0..G−1 (G = max id + 1, or
+    ``num_groups``), one tensor per parameter in ``model.parameters()`` order:
+    ∇_θ Σ_{i in group} loss_i (zeros for an empty group and for parameters
+    that do not require grad or are not used). With ``create_graph=True`` the
+    results are differentiable (second order: w.r.t. the inputs, e.g. the
+    synthetic images of DC, and the parameters).
+    """
+    _checks.flag("create_graph", create_graph)
+    pieces, B = _pieces(model, loss_fn, inputs, targets, create_graph)
+    g, G = _group_ids(groups, B, inputs.device, num_groups)
+    members = [torch.nonzero(g == k).flatten() for k in range(G)]
+    out = []
+    params = list(model.parameters())
+    for k in range(G):
+        row = []
+        for p in params:
+            ps = pieces.get(id(p))
+            if not ps or members[k].numel() == 0:
+                row.append(torch.zeros_like(p))
+                continue
+            total = ps[0].group_sum(members[k])
+            for extra in ps[1:]:
+                total = total + extra.group_sum(members[k])
+            row.append(total.to(p.dtype))
+        out.append(row)
+    return out
+
+
+def _combined(ps: list):
+    """One piece per parameter: several calls' pieces summed per sample."""
+    if len(ps) == 1:
+        return ps[0]
+    G = ps[0].materialize()
+    for extra in ps[1:]:
+        G = G + extra.materialize()
+    return _Dense(G, ps[0].shape)
+
+
+def per_sample_grad_norms(model: nn.Module, loss_fn, inputs: torch.Tensor, targets) -> torch.Tensor:
+    """‖∇_θ loss_i‖ over all parameters, (B,), without forming the per-sample
+    gradients where the factored form is cheaper (kd-math.md §5)."""
+    pieces, B = _pieces(model, loss_fn, inputs, targets, False)
+    total = torch.zeros(B, dtype=torch.float64 if inputs.dtype == torch.float64 else torch.float32,
+                        device=inputs.device)
+    for ps in pieces.values():
+        total = total + _combined(ps).sqnorms().to(total.dtype)
+    return total.sqrt()
+
+
+def per_sample_grad_gram(model: nn.Module, loss_fn, inputs: torch.Tensor, targets) -> torch.Tensor:
+    """Gram matrix ⟨∇_θ loss_i, ∇_θ loss_j⟩ over all parameters, (B, B)."""
+    pieces, B = _pieces(model, loss_fn, inputs, targets, False)
+    total = torch.zeros(B, B, dtype=torch.float64 if inputs.dtype == torch.float64 else torch.float32,
+                        device=inputs.device)
+    for ps in pieces.values():
+        total = total + _combined(ps).gram().to(total.dtype)
+    return total

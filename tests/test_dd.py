@@ -1,0 +1,274 @@
+"""fd.dd: grouped and per-sample gradients against per-group autograd loops and
+torch.func in float64 (first and second order), the matching losses against
+per-layer references, DSA's siamese property, and bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import fastdistill as fd
+
+dd = fd.dd
+F64 = torch.float64
+
+
+def ce(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+class Scale(nn.Module):
+    """A layer type grouped_gradients does not know: the torch.func fallback."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return torch.tanh(x * self.s)
+
+
+class MLP(nn.Module):
+    """Linear on (B, T, d) tokens (T > 1), LayerNorm, the fallback layer, and a
+    layer used twice (its pieces add up per sample)."""
+
+    def __init__(self, d=6, h=5, classes=4, T=3):
+        super().__init__()
+        self.inp = nn.Linear(d, h)
+        self.norm = nn.LayerNorm(h)
+        self.scale = Scale(h)
+        self.shared = nn.Linear(h, h)
+        self.head = nn.Linear(h * T, classes, bias=False)
+
+    def forward(self, x):
+        z = self.scale(self.norm(self.inp(x)))
+        z = torch.relu(self.shared(torch.relu(self.shared(z))))
+        return self.head(z.flatten(1))
+
+
+def models():
+    torch.manual_seed(0)
+    conv = dd.ConvNet(in_channels=2, num_classes=5, width=6, depth=2, image_size=(9, 7)).double()
+    mlp = MLP().double()
+    return [
+        pytest.param(conv, lambda n: torch.randn(n, 2, 9, 7, dtype=F64), 5, id="convnet"),
+        pytest.param(mlp, lambda n: torch.randn(n, 3, 6, dtype=F64), 4, id="mlp"),
+    ]
+
+
+def per_group_loop(model, x, y, groups, G, create_graph=False):
+    out = []
+    params = list(model.parameters())
+    for k in range(G):
+        idx = groups == k
+        if not idx.any():
+            out.append([torch.zeros_like(p) for p in params])
+            continue
+        loss = ce(model(x[idx]), y[idx]).sum()
+        out.append(list(torch.autograd.grad(loss, params, create_graph=create_graph)))
+    return out
+
+
+def per_sample_flat(model, x, y):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return ce(functional_call(model, p, (xi[None],)), yi[None]).sum()
+
+    per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([v.reshape(x.shape[0], -1) for v in per.values()], 1)
+
+
+@pytest.mark.parametrize("model,make,classes", models())
+def test_grouped_gradients_equal_a_per_group_loop(model, make, classes):
+    x = make(11)
+    y = torch.randint(0, classes, (11,))
+    groups = torch.tensor([0, 3, 3, 0, 1, 3, 3, 0, 3, 1, 3])  # unequal sizes, group 2 empty
+    got = dd.grouped_gradients(model, ce, x, y, groups, num_groups=5)  # 4: a trailing empty group
+    want = per_group_loop(model, x, y, groups, 5)
+    assert len(got) == 5 and all(len(r) == len(list(model.parameters())) for r in got)
+    for rg, rw in zip(got, want):
+        for a, b in zip(rg, rw):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert all((t == 0).all() for t in got[2]) and all((t == 0).all() for t in got[4])
+
+
+@pytest.mark.parametrize("model,make,classes", models())
+def test_grouped_gradients_second_order(model, make, classes):
+    # DC's synthetic side: the distance between grouped gradients of synthetic
+    # images (create_graph=True) and fixed real ones, differentiated w.r.t. the images
+    real, syn = make(8), make(6)
+    y_real = torch.randint(0, classes, (8,))
+    y_syn = torch.arange(6) % 3
+    g_real = dd.grouped_gradients(model, ce, real, y_real, y_real % 3)
+    xs = syn.clone().requires_grad_()
+    g_syn = dd.grouped_gradients(model, ce, xs, y_syn, y_syn, create_graph=True)
+    for metric in dd.losses.METRICS:
+        got = torch.autograd.grad(dd.gradient_match_loss(g_real, g_syn, metric), xs, retain_graph=True)[0]
+        xr = syn.clone().requires_grad_()
+        loop = per_group_loop(model, xr, y_syn, y_syn, 3, create_graph=True)
+        want = torch.autograd.grad(dd.gradient_match_loss(g_real, loop, metric), xr)[0]
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("model,make,classes", models())
+def test_per_sample_norms_and_gram_equal_torch_func(model, make, classes):
+    x = make(7)
+    y = torch.randint(0, classes, (7,))
+    flat = per_sample_flat(model, x, y)
+    torch.testing.assert_close(dd.per_sample_grad_norms(model, ce, x, y), flat.norm(dim=1),
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dd.per_sample_grad_gram(model, ce, x, y), flat @ flat.T,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_factored_and_materialized_paths_agree():
+    # Linear over T tokens: T = 2 takes the factored Gram form (T²(k+m) < km), T = 9 materializes
+    for T in (2, 9):
+        lin = nn.Linear(40, 30).double()
+        x = torch.randn(5, T, 40, dtype=F64)
+        y = torch.randint(0, 30, (5,))
+
+        def lf(o, t):
+            return F.cross_entropy(o.sum(1), t, reduction="none")
+
+        params = {k: v.detach() for k, v in lin.named_parameters()}
+        per = vmap(grad(lambda p, xi, yi: lf(functional_call(lin, p, (xi[None],)), yi[None]).sum()),
+                   in_dims=(None, 0, 0))(params, x, y)
+        flat = torch.cat([v.reshape(5, -1) for v in per.values()], 1)
+        torch.testing.assert_close(dd.per_sample_grad_norms(lin, lf, x, y), flat.norm(dim=1))
+        torch.testing.assert_close(dd.per_sample_grad_gram(lin, lf, x, y), flat @ flat.T)
+
+
+def test_float32_results_keep_the_parameter_dtype():
+    net = dd.ConvNet(1, 10, width=4, depth=1, image_size=6)
+    x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 10, (4,))
+    g = dd.grouped_gradients(net, ce, x, y, y % 2)
+    assert all(t.dtype == torch.float32 and not t.requires_grad for r in g for t in r)
+    assert dd.per_sample_grad_norms(net, ce, x, y).shape == (4,)
+
+
+# ----------------------------------------------------------------- matching losses
+
+def dc_reference(ga, gb):
+    """The DC paper's layer distance, written row by row."""
+    total = 0.0
+    for ra, rb in zip(ga, gb):
+        for a, b in zip(ra, rb):
+            if a.dim() == 1:
+                continue  # biases and norm affines: 0
+            a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+            for o in range(a2.shape[0]):
+                total = total + 1 - torch.dot(a2[o], b2[o]) / (a2[o].norm() * b2[o].norm() + 1e-6)
+    return total
+
+
+def test_gradient_match_loss_equals_per_layer_reference():
+    torch.manual_seed(1)
+    shapes = [(4, 3, 3, 3), (4,), (5, 36), (5,), (2, 3, 4)]
+    ga = [[torch.randn(s, dtype=F64) for s in shapes] for _ in range(3)]
+    gb = [[torch.randn(s, dtype=F64) for s in shapes] for _ in range(3)]
+    torch.testing.assert_close(dd.gradient_match_loss(ga, gb, "dc"), dc_reference(ga, gb))
+    mse = sum(((a - b) ** 2).sum() for ra, rb in zip(ga, gb) for a, b in zip(ra, rb))
+    torch.testing.assert_close(dd.gradient_match_loss(ga, gb, "mse"), mse)
+    cos = sum(1 - F.cosine_similarity(torch.cat([a.flatten() for a in ra]),
+                                      torch.cat([b.flatten() for b in rb]), dim=0, eps=0)
+              for ra, rb in zip(ga, gb))
+    torch.testing.assert_close(dd.gradient_match_loss(ga, gb, "cos"), cos, rtol=1e-6, atol=0)
+    # only 1-D parameters: "dc" is exactly 0
+    assert dd.gradient_match_loss([[torch.randn(3)]], [[torch.randn(3)]], "dc").item() == 0
+    # differentiable in both arguments
+    a = [[t.clone().requires_grad_() for t in r] for r in ga]
+    dd.gradient_match_loss(a, gb, "dc").backward()
+    assert a[0][1].grad is None and a[0][0].grad.abs().sum() > 0  # 1-D: no contribution
+
+
+def test_distribution_attention_and_trajectory_losses():
+    torch.manual_seed(2)
+    r, s = torch.randn(10, 3, 2, dtype=F64), torch.randn(4, 3, 2, dtype=F64)
+    rl, sl = torch.tensor([0, 1] * 5), torch.tensor([0, 1, 1, 1])
+    want = sum(((r[rl == c].mean(0) - s[sl == c].mean(0)) ** 2).sum() for c in (0, 1))
+    torch.testing.assert_close(dd.distribution_match_loss(r, s, rl, sl), want)
+    torch.testing.assert_close(dd.distribution_match_loss(r, s), ((r.mean(0) - s.mean(0)) ** 2).sum())
+    with pytest.raises(ValueError, match="no real sample"):
+        dd.distribution_match_loss(r, s, rl, torch.tensor([0, 1, 2, 1]))
+
+    fr, fs = torch.randn(6, 4, 5, 5, dtype=F64), torch.randn(3, 4, 5, 5, dtype=F64)
+
+    def att(f):
+        a = (f.abs() ** 4).sum(1).flatten(1)
+        return a / (a.norm(dim=1, keepdim=True) + 1e-6)
+
+    er, es = torch.randn(6, 7, dtype=F64), torch.randn(3, 7, dtype=F64)
+    want = ((att(fr).mean(0) - att(fs).mean(0)) ** 2).sum() * 2 \
+        + 0.5 * ((er.mean(0) - es.mean(0)) ** 2).sum()
+    got = dd.attention_match_loss([fr, fr], [fs, fs], real_embed=er, syn_embed=es, mmd_weight=0.5)
+    torch.testing.assert_close(got, want)
+
+    a, b = [torch.randn(3, 2), torch.randn(4)], [torch.randn(3, 2), torch.randn(4)]
+    st = [torch.randn(3, 2), torch.randn(4)]
+    flat = [torch.cat([t.flatten() for t in z]) for z in (st, a, b)]
+    torch.testing.assert_close(dd.trajectory_match_loss(st, a, b),
+                               ((flat[0] - flat[2]) ** 2).sum() / ((flat[1] - flat[2]) ** 2).sum())
+    with pytest.raises(ValueError, match="normalizer"):
+        dd.trajectory_match_loss(st, b, b)
+
+
+# ----------------------------------------------------------------- DSA
+
+def test_dsa_same_seed_same_transform_and_differentiable():
+    x = torch.rand(6, 3, 16, 16)
+    a, b = dd.dsa(x, seed=7), dd.dsa(x.clone(), seed=7)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, dd.dsa(x, seed=8))
+    # siamese: a batch of different size gets the same transforms on its first samples
+    torch.testing.assert_close(dd.dsa(x[:2], seed=7), a[:2])
+    # every op alone changes the images and passes gradients to them
+    for op in dd.augment.OPS:
+        xs = x.clone().requires_grad_()
+        out = dd.dsa(xs, seed=3, strategy=op)
+        assert out.shape == x.shape
+        out.square().sum().backward()
+        assert torch.isfinite(xs.grad).all() and xs.grad.abs().sum() > 0
+    assert torch.equal(dd.dsa(x, 1, "none"), x)
+
+
+# ----------------------------------------------------------------- bad input
+
+def test_bad_input():
+    net = dd.ConvNet(1, 3, width=4, depth=1, image_size=4)
+    x, y = torch.randn(5, 1, 4, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="per-sample losses"):
+        dd.grouped_gradients(net, lambda o, t: F.cross_entropy(o, t), x, y, y)
+    with pytest.raises(ValueError, match="groups must have shape"):
+        dd.grouped_gradients(net, ce, x, y, y[:3])
+    with pytest.raises(TypeError, match="integer"):
+        dd.grouped_gradients(net, ce, x, y, y.float())
+    with pytest.raises(ValueError, match=">= 0"):
+        dd.grouped_gradients(net, ce, x, y, y - 5)
+    with pytest.raises(ValueError, match="num_groups"):
+        dd.grouped_gradients(net, ce, x, y, y, num_groups=1)
+    bn = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="training mode"):
+        dd.per_sample_grad_norms(bn, ce, x, y)
+    dd.per_sample_grad_norms(bn.eval(), ce, x, y)  # eval mode: samples are independent
+    inplace = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.ReLU(inplace=True), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="in place"):
+        dd.grouped_gradients(inplace, ce, x, y, y)
+    with pytest.raises(ValueError, match="metric"):
+        dd.gradient_match_loss([[x]], [[x]], "l2")
+    with pytest.raises(ValueError, match="same shape"):
+        dd.gradient_match_loss([[x]], [[x[:2]]])
+    with pytest.raises(ValueError, match="groups"):
+        dd.gradient_match_loss([[x]], [[x], [x]])
+    with pytest.raises(ValueError, match="unknown operation"):
+        dd.dsa(x, 0, "color_blur")
+    with pytest.raises(TypeError, match="seed"):
+        dd.dsa(x, 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        net(torch.randn(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="depth"):
+        dd.ConvNet(1, 3, depth=4, image_size=8)
+    assert math.isfinite(float(dd.per_sample_grad_norms(net, ce, x, y).sum()))
