@@ -128,7 +128,7 @@ class _Outer:
             aa = torch.bmm(self.A, self.A.transpose(1, 2))
             bb = torch.bmm(self.Bm, self.Bm.transpose(1, 2))
             return (aa * bb).sum((1, 2))
-        return self.materialize().pow(2).sum(1)
+        return torch.linalg.vector_norm(self.materialize(), dim=1).square()
 
     def gram(self) -> torch.Tensor:
         if self.A.shape[1] == 1:
@@ -157,7 +157,7 @@ class _Dense:
         return self.G[idx].sum(0).reshape(self.shape)
 
     def sqnorms(self) -> torch.Tensor:
-        return self.G.pow(2).sum(1)
+        return torch.linalg.vector_norm(self.G, dim=1).square()
 
     def gram(self) -> torch.Tensor:
         return self.G @ self.G.T
@@ -215,12 +215,24 @@ def _norm_known(m: nn.Module) -> bool:
     return False
 
 
-def _norm(m: nn.Module, a, b):
-    if type(m) is nn.GroupNorm:
-        return _affine(m, F.group_norm(a, m.num_groups, None, None, m.eps), b, True)
-    if type(m) is nn.LayerNorm:
-        return _affine(m, F.layer_norm(a, m.normalized_shape, None, None, m.eps), b, False)
-    return _affine(m, F.instance_norm(a, eps=m.eps), b, True)
+def _norm(m: nn.Module, a, y, b, create_graph: bool):
+    """x̂ from the output y = γ·x̂ + β when no γ is 0 (one elementwise pass),
+    else by normalizing the input again."""
+    w, bias = m.weight, m.bias
+    if not create_graph:
+        w = None if w is None else w.detach()
+        bias = None if bias is None else bias.detach()
+    if w is not None and bool((w != 0).all()):
+        shape = (1, -1) + (1,) * (y.dim() - 2) if type(m) is not nn.LayerNorm else w.shape
+        beta = bias.reshape(shape) if bias is not None else 0
+        xhat = (y - beta) / w.reshape(shape)
+    elif type(m) is nn.GroupNorm:
+        xhat = F.group_norm(a, m.num_groups, None, None, m.eps)
+    elif type(m) is nn.LayerNorm:
+        xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
+    else:
+        xhat = F.instance_norm(a, eps=m.eps)
+    return _affine(m, xhat, b, type(m) is not nn.LayerNorm)
 
 
 def _fallback(m: nn.Module, a, b):
@@ -243,15 +255,15 @@ def _pieces(model, loss_fn, inputs, targets, create_graph):
     calls, B = _backward_pass(model, loss_fn, inputs, targets, create_graph)
     pieces: dict[int, list] = {}
     for c, b in calls:
-        m, a = c.module, c.input
+        m, a, y = c.module, c.input, c.output
         if not create_graph:  # first order: the pieces need no graph of their own
-            a, b = a.detach(), b.detach()
+            a, y, b = a.detach(), y.detach(), b.detach()
         if type(m) is nn.Linear:
             got = _linear(m, a, b)
         elif _conv2d_known(m):
             got = _conv2d(m, a, b)
         elif _norm_known(m):
-            got = _norm(m, a, b)
+            got = _norm(m, a, y, b, create_graph)
         else:
             got = _fallback(m, a, b)
         for name, piece in got.items():
