@@ -112,7 +112,7 @@ class _Outer:
     def materialize(self) -> torch.Tensor:  # (B, numel)
         return torch.bmm(self.Bm.transpose(1, 2), self.A).reshape(self.A.shape[0], -1)
 
-    def group_sum(self, idx: torch.Tensor) -> torch.Tensor:
+    def group_sum(self, idx) -> torch.Tensor:  # idx: a slice or an index tensor
         A, Bm = self.A[idx], self.Bm[idx]
         return (Bm.reshape(-1, Bm.shape[-1]).T @ A.reshape(-1, A.shape[-1])).reshape(self.shape)
 
@@ -153,7 +153,7 @@ class _Dense:
     def materialize(self) -> torch.Tensor:
         return self.G
 
-    def group_sum(self, idx: torch.Tensor) -> torch.Tensor:
+    def group_sum(self, idx) -> torch.Tensor:
         return self.G[idx].sum(0).reshape(self.shape)
 
     def sqnorms(self) -> torch.Tensor:
@@ -173,14 +173,39 @@ def _linear(m: nn.Linear, a, b):
     return out
 
 
+class _ConvWeight:
+    """A Conv2d weight: group sums by the convolution's own weight-gradient
+    kernel on the group's samples (no unfold); per-sample forms through the
+    unfolded outer product, built only when asked for."""
+
+    def __init__(self, m: nn.Conv2d, a, b):
+        self.m, self.a, self.b = m, a, b
+
+    def group_sum(self, idx) -> torch.Tensor:
+        m = self.m
+        return torch.nn.grad.conv2d_weight(self.a[idx], m.weight.shape, self.b[idx], m.stride,
+                                           m.padding, m.dilation, m.groups)
+
+    def _outer(self) -> _Outer:
+        m, a, b = self.m, self.a, self.b
+        cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        Bm = b.reshape(b.shape[0], b.shape[1], -1).transpose(1, 2)  # (B, L, Cout)
+        return _Outer(cols.transpose(1, 2), Bm, m.weight.shape)  # A: (B, L, Cin·kh·kw)
+
+    def materialize(self):
+        return self._outer().materialize()
+
+    def sqnorms(self):
+        return self._outer().sqnorms()
+
+    def gram(self):
+        return self._outer().gram()
+
+
 def _conv2d(m: nn.Conv2d, a, b):
-    Bn = a.shape[0]
-    cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-    A = cols.transpose(1, 2)  # (B, L, Cin·kh·kw)
-    Bm = b.reshape(Bn, b.shape[1], -1).transpose(1, 2)  # (B, L, Cout)
-    out = {"weight": _Outer(A, Bm, m.weight.shape)}
+    out = {"weight": _ConvWeight(m, a, b)}
     if m.bias is not None:
-        out["bias"] = _Dense(Bm.sum(1), m.bias.shape)
+        out["bias"] = _Dense(b.sum((2, 3)), m.bias.shape)
     return out
 
 
@@ -274,6 +299,8 @@ def _pieces(model, loss_fn, inputs, targets, create_graph):
 
 
 def _group_ids(groups, B: int, device, num_groups):
+    if B == 0:
+        raise ValueError("inputs must have a non-empty batch dimension")
     g = _checks.tensor("groups", groups)
     if g.dtype in (torch.bool,) or g.dtype.is_floating_point or g.is_complex():
         raise TypeError(f"groups must be an integer tensor, got {g.dtype}")
@@ -307,16 +334,28 @@ def grouped_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, 
     synthetic images of DC, and the parameters).
     """
     _checks.flag("create_graph", create_graph)
+    _checks.tensor("inputs", inputs)
+    g, G = _group_ids(groups, inputs.shape[0] if inputs.dim() else 0, inputs.device, num_groups)
+    counts = torch.bincount(g, minlength=G).tolist()
+    if not bool((g[1:] >= g[:-1]).all()) and isinstance(targets, torch.Tensor) \
+            and targets.shape[:1] == g.shape:
+        # samples are independent: sorting them by group makes every group a
+        # contiguous slice, so its pieces are views, not gathered copies
+        order = torch.argsort(g, stable=True)
+        inputs, targets, g = inputs[order], targets[order], g[order]
+    if bool((g[1:] >= g[:-1]).all()):
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        members = [slice(e - c, e) for c, e in zip(counts, ends)]
+    else:
+        members = [torch.nonzero(g == k).flatten() for k in range(G)]
     pieces, B = _pieces(model, loss_fn, inputs, targets, create_graph)
-    g, G = _group_ids(groups, B, inputs.device, num_groups)
-    members = [torch.nonzero(g == k).flatten() for k in range(G)]
     out = []
     params = list(model.parameters())
     for k in range(G):
         row = []
         for p in params:
             ps = pieces.get(id(p))
-            if not ps or members[k].numel() == 0:
+            if not ps or counts[k] == 0:
                 row.append(torch.zeros_like(p))
                 continue
             total = ps[0].group_sum(members[k])

@@ -10,18 +10,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import numbers
-import sys
-import time
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from .. import _checks
+from .._progress import Progress
 from .codec import METHODS, encode
 
 __all__ = ["label_tokens"]
 
-_PRINT_EVERY_S = 10.0  # the plain progress line (no tqdm): at most this often
 
 
 def _key_name(key) -> str:
@@ -92,48 +90,22 @@ def _logits_of(out, where: str) -> torch.Tensor:
     return logits
 
 
-class _Progress:
-    """tqdm if importable, else a line on stderr every few seconds; silent if disabled."""
+class _Progress(Progress):
+    """Batches labelled, with the sequences written and those already stored."""
 
     def __init__(self, enabled: bool, total: int | None):
-        self.enabled = enabled
-        self.bar = None
-        self.written = self.skipped = self.batches = 0
-        self.total = total
-        self.last = time.monotonic()
-        if not enabled:
-            return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return
-        self.bar = tqdm(total=total, unit="batch", desc="labelling", dynamic_ncols=True)
+        super().__init__(enabled, total, "labelling", "batch")
+        self.written = self.skipped = 0
 
-    def _line(self) -> str:
+    def line(self) -> str:
         of = f"/{self.total}" if self.total is not None else ""
-        return (f"labelling: {self.batches}{of} batches, {self.written} sequences written, "
+        return (f"labelling: {self.count}{of} batches, {self.written} sequences written, "
                 f"{self.skipped} already stored")
 
-    def update(self, written: int, skipped: int) -> None:
-        self.batches += 1
+    def update(self, written: int, skipped: int) -> None:  # noqa: D102
         self.written += written
         self.skipped += skipped
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(written=self.written, skipped=self.skipped, refresh=False)
-        elif time.monotonic() - self.last >= _PRINT_EVERY_S:
-            self.last = time.monotonic()
-            print(self._line(), file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            print(self._line() + " (done)", file=sys.stderr, flush=True)
+        super().update(1, written=self.written, skipped=self.skipped)
 
 
 def label_tokens(model, batches: Iterable, writer, *, method: str = "topk", k: int | None = None,
