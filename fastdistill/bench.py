@@ -130,6 +130,8 @@ PEERS = {
     # issue 5's target is "3x faster than both": the ratio is to the faster peer
     "sinkhorn_divergence": ("POT", "GeomLoss"),
     "sinkhorn_kd": "torch eager (SinKD reference port)",
+    "dc_outer_step": "per-class loop",
+    "per_sample_grad_norms": "torch.func",
 }
 
 def _kd_impls(divergence: str, with_compile: bool, with_inplace: bool):
@@ -493,6 +495,89 @@ def bench_sinkd(report: Report, b: int, v: int, *, temperature: float = 2.0, eps
                           base, impls, repeat=repeat, log=log)
 
 
+# ----------------------------------------------------------------- dataset distillation (issue 6)
+
+def _dd_loss(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def dc_step_per_class_loop(net, real, real_y, syn, syn_y, classes):
+    """The reference DC outer step: per class, the real gradient and the
+    synthetic one (create_graph) by sequential autograd.grad, then the
+    per-layer distance; backward into the synthetic images."""
+    from .dd import gradient_match_loss
+
+    params = list(net.parameters())
+    total = 0
+    for c in range(classes):
+        xr, yr = real[real_y == c], real_y[real_y == c]
+        gr = torch.autograd.grad(_dd_loss(net(xr), yr).sum(), params)
+        gr = [g.detach() for g in gr]
+        gs = torch.autograd.grad(_dd_loss(net(syn[syn_y == c]), syn_y[syn_y == c]).sum(), params,
+                                 create_graph=True)
+        total = total + gradient_match_loss([gr], [list(gs)], "dc")
+    total.backward()
+
+
+def dc_step_grouped(net, real, real_y, syn, syn_y, classes):
+    """The same step with fd.dd.grouped_gradients (one pass per side) and one
+    gradient_match_loss over all classes and layers."""
+    from .dd import gradient_match_loss, grouped_gradients
+
+    gr = grouped_gradients(net, _dd_loss, real, real_y, real_y, num_groups=classes)
+    gs = grouped_gradients(net, _dd_loss, syn, syn_y, syn_y, create_graph=True, num_groups=classes)
+    gradient_match_loss(gr, gs, "dc").backward()
+
+
+def bench_dd(report: Report, *, per_class: int = 256, ipc: int = 10, batch: int = 256,
+             width: int = 128, repeat: int = 3, log=print) -> None:
+    """One DC outer step (ConvNet-3 on 28×28, 10 classes) grouped vs per-class
+    loop; per-sample gradient norms of a batch against torch.func vmap(grad)."""
+    from torch.func import functional_call, grad, vmap
+
+    from .dd import ConvNet, per_sample_grad_norms
+
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = ConvNet(1, 10, width=width)
+    real = torch.randn(10 * per_class, 1, 28, 28, generator=g)
+    real_y = torch.arange(10).repeat_interleave(per_class)
+    syn0 = torch.randn(10 * ipc, 1, 28, 28, generator=g)
+    syn_y = torch.arange(10).repeat_interleave(ipc)
+    shape = f"{10 * per_class}+{10 * ipc}x28x28 w{width}"
+    rows = []
+    for label, fn in (("per-class loop (autograd.grad per class)", dc_step_per_class_loop),
+                      ("fastdistill grouped_gradients + gradient_match_loss", dc_step_grouped)):
+        secs, extra = measure(lambda s: fn(net, real, real_y, s, syn_y, 10),
+                              lambda: syn0.clone().requires_grad_(), repeat=repeat, warmup=1)
+        rows.append(Row("dc_outer_step[ipc=%d]" % ipc, shape, "float32", label, secs,
+                        None if extra is None else extra / MB))
+        log(f"  dc_outer_step {shape:>24s} {label:52s} {secs:8.3f} s")
+    _ratios(report, rows, shape)
+
+    x = torch.randn(batch, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def one(p, xi, yi):
+        return _dd_loss(functional_call(net, p, (xi[None],)), yi[None]).sum()
+
+    def func_norms(_):
+        per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+        return torch.stack([v.reshape(batch, -1).pow(2).sum(1) for v in per.values()]).sum(0).sqrt()
+
+    shape = f"{batch}x1x28x28 w{width}"
+    rows = []
+    for label, fn in (("torch.func vmap(grad)", func_norms),
+                      ("fastdistill per_sample_grad_norms", lambda _: per_sample_grad_norms(net, _dd_loss, x, y))):
+        secs, extra = measure(fn, lambda: None, repeat=repeat, warmup=1)
+        rows.append(Row("per_sample_grad_norms", shape, "float32", label, secs,
+                        None if extra is None else extra / MB))
+        log(f"  per_sample_grad_norms {shape:>16s} {label:52s} {secs:8.3f} s")
+    _ratios(report, rows, shape)
+
+
 # ----------------------------------------------------------------- output
 
 def format_table(report: Report) -> str:
@@ -559,7 +644,7 @@ def environment() -> dict[str, str]:
     }
 
 
-CASES = ("kd", "fused_linear", "sparse", "softlabels", "ot")
+CASES = ("kd", "fused_linear", "sparse", "softlabels", "ot", "dd")
 QUICK_CASES = ("kd", "fused_linear", "sparse", "softlabels")  # `make demo`: no ot
 
 
@@ -605,6 +690,13 @@ def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergenc
         bench_ot_divergence(report, 4096, 64, epsilon=0.05, n_iters=100, log=log)
         log("SinKD: B=128, V=32000, T=2, eps=0.1, 20 iterations")
         bench_sinkd(report, 128, 32000, repeat=repeat, log=log)
+    if "dd" in cases_to_run:
+        if quick:
+            log("dataset distillation: DC step 10x32 real + 10 synthetic images, width 32")
+            bench_dd(report, per_class=32, ipc=1, batch=64, width=32, repeat=repeat, log=log)
+        else:
+            log("dataset distillation: DC step 10x256 real + 10x10 synthetic, per-sample norms of 256")
+            bench_dd(report, repeat=repeat, log=log)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(report)

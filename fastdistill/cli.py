@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes (the demo); under 3 minutes")
     p.add_argument("--out", default="bench/out", help="folder for the table, JSON and PNG chart")
     p.add_argument("--divergence", action="append", help="limit the full run to these (repeatable)")
-    p.add_argument("--case", action="append", choices=("kd", "fused_linear", "sparse", "softlabels", "ot"),
+    p.add_argument("--case", action="append", choices=("kd", "fused_linear", "sparse", "softlabels", "ot", "dd"),
                    help="run only these cases (repeatable; default: all; --quick never runs ot)")
     p.set_defaults(func=bench)
     p = sub.add_parser("dd", help="dataset distillation on offline data, evaluated against a "

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import fastdistill as fd
+from conftest import fused_backends
 
 dd = fd.dd
 F64 = torch.float64
@@ -183,6 +184,32 @@ def test_gradient_match_loss_equals_per_layer_reference():
     a = [[t.clone().requires_grad_() for t in r] for r in ga]
     dd.gradient_match_loss(a, gb, "dc").backward()
     assert a[0][1].grad is None and a[0][0].grad.abs().sum() > 0  # 1-D: no contribution
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("metric", dd.losses.METRICS)
+def test_gradient_match_loss_backends_agree(backend, metric):
+    torch.manual_seed(3)
+    shapes = [(5, 3, 3, 3), (5,), (7, 45), (2,), (3, 2, 4), (1, 1), (300, 1100)]
+    ga = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    gb = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    ga[1][0][2] = 0  # a zero row: its norm's subgradient is 0 on every backend
+    out = []
+    for name in ("torch", backend):
+        a = [[t.clone().requires_grad_() for t in r] for r in ga]
+        b = [[t.clone().requires_grad_() for t in r] for r in gb]
+        loss = dd.gradient_match_loss(a, b, metric, backend=name)
+        loss.backward()
+        out.append((loss.detach(), [t.grad for r in a for t in r], [t.grad for r in b for t in r]))
+    (l0, ga0, gb0), (l1, ga1, gb1) = out
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga0 + gb0, ga1 + gb1):
+        if x is None:  # 1-D parameters in "dc": no gradient on the reference path
+            assert y is None or (y == 0).all()
+        else:
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5 * (1 + x.abs().max().item()))
+    with pytest.raises(TypeError, match="float64"):
+        dd.gradient_match_loss([[ga[0][0].double()]], [[gb[0][0].double()]], metric, backend=backend)
 
 
 def test_distribution_attention_and_trajectory_losses():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
+from .._backend import resolve
 
 METRICS = ("dc", "mse", "cos")
 DC_EPS = 1e-6  # in the cosine denominators, as in the DC reference code
@@ -45,7 +46,57 @@ def _dc_layer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (1 - cos).sum()
 
 
-def gradient_match_loss(grads_a, grads_b, metric: str = "dc") -> torch.Tensor:
+class _SegmentCosine(torch.autograd.Function):
+    """Σ_s (1 − ⟨a_s, b_s⟩ / (|a_s||b_s| + eps)) over the segments of flat a, b,
+    by a fused backend (ops: forward, backward), with the analytic backward."""
+
+    @staticmethod
+    def forward(ctx, a, b, offsets, ops):
+        stats = ops[0](a, b, offsets)
+        ctx.save_for_backward(a, b, offsets, stats)
+        ctx.ops = ops
+        dist = (1 - stats[:, 0] / (stats[:, 1] * stats[:, 2] + DC_EPS)).sum()
+        return dist.to(a.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        a, b, offsets, stats = ctx.saved_tensors
+        da, db = ctx.ops[1](a, b, offsets, stats, grad, DC_EPS)
+        return da, db, None, None
+
+
+def _segment_ops(name: str):
+    if name == "cpp":
+        return (torch.ops.fastdistill.segment_cosine_forward,
+                torch.ops.fastdistill.segment_cosine_backward)
+    from fastdistill.kernels import dd as triton_dd  # CUDA only; imported on demand
+
+    return triton_dd.segment_cosine_forward, triton_dd.segment_cosine_backward
+
+
+def _fused(grads_a, grads_b, metric: str, name: str) -> torch.Tensor:
+    """Every group and layer packed into two flat buffers, one op over them."""
+    keep = (lambda t: t.dim() > 1) if metric == "dc" else (lambda t: True)
+    flat_a = [t.reshape(-1) for row in grads_a for t in row if keep(t)]
+    flat_b = [t.reshape(-1) for row in grads_b for t in row if keep(t)]
+    ref = grads_a[0][0]
+    if not flat_a:  # "dc" with only 1-D parameters
+        return sum(t.sum() * 0 for row in grads_a + grads_b for t in row)
+    a, b = torch.cat(flat_a).float(), torch.cat(flat_b).float()
+    if metric == "mse":
+        return ((a - b) ** 2).sum().to(ref.dtype)
+    if metric == "dc":  # one segment per output row of every multi-dimensional gradient
+        lengths = [n for row in grads_a for t in row if keep(t)
+                   for n in [t.numel() // t.shape[0]] * t.shape[0]]
+    else:  # "cos": one segment per group
+        lengths = [sum(t.numel() for t in row) for row in grads_a]
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return _SegmentCosine.apply(a, b, offsets.to(a.device), _segment_ops(name)).to(ref.dtype)
+
+
+def gradient_match_loss(grads_a, grads_b, metric: str = "dc", *, backend: str = "auto") -> torch.Tensor:
     """Distance between two sets of per-group gradients, summed over groups and layers.
 
     grads_a, grads_b: lists shaped like ``grouped_gradients``' result.
@@ -53,9 +104,24 @@ def gradient_match_loss(grads_a, grads_b, metric: str = "dc") -> torch.Tensor:
     the gradient reshaped to (out, rest); 1-D parameters contribute 0.
     "mse": Σ ‖a − b‖². "cos": per group 1 − ⟨a, b⟩ / (‖a‖‖b‖ + 1e-6) with all
     parameters flattened together. Differentiable in both arguments.
+
+    backend="torch" is the per-layer reference below; "cpp" (CPU) and
+    "triton" (CUDA) pack all groups and layers into two flat buffers and
+    compute every cosine (or the squared error) in one fused op with an
+    analytic backward; "auto" picks per ``fastdistill.backends()`` (float64: torch).
     """
     _checks.choice("metric", metric, METRICS)
     _grad_lists(grads_a, grads_b)
+    ref = grads_a[0][0] if grads_a[0] else None
+    if ref is not None:
+        dtypes = {t.dtype for row in list(grads_a) + list(grads_b) for t in row}
+        wd = torch.float64 if torch.float64 in dtypes else torch.float32
+        name = resolve(backend, ref.device, wd)
+        if name != "torch":
+            if wd == torch.float64:
+                raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 gradients; "
+                                "float64 runs on backend='torch'")
+            return _fused(grads_a, grads_b, metric, name)
     total = None
     for ra, rb in zip(grads_a, grads_b):
         if metric == "dc":

