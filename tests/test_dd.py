@@ -94,6 +94,11 @@ def test_grouped_gradients_equal_a_per_group_loop(model, make, classes):
         for a, b in zip(rg, rw):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert all((t == 0).all() for t in got[2]) and all((t == 0).all() for t in got[4])
+    # chunks of 3 samples: groups split across chunks add up to the same sums
+    chunked = dd.grouped_gradients(model, ce, x, y, groups, num_groups=5, chunk_size=3)
+    for rg, rw in zip(chunked, want):
+        for a, b in zip(rg, rw):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("model,make,classes", models())

@@ -321,8 +321,8 @@ def _group_ids(groups, B: int, device, num_groups):
 
 
 def grouped_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, groups: torch.Tensor,
-                      *, create_graph: bool = False, num_groups: int | None = None
-                      ) -> list[list[torch.Tensor]]:
+                      *, create_graph: bool = False, num_groups: int | None = None,
+                      chunk_size: int | None = 256) -> list[list[torch.Tensor]]:
     """Gradient of each group's summed loss, for every parameter, from ONE pass.
 
     loss_fn(outputs, targets) returns per-sample losses (B,); groups (B,) gives
@@ -332,38 +332,47 @@ def grouped_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, 
     that do not require grad or are not used). With ``create_graph=True`` the
     results are differentiable (second order: w.r.t. the inputs, e.g. the
     synthetic images of DC, and the parameters).
+
+    The samples are sorted by group (so each group is a contiguous slice) and
+    walked in chunks of at most ``chunk_size`` samples (None: all at once):
+    on CPUs one pass over a large batch runs slower than several that stay in
+    cache. Chunking needs ``targets`` to be a tensor with the batch in front.
     """
     _checks.flag("create_graph", create_graph)
     _checks.tensor("inputs", inputs)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
     g, G = _group_ids(groups, inputs.shape[0] if inputs.dim() else 0, inputs.device, num_groups)
-    counts = torch.bincount(g, minlength=G).tolist()
-    if not bool((g[1:] >= g[:-1]).all()) and isinstance(targets, torch.Tensor) \
-            and targets.shape[:1] == g.shape:
+    B = g.shape[0]
+    sliceable = isinstance(targets, torch.Tensor) and targets.shape[:1] == g.shape
+    if not bool((g[1:] >= g[:-1]).all()) and sliceable:
         # samples are independent: sorting them by group makes every group a
         # contiguous slice, so its pieces are views, not gathered copies
         order = torch.argsort(g, stable=True)
         inputs, targets, g = inputs[order], targets[order], g[order]
-    if bool((g[1:] >= g[:-1]).all()):
-        ends = torch.tensor(counts).cumsum(0).tolist()
-        members = [slice(e - c, e) for c, e in zip(counts, ends)]
-    else:
-        members = [torch.nonzero(g == k).flatten() for k in range(G)]
-    pieces, B = _pieces(model, loss_fn, inputs, targets, create_graph)
-    out = []
+    step = B if chunk_size is None or not sliceable else int(chunk_size)
     params = list(model.parameters())
-    for k in range(G):
-        row = []
-        for p in params:
-            ps = pieces.get(id(p))
-            if not ps or counts[k] == 0:
-                row.append(torch.zeros_like(p))
-                continue
-            total = ps[0].group_sum(members[k])
-            for extra in ps[1:]:
-                total = total + extra.group_sum(members[k])
-            row.append(total.to(p.dtype))
-        out.append(row)
-    return out
+    sums: list[list[torch.Tensor | None]] = [[None] * len(params) for _ in range(G)]
+    for start in range(0, B, step):
+        stop = min(B, start + step)
+        gc = g[start:stop]
+        part = (inputs, targets) if step == B else (inputs[start:stop], targets[start:stop])
+        pieces, _ = _pieces(model, loss_fn, *part, create_graph)
+        present = torch.unique(gc).tolist()
+        if bool((gc[1:] >= gc[:-1]).all()):
+            first = torch.searchsorted(gc, torch.tensor(present, device=gc.device)).tolist()
+            counts = torch.bincount(gc - gc.min()).tolist()
+            members = {k: slice(f, f + counts[k - present[0]]) for k, f in zip(present, first)}
+        else:
+            members = {k: torch.nonzero(gc == k).flatten() for k in present}
+        for k, idx in members.items():
+            for j, p in enumerate(params):
+                for piece in pieces.get(id(p), ()):
+                    add = piece.group_sum(idx)
+                    sums[k][j] = add if sums[k][j] is None else sums[k][j] + add
+    return [[torch.zeros_like(p) if sums[k][j] is None else sums[k][j].to(p.dtype)
+             for j, p in enumerate(params)] for k in range(G)]
 
 
 def _combined(ps: list):
