@@ -29,10 +29,10 @@ PUBLISHED = {  # ConvNet-3 on full MNIST (DC paper, Table 1): method -> {ipc: %}
 
 # (method, ipc, settings): budgets chosen so the whole script runs in ~15 minutes here
 RUNS = [
-    ("dc", 1, dict(iterations=200, batch_real=64)),
-    ("dc", 10, dict(iterations=40, batch_real=64, outer_loop=10, inner_loop=10)),
-    ("dm", 1, dict(iterations=400, batch_real=64)),
-    ("dm", 10, dict(iterations=400, batch_real=64)),
+    ("dc", 1, dict(iterations=150, batch_real=64)),
+    ("dc", 10, dict(iterations=30, batch_real=64, outer_loop=10, inner_loop=5)),
+    ("dm", 1, dict(iterations=300, batch_real=64)),
+    ("dm", 10, dict(iterations=300, batch_real=64)),
 ]
 
 
