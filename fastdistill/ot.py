@@ -458,18 +458,19 @@ class _TiledDivergence(torch.autograd.Function):
         lf, lg = (_log(a) + f / eps).contiguous(), (_log(b) + g / eps).contiguous()
         grad = [None] * 8
         scale = d_out.unsqueeze(-1)
+
+        def cloud_grad(u, v, lu, lv, w, fu):
+            """∂S/∂u: the cross term's transport gradient minus the self term's."""
+            out = ops.transport_grad(u, v, lu, lv, eps, p)
+            if ctx.debias:
+                ls = (_log(w) + fu / eps).contiguous()
+                out = out - ops.transport_grad(u, u, ls, ls, eps, p)
+            return scale.unsqueeze(-1) * out
+
         if ctx.needs_input_grad[0]:
-            gx = ops.transport_grad(x, y, lf, lg, eps, p)
-            if ctx.debias:
-                lx = (_log(a) + fx / eps).contiguous()
-                gx = gx - ops.transport_grad(x, x, lx, lx, eps, p)
-            grad[0] = scale.unsqueeze(-1) * gx
+            grad[0] = cloud_grad(x, y, lf, lg, a, fx)
         if ctx.needs_input_grad[1]:
-            gy = ops.transport_grad(y, x, lg, lf, eps, p)
-            if ctx.debias:
-                ly = (_log(b) + fy / eps).contiguous()
-                gy = gy - ops.transport_grad(y, y, ly, ly, eps, p)
-            grad[1] = scale.unsqueeze(-1) * gy
+            grad[1] = cloud_grad(y, x, lg, lf, b, fy)
         if ctx.needs_input_grad[2]:
             grad[2] = scale * ((f - fx) if ctx.debias else f)
         if ctx.needs_input_grad[3]:

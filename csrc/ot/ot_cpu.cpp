@@ -62,6 +62,18 @@ std::vector<float> half_sq_norms(const float* v, int64_t n, int64_t d) {
   return out;
 }
 
+// ½|x_i|², ½|y_j|² of every problem of the batch (p = 2).
+void per_problem_norms(const at::Tensor& x, const at::Tensor& y, std::vector<std::vector<float>>& hx,
+                       std::vector<std::vector<float>>& hy) {
+  const int64_t B = x.size(0), N = x.size(1), M = y.size(1), d = x.size(2);
+  hx.resize(B);
+  hy.resize(B);
+  for (int64_t b = 0; b < B; ++b) {
+    hx[b] = half_sq_norms(x.data_ptr<float>() + b * N * d, N, d);
+    hy[b] = half_sq_norms(y.data_ptr<float>() + b * M * d, M, d);
+  }
+}
+
 // Fills tile[r * kCols + c], r < nr, c < nc, for x_{i0+r} and y_{j0+c}: with
 // p = 1 the cost |x − y|, with p = 2 the dot product x·y (see RowCosts).
 // yt: scratch of d × kCols floats (p = 1: the tile of y transposed).
@@ -149,13 +161,8 @@ at::Tensor ot_softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Te
   check_potential("ot_softmin", "h", h, B, M);
   auto out = at::empty({B, N}, x.options());
   if (B == 0 || N == 0) return out;
-  std::vector<std::vector<float>> hx(B), hy(B);
-  if (p == 2) {
-    for (int64_t b = 0; b < B; ++b) {
-      hx[b] = half_sq_norms(x.data_ptr<float>() + b * N * d, N, d);
-      hy[b] = half_sq_norms(y.data_ptr<float>() + b * M * d, M, d);
-    }
-  }
+  std::vector<std::vector<float>> hx, hy;
+  if (p == 2) per_problem_norms(x, y, hx, hy);
   const float* hp = h.data_ptr<float>();
   float* op = out.data_ptr<float>();
   over_row_blocks(B, N, [&](int64_t b, int64_t i0, int64_t nr) {
@@ -212,13 +219,8 @@ at::Tensor ot_transport_grad_cpu(const at::Tensor& x, const at::Tensor& y, const
   check_potential("ot_transport_grad", "h", h, B, M);
   auto out = at::zeros({B, N, d}, x.options());
   if (B == 0 || N == 0 || d == 0) return out;
-  std::vector<std::vector<float>> hx(B), hy(B);
-  if (p == 2) {
-    for (int64_t b = 0; b < B; ++b) {
-      hx[b] = half_sq_norms(x.data_ptr<float>() + b * N * d, N, d);
-      hy[b] = half_sq_norms(y.data_ptr<float>() + b * M * d, M, d);
-    }
-  }
+  std::vector<std::vector<float>> hx, hy;
+  if (p == 2) per_problem_norms(x, y, hx, hy);
   const float* lp = l.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   float* op = out.data_ptr<float>();

@@ -261,12 +261,17 @@ class DatasetDistiller:
                 net_opt.step()
         return total / self.outer_loop
 
-    def _step_dm(self, x, y, by_class, syn, syn_y, classes, gen, opt, extra, _lr):
+    def _frozen_net_and_batches(self, x, by_class, syn, syn_y, classes, gen):
+        """DM/DataDAM: a fresh random network (not trained), a real batch, both sides augmented."""
         net = self._net(gen, x.shape[1], classes, tuple(x.shape[2:]))
         for p in net.parameters():
             p.requires_grad_(False)
         xr, yr = self._real_batch(x, by_class, gen)
         xr, xs = self._siamese(xr, yr, syn, syn_y, classes, gen)
+        return net, xr, yr, xs
+
+    def _step_dm(self, x, y, by_class, syn, syn_y, classes, gen, opt, extra, _lr):
+        net, xr, yr, xs = self._frozen_net_and_batches(x, by_class, syn, syn_y, classes, gen)
         loss = distribution_match_loss(net.embed(xr), net.embed(xs), yr, syn_y)
         opt.zero_grad()
         loss.backward()
@@ -274,11 +279,7 @@ class DatasetDistiller:
         return float(loss.detach())
 
     def _step_datadam(self, x, y, by_class, syn, syn_y, classes, gen, opt, extra, _lr):
-        net = self._net(gen, x.shape[1], classes, tuple(x.shape[2:]))
-        for p in net.parameters():
-            p.requires_grad_(False)
-        xr, yr = self._real_batch(x, by_class, gen)
-        xr, xs = self._siamese(xr, yr, syn, syn_y, classes, gen)
+        net, xr, yr, xs = self._frozen_net_and_batches(x, by_class, syn, syn_y, classes, gen)
 
         def maps(inp):
             out, h = [], inp
