@@ -94,11 +94,16 @@ def test_grouped_gradients_equal_a_per_group_loop(model, make, classes):
         for a, b in zip(rg, rw):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert all((t == 0).all() for t in got[2]) and all((t == 0).all() for t in got[4])
-    # chunks of 3 samples: groups split across chunks add up to the same sums
-    chunked = dd.grouped_gradients(model, ce, x, y, groups, num_groups=5, chunk_size=3)
-    for rg, rw in zip(chunked, want):
-        for a, b in zip(rg, rw):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # chunks: small groups packed together, large ones split into single-group
+    # chunks (plain gradients); every plan adds up to the same sums
+    for chunk in (1, 2, 3, 5, None):
+        chunked = dd.grouped_gradients(model, ce, x, y, groups, num_groups=5, chunk_size=chunk)
+        for rg, rw in zip(chunked, want):
+            for a, b in zip(rg, rw):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    sorted_ids = torch.tensor([0, 0, 1, 1, 1, 1, 1, 2, 3, 4, 4, 4])
+    assert dd.grads._chunks(sorted_ids, 3) == [(0, 2), (2, 5), (5, 7), (7, 9), (9, 12)]
+    assert dd.grads._chunks(sorted_ids, 20) == [(0, 12)]
 
 
 @pytest.mark.parametrize("model,make,classes", models())

@@ -68,6 +68,14 @@ def _record(model: nn.Module, inputs: torch.Tensor):
     return outputs, calls
 
 
+def _checked_losses(loss_fn, outputs, targets, B: int) -> torch.Tensor:
+    losses = loss_fn(outputs, targets)
+    if not isinstance(losses, torch.Tensor) or losses.shape != (B,):
+        raise ValueError(f"loss_fn(outputs, targets) must return per-sample losses of shape ({B},), "
+                         f"got {getattr(losses, 'shape', type(losses).__name__)} (use reduction='none')")
+    return losses
+
+
 def _backward_pass(model, loss_fn, inputs, targets, create_graph):
     """One forward, one backward: the recorded calls and b = ∂Σloss/∂output per call."""
     _check_model(model)
@@ -76,10 +84,7 @@ def _backward_pass(model, loss_fn, inputs, targets, create_graph):
         raise ValueError(f"inputs must have a non-empty batch dimension, got {tuple(inputs.shape)}")
     B = inputs.shape[0]
     outputs, calls = _record(model, inputs)
-    losses = loss_fn(outputs, targets)
-    if not isinstance(losses, torch.Tensor) or losses.shape != (B,):
-        raise ValueError(f"loss_fn(outputs, targets) must return per-sample losses of shape ({B},), "
-                         f"got {getattr(losses, 'shape', type(losses).__name__)} (use reduction='none')")
+    losses = _checked_losses(loss_fn, outputs, targets, B)
     for c in calls:
         if c.output._version != c.version:
             raise ValueError(f"the output of a {type(c.module).__name__} was modified in place after "
@@ -298,6 +303,29 @@ def _pieces(model, loss_fn, inputs, targets, create_graph):
     return pieces, B
 
 
+def _chunks(g: torch.Tensor, chunk_size: int | None) -> list[tuple[int, int]]:
+    """[start, stop) chunks of at most chunk_size samples over group-sorted ids:
+    whole small groups packed together, a group larger than chunk_size split
+    into chunks of its own (so each is one plain gradient). Unsorted ids or
+    chunk_size None: one chunk."""
+    B = g.shape[0]
+    if chunk_size is None or B <= chunk_size or not bool((g[1:] >= g[:-1]).all()):
+        return [(0, B)]
+    _, counts = torch.unique_consecutive(g, return_counts=True)
+    out, start, pos = [], 0, 0
+    for c in counts.tolist():
+        if pos + c - start > chunk_size and pos > start:  # flush the packed small groups
+            out.append((start, pos))
+            start = pos
+        if c > chunk_size:
+            out += [(i, min(pos + c, i + chunk_size)) for i in range(pos, pos + c, chunk_size)]
+            start = pos + c
+        pos += c
+    if pos > start:
+        out.append((start, pos))
+    return out
+
+
 def _group_ids(groups, B: int, device, num_groups):
     if B == 0:
         raise ValueError("inputs must have a non-empty batch dimension")
@@ -351,15 +379,31 @@ def grouped_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, 
         # contiguous slice, so its pieces are views, not gathered copies
         order = torch.argsort(g, stable=True)
         inputs, targets, g = inputs[order], targets[order], g[order]
-    step = B if chunk_size is None or not sliceable else int(chunk_size)
     params = list(model.parameters())
     sums: list[list[torch.Tensor | None]] = [[None] * len(params) for _ in range(G)]
-    for start in range(0, B, step):
-        stop = min(B, start + step)
+
+    def add(k, j, t):
+        sums[k][j] = t if sums[k][j] is None else sums[k][j] + t
+
+    for start, stop in _chunks(g, None if not sliceable else chunk_size):
         gc = g[start:stop]
-        part = (inputs, targets) if step == B else (inputs[start:stop], targets[start:stop])
-        pieces, _ = _pieces(model, loss_fn, *part, create_graph)
+        part = (inputs, targets) if (start, stop) == (0, B) else (inputs[start:stop], targets[start:stop])
         present = torch.unique(gc).tolist()
+        if len(present) == 1:
+            # one group: its gradient is the chunk's plain gradient (what a
+            # per-group loop computes), no per-layer decomposition needed
+            _check_model(model)
+            live = [(j, p) for j, p in enumerate(params) if p.requires_grad]
+            if not live:
+                continue
+            losses = _checked_losses(loss_fn, model(part[0]), part[1], stop - start)
+            grads = torch.autograd.grad(losses.sum(), [p for _, p in live], create_graph=create_graph,
+                                        allow_unused=True)
+            for (j, _), gr in zip(live, grads):
+                if gr is not None:
+                    add(present[0], j, gr)
+            continue
+        pieces, _ = _pieces(model, loss_fn, *part, create_graph)
         if bool((gc[1:] >= gc[:-1]).all()):
             first = torch.searchsorted(gc, torch.tensor(present, device=gc.device)).tolist()
             counts = torch.bincount(gc - gc.min()).tolist()
@@ -369,8 +413,7 @@ def grouped_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, 
         for k, idx in members.items():
             for j, p in enumerate(params):
                 for piece in pieces.get(id(p), ()):
-                    add = piece.group_sum(idx)
-                    sums[k][j] = add if sums[k][j] is None else sums[k][j] + add
+                    add(k, j, piece.group_sum(idx))
     return [[torch.zeros_like(p) if sums[k][j] is None else sums[k][j].to(p.dtype)
              for j, p in enumerate(params)] for k in range(G)]
 
