@@ -52,6 +52,18 @@ def _cost_tile(x_base, y_base, hx, hy, rows, cols, N, M, D,
 
 
 @triton.jit
+def _tile(x_base, y_base, hx, hy_ptr, h_ptr, b, rows, j0, N, M, D,
+          P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tile of y points from j0: their indices, mask, the cost tile and h."""
+    cols = j0 + tl.arange(0, BLOCK_M)
+    cmask = cols < M
+    hy = tl.load(hy_ptr + b * M + cols, mask=cmask, other=0.0)
+    c = _cost_tile(x_base, y_base, hx, hy, rows, cols, N, M, D, P, BLOCK_N, BLOCK_M, BLOCK_K)
+    hv = tl.load(h_ptr + b * M + cols, mask=cmask, other=float("-inf"))
+    return cols, cmask, c, hv
+
+
+@triton.jit
 def _softmin_kernel(x_ptr, y_ptr, hx_ptr, hy_ptr, h_ptr, out_ptr, N, M, D, eps, inv_eps,
                     P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_K: tl.constexpr):
@@ -65,11 +77,8 @@ def _softmin_kernel(x_ptr, y_ptr, hx_ptr, hy_ptr, h_ptr, out_ptr, N, M, D, eps, 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j0 in range(0, M, BLOCK_M):
-        cols = j0 + tl.arange(0, BLOCK_M)
-        cmask = cols < M
-        hy = tl.load(hy_ptr + b * M + cols, mask=cmask, other=0.0)
-        c = _cost_tile(x_base, y_base, hx, hy, rows, cols, N, M, D, P, BLOCK_N, BLOCK_M, BLOCK_K)
-        hv = tl.load(h_ptr + b * M + cols, mask=cmask, other=float("-inf"))
+        cols, cmask, c, hv = _tile(x_base, y_base, hx, hy_ptr, h_ptr, b, rows, j0, N, M, D,
+                                   P, BLOCK_N, BLOCK_M, BLOCK_K)
         e = hv[None, :] - c * inv_eps
         m_new = tl.maximum(m, tl.max(e, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -96,11 +105,8 @@ def _transport_grad_kernel(x_ptr, y_ptr, hx_ptr, hy_ptr, l_ptr, h_ptr, out_ptr, 
     wsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     wy = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for j0 in range(0, M, BLOCK_M):
-        cols = j0 + tl.arange(0, BLOCK_M)
-        cmask = cols < M
-        hy = tl.load(hy_ptr + b * M + cols, mask=cmask, other=0.0)
-        c = _cost_tile(x_base, y_base, hx, hy, rows, cols, N, M, D, P, BLOCK_N, BLOCK_M, BLOCK_K)
-        hv = tl.load(h_ptr + b * M + cols, mask=cmask, other=float("-inf"))
+        cols, cmask, c, hv = _tile(x_base, y_base, hx, hy_ptr, h_ptr, b, rows, j0, N, M, D,
+                                   P, BLOCK_N, BLOCK_M, BLOCK_K)
         w = tl.exp(lv[:, None] + hv[None, :] - c * inv_eps)
         if P == 1:
             w = tl.where(c > 0.0, w / tl.where(c > 0.0, c, 1.0), 0.0)

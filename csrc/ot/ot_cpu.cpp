@@ -155,6 +155,25 @@ Clouds problem(const at::Tensor& x, const at::Tensor& y, int64_t b, int64_t p, d
   return {x.data_ptr<float>() + b * N * d, y.data_ptr<float>() + b * M * d, N, M, d, int(p), float(1.0 / eps)};
 }
 
+// Walks the tiles of one block of rows of problem b: builds each tile's costs,
+// calls row(r, j0, nc, costs, t) for each of its rows (t: the row's floats, free
+// to overwrite), then tile_done(j0, nc, tile) once the tile's rows are done.
+template <typename Row, typename Done>
+void walk_tiles(const Clouds& P, const std::vector<std::vector<float>>& hx, const std::vector<std::vector<float>>& hy,
+                int64_t b, int64_t i0, int64_t nr, Row&& row, Done&& tile_done) {
+  std::vector<float> tile(kRows * kCols), yt(P.p == 1 ? P.d * kCols : 0);
+  for (int64_t j0 = 0; j0 < P.M; j0 += kCols) {
+    const int64_t nc = std::min(kCols, P.M - j0);
+    cost_tile(P, i0, nr, j0, nc, tile.data(), yt.data());
+    for (int64_t r = 0; r < nr; ++r) {
+      float* t = tile.data() + r * kCols;
+      const RowCosts rc{t, P.p == 2 ? hy[b].data() + j0 : nullptr, P.p == 2 ? hx[b][i0 + r] : 0.f, P.p};
+      row(r, j0, nc, rc, t);
+    }
+    tile_done(j0, nc, tile.data());
+  }
+}
+
 at::Tensor ot_softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h, double eps, int64_t p) {
   check_clouds("ot_softmin", x, y, p, eps);
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), d = x.size(2);
@@ -167,18 +186,12 @@ at::Tensor ot_softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Te
   float* op = out.data_ptr<float>();
   over_row_blocks(B, N, [&](int64_t b, int64_t i0, int64_t nr) {
     const Clouds P = problem(x, y, b, p, eps);
-    std::vector<float> tile(kRows * kCols), yt(p == 1 ? d * kCols : 0);
     float m[kRows], s[kRows];
     std::fill(m, m + nr, -kInf);
     std::fill(s, s + nr, 0.f);
     const float* hb = hp + b * M;
     const Vec inv_eps(P.inv_eps);
-    for (int64_t j0 = 0; j0 < M; j0 += kCols) {
-      const int64_t nc = std::min(kCols, M - j0);
-      cost_tile(P, i0, nr, j0, nc, tile.data(), yt.data());
-      for (int64_t r = 0; r < nr; ++r) {
-        float* t = tile.data() + r * kCols;
-        const RowCosts rc{t, p == 2 ? hy[b].data() + j0 : nullptr, p == 2 ? hx[b][i0 + r] : 0.f, int(p)};
+    walk_tiles(P, hx, hy, b, i0, nr, [&](int64_t r, int64_t j0, int64_t nc, const RowCosts& rc, float* t) {
         // the tile row's exponents (over its costs, in place) and their max, then Σ e^{· − max}
         Vec vm(-kInf);
         int64_t c = 0;
@@ -192,7 +205,7 @@ at::Tensor ot_softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Te
           t[c] = hb[j0 + c] - rc.at1(c) * P.inv_eps;
           tm = std::max(tm, t[c]);
         }
-        if (tm == -kInf) continue;  // only zero weights in this tile
+        if (tm == -kInf) return;  // only zero weights in this tile
         const Vec vtm(tm);
         Vec vs(0.f);
         for (c = 0; c + kVec <= nc; c += kVec) vs = vs + (Vec::loadu(t + c) - vtm).exp_u20();
@@ -204,8 +217,7 @@ at::Tensor ot_softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Te
         } else {
           s[r] += ts * std::exp(tm - m[r]);
         }
-      }
-    }
+      }, [](int64_t, int64_t, const float*) {});
     for (int64_t r = 0; r < nr; ++r) op[b * N + i0 + r] = -(m[r] + std::log(s[r])) / P.inv_eps;
   });
   return out;
@@ -226,18 +238,12 @@ at::Tensor ot_transport_grad_cpu(const at::Tensor& x, const at::Tensor& y, const
   float* op = out.data_ptr<float>();
   over_row_blocks(B, N, [&](int64_t b, int64_t i0, int64_t nr) {
     const Clouds P = problem(x, y, b, p, eps);
-    std::vector<float> tile(kRows * kCols), yt(p == 1 ? d * kCols : 0);
     std::vector<double> rowsum(nr, 0.0);
     float* acc = op + (b * N + i0) * d;  // Σ_j W_ij y_j accumulates here, then becomes the result
     at::Tensor acc_t = blob(acc, nr, d);
     const float* hb = hp + b * M;
     const Vec inv_eps(P.inv_eps), zero(0.f);
-    for (int64_t j0 = 0; j0 < M; j0 += kCols) {
-      const int64_t nc = std::min(kCols, M - j0);
-      cost_tile(P, i0, nr, j0, nc, tile.data(), yt.data());
-      for (int64_t r = 0; r < nr; ++r) {
-        float* t = tile.data() + r * kCols;
-        const RowCosts rc{t, p == 2 ? hy[b].data() + j0 : nullptr, p == 2 ? hx[b][i0 + r] : 0.f, int(p)};
+    walk_tiles(P, hx, hy, b, i0, nr, [&](int64_t r, int64_t j0, int64_t nc, const RowCosts& rc, float* t) {
         const float lr = lp[b * N + i0 + r];
         const Vec vl(lr);
         Vec vs(0.f);
@@ -258,10 +264,11 @@ at::Tensor ot_transport_grad_cpu(const at::Tensor& x, const at::Tensor& y, const
           rs += w;
         }
         rowsum[r] += rs;
-      }
-      // acc (nr × d) += W-tile (nr × nc) · Y-block (nc × d), one sgemm
-      acc_t.addmm_(at::from_blob(tile.data(), {nr, nc}, {kCols, 1}, at::kFloat), blob(P.y + j0 * d, nc, d));
-    }
+      }, [&](int64_t j0, int64_t nc, const float* tile) {
+        // acc (nr × d) += W-tile (nr × nc) · Y-block (nc × d), one sgemm
+        acc_t.addmm_(at::from_blob(const_cast<float*>(tile), {nr, nc}, {kCols, 1}, at::kFloat),
+                     blob(P.y + j0 * d, nc, d));
+      });
     for (int64_t r = 0; r < nr; ++r) {
       const float* xr = P.x + (i0 + r) * d;
       for (int64_t k = 0; k < d; ++k) acc[r * d + k] = float(rowsum[r] * xr[k] - acc[r * d + k]);
