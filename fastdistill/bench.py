@@ -52,9 +52,16 @@ def _reset_peak() -> bool:
         return False
 
 
+_MALLOC = {"pinned": False}
+
+
 def fix_malloc_thresholds() -> None:
     """Make glibc return every large freed buffer to the OS (fixed mmap threshold),
-    so the RSS peak sees each allocation instead of reused, already-resident heap."""
+    so the RSS peak sees each allocation instead of reused, already-resident heap.
+    The price: every buffer over 128 KiB is fresh memory, first touched in the
+    timed region (``--malloc glibc`` leaves the allocator as a normal process has
+    it, and then reports no memory column)."""
+    _MALLOC["pinned"] = True
     try:
         import ctypes
 
@@ -80,7 +87,7 @@ def measure(fn: Callable[[], None], prep: Callable[[], object], *, repeat: int, 
         if i < warmup:
             continue
         times.append(dt)
-        if can_peak and rss0 is not None and hwm is not None:
+        if _MALLOC["pinned"] and can_peak and rss0 is not None and hwm is not None:
             extra = max(extra or 0, (hwm - rss0) * 1024)
     return min(times), extra
 
@@ -641,6 +648,7 @@ def environment() -> dict[str, str]:
         "cpu": platform.processor() or platform.machine(),
         "capability": _backend.cpu_capability(),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        "malloc": "pinned 128 KiB mmap threshold" if _MALLOC["pinned"] else "glibc default",
     }
 
 
@@ -649,10 +657,14 @@ QUICK_CASES = ("kd", "fused_linear", "sparse", "softlabels")  # `make demo`: no 
 
 
 def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergences=None,
-        log=print, cases_to_run=CASES) -> Report:
+        log=print, cases_to_run=CASES, malloc: str = "pinned") -> Report:
     """The whole report (or the cases named); quick is the `make demo` size
-    (well under 3 minutes)."""
-    fix_malloc_thresholds()
+    (well under 3 minutes). malloc: "pinned" (every large buffer fresh, so the
+    extra-peak column sees it) or "glibc" (the allocator left as it is)."""
+    if malloc not in ("pinned", "glibc"):
+        raise ValueError(f'malloc must be "pinned" or "glibc", got {malloc!r}')
+    if malloc == "pinned":
+        fix_malloc_thresholds()
     report = Report(env=environment())
     if quick:
         n, v, repeat = 256, 32000, 3

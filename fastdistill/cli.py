@@ -50,7 +50,8 @@ def bench(args) -> int:
     from . import bench as report
 
     report.run(quick=args.quick, out_dir=args.out, divergences=args.divergence,
-               cases_to_run=args.case or (report.QUICK_CASES if args.quick else report.CASES))
+               cases_to_run=args.case or (report.QUICK_CASES if args.quick else report.CASES),
+               malloc=args.malloc)
     return 0
 
 
@@ -105,6 +106,10 @@ def main(argv=None) -> int:
     p.add_argument("--divergence", action="append", help="limit the full run to these (repeatable)")
     p.add_argument("--case", action="append", choices=("kd", "fused_linear", "sparse", "softlabels", "ot", "dd"),
                    help="run only these cases (repeatable; default: all; --quick never runs ot)")
+    p.add_argument("--malloc", default="pinned", choices=("pinned", "glibc"),
+                   help="pinned: glibc returns every freed buffer over 128 KiB to the OS, so "
+                        "each allocation is fresh memory and shows in the extra-peak column; "
+                        "glibc: the allocator as a normal process has it (no memory column)")
     p.set_defaults(func=bench)
     p = sub.add_parser("dd", help="dataset distillation on offline data, evaluated against a "
                                   "random real subset")

@@ -135,6 +135,82 @@ def test_per_sample_norms_and_gram_equal_torch_func(model, make, classes):
                                rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, None])
+def test_per_sample_norms_across_sample_chunks(chunk_size):
+    model, make, classes = models()[0].values
+    x = make(7)
+    y = torch.randint(0, classes, (7,))
+    want = per_sample_flat(model, x, y).norm(dim=1)
+    torch.testing.assert_close(dd.per_sample_grad_norms(model, ce, x, y, chunk_size=chunk_size), want,
+                               rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="chunk_size"):
+        dd.per_sample_grad_norms(model, ce, x, y, chunk_size=0)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    (3, 1, 1, 1), (3, 2, 1, 1), ((3, 2), (2, 1), (0, 2), (1, 2)), (5, 1, 2, 1), (1, 1, 0, 1)])
+def test_conv_norms_by_position_grams_equal_the_unfolded_gradients(kernel, stride, padding, dilation):
+    # ‖g_i‖² from the Gram matrices of input and output positions (the patches
+    # are shifted windows of one input) against the materialized per-sample gradient
+    m = nn.Conv2d(4, 5, kernel, stride=stride, padding=padding, dilation=dilation).double()
+    a = torch.randn(3, 4, 9, 10, dtype=F64)
+    b = torch.randn_like(m(a))
+    piece = dd.grads._ConvWeight(m, a, b)
+    want = piece.materialize().pow(2).sum(1)
+    torch.testing.assert_close(piece._shifted_gram_sqnorms(), want, rtol=1e-10, atol=1e-12)
+    # the cost model: wide and small (the standard ConvNet's conv 2 and 3) takes the Gram form,
+    # one input channel over many positions (its conv 1) the unfolded product
+    wide = nn.Conv2d(128, 128, 3, padding=1)
+    assert dd.grads._ConvWeight(wide, torch.zeros(1, 128, 14, 14), torch.zeros(1, 128, 14, 14))._shifted_gram_cheaper()
+    first = nn.Conv2d(1, 128, 3, padding=1)
+    assert not dd.grads._ConvWeight(first, torch.zeros(1, 1, 28, 28), torch.zeros(1, 128, 28, 28))._shifted_gram_cheaper()
+
+
+class Norms(nn.Module):
+    """Every norm-layer path: GroupNorm with 2 channels per group and one γ of 0
+    (x̂ from the input again), InstanceNorm2d's affine, LayerNorm without β
+    (the others take Σ b·x̂ from the output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.ln = nn.LayerNorm(4 * 5 * 5, bias=False)
+        self.head = nn.Linear(100, 3)
+        with torch.no_grad():
+            for norm in (self.gn, self.inorm, self.ln):
+                norm.weight.uniform_(0.5, 1.5)
+                if norm.bias is not None:
+                    norm.bias.normal_()
+            self.gn.weight[1] = 0
+
+    def forward(self, x):
+        z = torch.relu(self.inorm(self.gn(self.conv(x))))
+        return self.head(self.ln(z.flatten(1)))
+
+
+def test_every_norm_layer_path():
+    torch.manual_seed(1)
+    model = Norms().double()
+    x = torch.randn(9, 2, 5, 5, dtype=F64)
+    y = torch.randint(0, 3, (9,))
+    groups = torch.tensor([2, 0, 2, 1, 0, 2, 2, 1, 0])
+    for got, want in zip(dd.grouped_gradients(model, ce, x, y, groups), per_group_loop(model, x, y, groups, 3)):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dd.per_sample_grad_norms(model, ce, x, y, chunk_size=4),
+                               per_sample_flat(model, x, y).norm(dim=1), rtol=1e-10, atol=1e-12)
+    # second order through every path
+    xs = x.clone().requires_grad_()
+    gs = dd.grouped_gradients(model, ce, xs, y, groups, create_graph=True)
+    got = torch.autograd.grad(sum(g.square().sum() for r in gs for g in r), xs)[0]
+    xr = x.clone().requires_grad_()
+    loop = per_group_loop(model, xr, y, groups, 3, create_graph=True)
+    want = torch.autograd.grad(sum(g.square().sum() for r in loop for g in r), xr)[0]
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
 def test_factored_and_materialized_paths_agree():
     # Linear over T tokens: T = 2 takes the factored Gram form (T²(k+m) < km), T = 9 materializes
     for T in (2, 9):

@@ -106,6 +106,20 @@ def _backward_pass(model, loss_fn, inputs, targets, create_graph):
 # weight, g_i = B_iᵀ A_i with A (B, T, k) and B (B, T, m) (g_i is m × k); for a
 # vector (bias, norm affine), the per-sample gradients themselves (B, n).
 
+def _parts(t: torch.Tensor, members: dict) -> dict:
+    """{group id: t's rows of that group} for members {group id: slice or index
+    tensor}. Consecutive slices covering t become ONE split: under create_graph
+    its backward is one concatenation, where a slice per group would give each
+    group a zero-filled gradient the size of t."""
+    idx = list(members.values())
+    if idx and all(isinstance(i, slice) for i in idx):
+        sizes = [i.stop - i.start for i in idx]
+        if idx[0].start == 0 and all(i.stop == j.start for i, j in zip(idx, idx[1:])) \
+                and sum(sizes) == t.shape[0]:
+            return dict(zip(members, torch.split(t, sizes)))
+    return {k: t[i] for k, i in members.items()}
+
+
 @dataclass
 class _Outer:
     """g_i = B_iᵀ A_i: A (B, T, k), Bm (B, T, m); the parameter has shape ``shape`` (numel m·k)."""
@@ -117,9 +131,10 @@ class _Outer:
     def materialize(self) -> torch.Tensor:  # (B, numel)
         return torch.bmm(self.Bm.transpose(1, 2), self.A).reshape(self.A.shape[0], -1)
 
-    def group_sum(self, idx) -> torch.Tensor:  # idx: a slice or an index tensor
-        A, Bm = self.A[idx], self.Bm[idx]
-        return (Bm.reshape(-1, Bm.shape[-1]).T @ A.reshape(-1, A.shape[-1])).reshape(self.shape)
+    def group_sums(self, members: dict) -> dict:
+        A, Bm = _parts(self.A, members), _parts(self.Bm, members)
+        return {k: (Bm[k].reshape(-1, Bm[k].shape[-1]).T @ A[k].reshape(-1, A[k].shape[-1])).reshape(self.shape)
+                for k in members}
 
     def _factored_cheaper(self) -> bool:
         _, T, k = self.A.shape
@@ -158,8 +173,8 @@ class _Dense:
     def materialize(self) -> torch.Tensor:
         return self.G
 
-    def group_sum(self, idx) -> torch.Tensor:
-        return self.G[idx].sum(0).reshape(self.shape)
+    def group_sums(self, members: dict) -> dict:
+        return {k: g.sum(0).reshape(self.shape) for k, g in _parts(self.G, members).items()}
 
     def sqnorms(self) -> torch.Tensor:
         return torch.linalg.vector_norm(self.G, dim=1).square()
@@ -186,10 +201,11 @@ class _ConvWeight:
     def __init__(self, m: nn.Conv2d, a, b):
         self.m, self.a, self.b = m, a, b
 
-    def group_sum(self, idx) -> torch.Tensor:
+    def group_sums(self, members: dict) -> dict:
         m = self.m
-        return torch.nn.grad.conv2d_weight(self.a[idx], m.weight.shape, self.b[idx], m.stride,
-                                           m.padding, m.dilation, m.groups)
+        a, b = _parts(self.a, members), _parts(self.b, members)
+        return {k: torch.nn.grad.conv2d_weight(a[k], m.weight.shape, b[k], m.stride, m.padding,
+                                               m.dilation, m.groups) for k in members}
 
     def _outer(self) -> _Outer:
         m, a, b = self.m, self.a, self.b
@@ -200,7 +216,41 @@ class _ConvWeight:
     def materialize(self):
         return self._outer().materialize()
 
+    def _shifted_gram_cheaper(self) -> bool:
+        m, a, b = self.m, self.a, self.b
+        T = b.shape[2] * b.shape[3]
+        P = a.shape[2] * a.shape[3]
+        k = m.kernel_size[0] * m.kernel_size[1]
+        direct = m.out_channels * a.shape[1] * k * T
+        return T * T * (m.out_channels + k) + P * P * a.shape[1] < direct
+
+    def _shifted_gram_sqnorms(self) -> torch.Tensor:
+        """‖g_i‖² without the unfolded columns: every patch is a shifted window
+        of the same input, so with X_pq = x_p·x_q over input positions (Cin
+        channels, not Cin·kh·kw) and B_ts = b_t·b_s over output positions,
+        ‖g‖² = Σ_offsets Σ_{t,s} B_ts X_{pos(t,δ),pos(s,δ)}, and the
+        X entries for one kernel offset δ are a strided window of X."""
+        m, a, b = self.m, self.a, self.b
+        Bn, Cin, H, W = a.shape
+        Ho, Wo = b.shape[2:]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+        xa = a.reshape(Bn, Cin, H * W)
+        X = torch.bmm(xa.transpose(1, 2), xa).reshape(Bn, H, W, H, W)
+        X = F.pad(X, (pw, pw, ph, ph, pw, pw, ph, ph))  # zero rows/columns for the padding
+        bm = b.reshape(Bn, b.shape[1], Ho * Wo)
+        Bg = torch.bmm(bm.transpose(1, 2), bm).reshape(Bn, Ho, Wo, Ho, Wo)
+        total = None
+        for i in range(kh):
+            rows = slice(i * dh, i * dh + sh * (Ho - 1) + 1, sh)
+            for j in range(kw):
+                cols = slice(j * dw, j * dw + sw * (Wo - 1) + 1, sw)
+                term = (Bg * X[:, rows, cols, rows, cols]).sum((1, 2, 3, 4))
+                total = term if total is None else total + term
+        return total
+
     def sqnorms(self):
+        if self._shifted_gram_cheaper():
+            return self._shifted_gram_sqnorms()
         return self._outer().sqnorms()
 
     def gram(self):
@@ -219,20 +269,45 @@ def _conv2d_known(m: nn.Module) -> bool:
             and not isinstance(m.padding, str))
 
 
-def _affine(m: nn.Module, xhat, b, channel_dim: bool):
-    """γ, β of a norm layer from the normalized input x̂ and b."""
+def _dots(u: torch.Tensor, v: torch.Tensor, over_rows: bool, create_graph: bool) -> torch.Tensor:
+    """Per-sample sums of u·v, (B, S, R) -> (B, S) over R, or over S when
+    over_rows. A contraction (no u·v temporary) when no graph is kept; under
+    create_graph the product and sum, whose backward is two plain products
+    (the contraction's backward is an outer product per row, much slower)."""
+    if create_graph:
+        return (u * v).sum(1 if over_rows else 2)
+    return torch.einsum("isr,isr->ir" if over_rows else "isr,isr->is", u, v)
+
+
+def _affine(m: nn.Module, b, create_graph: bool, *, y=None, xhat=None):
+    """γ, β of a norm layer y = γ·x̂ + β: Σ b·x̂, from x̂ when given, else from
+    the output as (Σ b·y − β·Σ b)/γ (γ without zeros): reductions only, no
+    x̂ tensor (which would be two more full-size passes, and two more in the
+    backward under create_graph)."""
     Bn = b.shape[0]
-    if channel_dim:  # (B, C, *spatial): per-channel affine
-        gw = (b * xhat).reshape(Bn, b.shape[1], -1).sum(-1)
-        gb = b.reshape(Bn, b.shape[1], -1).sum(-1)
-    else:  # LayerNorm: affine over the trailing normalized_shape
-        n = m.weight.numel()
-        gw = (b * xhat).reshape(Bn, -1, n).sum(1)
-        gb = b.reshape(Bn, -1, n).sum(1)
+    w, bias = m.weight, m.bias
+    if not create_graph:
+        w = None if w is None else w.detach()
+        bias = None if bias is None else bias.detach()
+    channel_dim = type(m) is not nn.LayerNorm
+    if channel_dim:  # (B, C, *spatial): per-channel affine, reduce the positions
+        shape = (Bn, b.shape[1], -1)
+    else:  # LayerNorm: affine over the trailing normalized_shape, reduce the rest
+        shape = (Bn, -1, w.numel() if w is not None else bias.numel())
+    b3 = b.reshape(shape)
+    gb = b3.sum(1 if not channel_dim else 2)
     out = {}
-    if m.weight is not None:
+    if w is not None:
+        if xhat is not None:
+            gw = _dots(b3, xhat.reshape(shape), not channel_dim, create_graph)
+        else:
+            gw = _dots(b3, y.reshape(shape), not channel_dim, create_graph)
+            wf = w.reshape(1, -1)
+            if bias is not None:
+                gw = gw - bias.reshape(1, -1) * gb
+            gw = gw / wf
         out["weight"] = _Dense(gw, m.weight.shape)
-    if m.bias is not None:
+    if bias is not None:
         out["bias"] = _Dense(gb, m.bias.shape)
     return out
 
@@ -246,23 +321,18 @@ def _norm_known(m: nn.Module) -> bool:
 
 
 def _norm(m: nn.Module, a, y, b, create_graph: bool):
-    """x̂ from the output y = γ·x̂ + β when no γ is 0 (one elementwise pass),
-    else by normalizing the input again."""
-    w, bias = m.weight, m.bias
-    if not create_graph:
-        w = None if w is None else w.detach()
-        bias = None if bias is None else bias.detach()
-    if w is not None and bool((w != 0).all()):
-        shape = (1, -1) + (1,) * (y.dim() - 2) if type(m) is not nn.LayerNorm else w.shape
-        beta = bias.reshape(shape) if bias is not None else 0
-        xhat = (y - beta) / w.reshape(shape)
-    elif type(m) is nn.GroupNorm:
+    """The affine's per-sample gradients from the output y when no γ is 0,
+    else from x̂ = the input normalized again."""
+    w = m.weight
+    if w is None or bool((w != 0).all()):
+        return _affine(m, b, create_graph, y=y)
+    if type(m) is nn.GroupNorm:
         xhat = F.group_norm(a, m.num_groups, None, None, m.eps)
     elif type(m) is nn.LayerNorm:
         xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
     else:
         xhat = F.instance_norm(a, eps=m.eps)
-    return _affine(m, xhat, b, type(m) is not nn.LayerNorm)
+    return _affine(m, b, create_graph, xhat=xhat)
 
 
 def _fallback(m: nn.Module, a, b):
@@ -326,6 +396,12 @@ def _chunks(g: torch.Tensor, chunk_size: int | None) -> list[tuple[int, int]]:
     return out
 
 
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+
+
 def _group_ids(groups, B: int, device, num_groups):
     if B == 0:
         raise ValueError("inputs must have a non-empty batch dimension")
@@ -350,7 +426,7 @@ def _group_ids(groups, B: int, device, num_groups):
 
 def grouped_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, groups: torch.Tensor,
                       *, create_graph: bool = False, num_groups: int | None = None,
-                      chunk_size: int | None = 256) -> list[list[torch.Tensor]]:
+                      chunk_size: int | None = 64) -> list[list[torch.Tensor]]:
     """Gradient of each group's summed loss, for every parameter, from ONE pass.
 
     loss_fn(outputs, targets) returns per-sample losses (B,); groups (B,) gives
@@ -368,9 +444,7 @@ def grouped_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, 
     """
     _checks.flag("create_graph", create_graph)
     _checks.tensor("inputs", inputs)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     g, G = _group_ids(groups, inputs.shape[0] if inputs.dim() else 0, inputs.device, num_groups)
     B = g.shape[0]
     sliceable = isinstance(targets, torch.Tensor) and targets.shape[:1] == g.shape
@@ -410,10 +484,10 @@ def grouped_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, 
             members = {k: slice(f, f + counts[k - present[0]]) for k, f in zip(present, first)}
         else:
             members = {k: torch.nonzero(gc == k).flatten() for k in present}
-        for k, idx in members.items():
-            for j, p in enumerate(params):
-                for piece in pieces.get(id(p), ()):
-                    add(k, j, piece.group_sum(idx))
+        for j, p in enumerate(params):
+            for piece in pieces.get(id(p), ()):
+                for k, t in piece.group_sums(members).items():
+                    add(k, j, t)
     return [[torch.zeros_like(p) if sums[k][j] is None else sums[k][j].to(p.dtype)
              for j, p in enumerate(params)] for k in range(G)]
 
@@ -428,15 +502,34 @@ def _combined(ps: list):
     return _Dense(G, ps[0].shape)
 
 
-def per_sample_grad_norms(model: nn.Module, loss_fn, inputs: torch.Tensor, targets) -> torch.Tensor:
+def per_sample_grad_norms(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, *,
+                          chunk_size: int | None = 32) -> torch.Tensor:
     """‖∇_θ loss_i‖ over all parameters, (B,), without forming the per-sample
-    gradients where the factored form is cheaper (kd-math.md §5)."""
-    pieces, B = _pieces(model, loss_fn, inputs, targets, False)
-    total = torch.zeros(B, dtype=torch.float64 if inputs.dtype == torch.float64 else torch.float32,
-                        device=inputs.device)
-    for ps in pieces.values():
-        total = total + _combined(ps).sqnorms().to(total.dtype)
-    return total.sqrt()
+    gradients where a factored form is cheaper (kd-math.md §5; for a Conv2d,
+    the Gram matrices of its input and output positions).
+
+    The samples are walked in chunks of at most ``chunk_size`` (None: all at
+    once; chunking needs ``targets`` to be a tensor with the batch in front):
+    each chunk's activations stay in cache and its buffers are reused by the
+    allocator, where one pass over a large batch keeps touching fresh memory.
+    """
+    _checks.tensor("inputs", inputs)
+    _check_chunk_size(chunk_size)
+    if inputs.dim() < 1 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must have a non-empty batch dimension, got {tuple(inputs.shape)}")
+    B = inputs.shape[0]
+    sliceable = isinstance(targets, torch.Tensor) and targets.shape[:1] == (B,)
+    step = B if chunk_size is None or not sliceable else chunk_size
+    out = torch.empty(B, dtype=torch.float64 if inputs.dtype == torch.float64 else torch.float32,
+                      device=inputs.device)
+    for start in range(0, B, step):
+        part = (inputs, targets) if step >= B else (inputs[start:start + step], targets[start:start + step])
+        pieces, n = _pieces(model, loss_fn, *part, False)
+        total = torch.zeros(n, dtype=out.dtype, device=out.device)
+        for ps in pieces.values():
+            total += _combined(ps).sqnorms().to(total.dtype)
+        out[start:start + n] = total.sqrt()
+    return out
 
 
 def per_sample_grad_gram(model: nn.Module, loss_fn, inputs: torch.Tensor, targets) -> torch.Tensor:
