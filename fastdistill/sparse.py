@@ -357,13 +357,14 @@ def sample_teacher(teacher_logits: torch.Tensor, n: int, *, temperature: float =
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``n`` tokens per row from softmax(teacher_logits / temperature), with replacement.
 
-    Returns ``(ids, logprobs)``, int64 and float32 of shape (..., n): each
-    row lists its distinct drawn ids (ascending) with logprob = log(count / n),
-    then padding up to width n: id 0 and logprob -inf. So exp(logprobs) sums
+    Returns ``(ids, logprobs)``, int64 and float32 of shape (..., min(n, V)):
+    each row lists its distinct drawn ids (ascending) with logprob =
+    log(count / n), then padding up to that width: id 0 and logprob -inf (a
+    row never has more than V distinct ids, so n > V pads to V, not n). So exp(logprobs) sums
     to 1 per row, and P = count/n is an unbiased estimate of the teacher's
     distribution: ``sparse_kd_loss(..., tail="none")`` on it has the dense
     forward-KL gradient in expectation (Sparse Logit Sampling). Pass the same
-    ``temperature`` to ``sparse_kd_loss``. (``sparse_kd_loss`` needs n ≤ V.)
+    ``temperature`` to ``sparse_kd_loss``.
     ``generator`` (a CPU/CUDA torch.Generator on the logits' device) makes
     the draws reproducible.
     """
@@ -376,9 +377,9 @@ def sample_teacher(teacher_logits: torch.Tensor, n: int, *, temperature: float =
 
 def sample_counts(teacher_logits: torch.Tensor, n: int, *, temperature: float = 1.0,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample_teacher``'s draws as (ids, counts), int64 (..., n): the distinct
-    ids drawn (ascending) and how often each was drawn, then padding (id 0,
-    count 0). The soft-label codec stores exactly these."""
+    """``sample_teacher``'s draws as (ids, counts), int64 (..., min(n, V)): the
+    distinct ids drawn (ascending) and how often each was drawn, then padding
+    (id 0, count 0). The soft-label codec stores exactly these."""
     t = _checks.tensor("teacher_logits", teacher_logits, floating=True)
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
@@ -394,8 +395,9 @@ def sample_counts(teacher_logits: torch.Tensor, n: int, *, temperature: float = 
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         probs = torch.softmax(t.reshape(-1, V).to(acc) / temperature, dim=-1)
         R = probs.shape[0]
+        width = min(n, V)  # distinct ids per row
         if R == 0:
-            zeros = torch.zeros(*lead, n, dtype=torch.int64, device=t.device)
+            zeros = torch.zeros(*lead, width, dtype=torch.int64, device=t.device)
             return zeros, zeros.clone()
         draws = torch.multinomial(probs, n, replacement=True, generator=generator)  # (R, n)
         s = draws.sort(-1).values
@@ -404,4 +406,4 @@ def sample_counts(teacher_logits: torch.Tensor, n: int, *, temperature: float = 
         run = first.cumsum(-1) - 1  # which distinct id each draw is, 0..u-1
         counts = torch.zeros_like(s).scatter_add_(1, run, torch.ones_like(s))
         ids = torch.zeros_like(s).scatter_(1, run, s)  # a run's draws all write the same id
-    return ids.reshape(*lead, n), counts.reshape(*lead, n)
+    return ids[:, :width].reshape(*lead, width), counts[:, :width].reshape(*lead, width)

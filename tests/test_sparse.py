@@ -493,6 +493,15 @@ def test_sample_teacher_generator_reproducible_and_frequencies():
     ids, lp = fd.sample_teacher(t, 20000, temperature=0.7, generator=torch.Generator().manual_seed(4))
     p_hat = torch.zeros(4, 7, dtype=torch.float64).scatter_add_(1, ids, lp.double().exp())
     torch.testing.assert_close(p_hat, (t.double() / 0.7).softmax(-1), rtol=0, atol=0.02)
+    # n > V: a row has at most V distinct ids, so the width is V, and the draws are a
+    # sparse teacher as they are: KL(p̂ ‖ q) summed over rows
+    assert ids.shape == lp.shape == (4, 7)
+    s = torch.randn(4, 7, dtype=torch.float64)
+    got = fd.sparse_kd_loss(s, ids, lp.double(), tail="none", temperature=0.7, t2_scale=False,
+                            reduction="sum")
+    q = (s / 0.7).log_softmax(-1)
+    want = torch.where(p_hat > 0, p_hat * (p_hat.log() - q), 0.0).sum()
+    torch.testing.assert_close(got, want)
 
 
 def test_sample_teacher_bad_input():
