@@ -43,6 +43,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .. import _checks
 
@@ -372,6 +373,9 @@ def _encode_rows(z: torch.Tensor, codec: Codec, gen) -> torch.Tensor:
     row = torch.zeros((r, codec.row_bytes), dtype=torch.uint8, device=z.device)
     if codec.method == "sampled":
         ids, counts = sample_counts(z, codec.k, temperature=codec.temperature, generator=gen)
+        if ids.shape[-1] < codec.k:  # n draws over V < n tokens: pad the row's n slots
+            pad = codec.k - ids.shape[-1]
+            ids, counts = F.pad(ids, (0, pad)), F.pad(counts, (0, pad))
         row[:, codec.values_offset:codec.ids_offset] = pack_bits(counts, codec.value_bits)
     else:
         lp = torch.log_softmax(z.double() / codec.temperature, dim=-1)
