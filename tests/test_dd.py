@@ -298,6 +298,29 @@ def test_gradient_match_loss_backends_agree(backend, metric):
         dd.gradient_match_loss([[ga[0][0].double()]], [[gb[0][0].double()]], metric, backend=backend)
 
 
+def test_gradient_match_loss_traces_whole_under_torch_compile():
+    # the segment-cosine ops have shape-only (Meta) kernels: fullgraph=True traces them
+    if not fd.backends()["cpp"]:
+        pytest.skip("cpp unavailable")
+    torch.manual_seed(5)
+    ga = [[torch.randn(5, 3), torch.randn(4)] for _ in range(2)]
+    gb = [[torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)] for _ in range(2)]
+    for metric in dd.losses.METRICS:
+        def loss(a, b):
+            return dd.gradient_match_loss(a, b, metric, backend="cpp")
+
+        torch._dynamo.reset()
+        got = torch.compile(loss, fullgraph=True)(ga, gb)
+        want = loss(ga, gb)
+        torch.testing.assert_close(got, want)
+        flat = [t for r in gb for t in r]
+        for t, x, y in zip(flat, torch.autograd.grad(got, flat, allow_unused=True),
+                           torch.autograd.grad(want, flat, allow_unused=True)):
+            # 1-D parameters do not enter "dc": no gradient, or a zero one
+            torch.testing.assert_close(torch.zeros_like(t) if x is None else x,
+                                       torch.zeros_like(t) if y is None else y)
+
+
 def test_distribution_attention_and_trajectory_losses():
     torch.manual_seed(2)
     r, s = torch.randn(10, 3, 2, dtype=F64), torch.randn(4, 3, 2, dtype=F64)

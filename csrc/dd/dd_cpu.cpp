@@ -103,9 +103,24 @@ std::tuple<at::Tensor, at::Tensor> segment_cosine_backward_cpu(
 
 }  // namespace
 
+// Shapes only, so that gradient_match_loss traces under torch.compile.
+at::Tensor segment_cosine_forward_meta(const at::Tensor& a, const at::Tensor&, const at::Tensor& offsets) {
+  return at::empty_symint({offsets.sym_size(0) - 1, 3}, a.options().dtype(at::kDouble));
+}
+
+std::tuple<at::Tensor, at::Tensor> segment_cosine_backward_meta(const at::Tensor& a, const at::Tensor& b, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&, double) {
+  return {at::empty_like(a), at::empty_like(b)};
+}
+
 TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("segment_cosine_forward", &segment_cosine_forward_cpu);
   m.impl("segment_cosine_backward", &segment_cosine_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastdistill, Meta, m) {
+  m.impl("segment_cosine_forward", &segment_cosine_forward_meta);
+  m.impl("segment_cosine_backward", &segment_cosine_backward_meta);
 }
 
 }  // namespace fastdistill

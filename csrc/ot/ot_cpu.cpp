@@ -279,9 +279,24 @@ at::Tensor ot_transport_grad_cpu(const at::Tensor& x, const at::Tensor& y, const
 
 }  // namespace
 
+// Shapes only, so that the ops trace under torch.compile.
+at::Tensor ot_softmin_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, double, int64_t) {
+  return at::empty_symint({x.sym_size(0), x.sym_size(1)}, x.options());
+}
+
+at::Tensor ot_transport_grad_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                  int64_t) {
+  return at::empty_like(x, at::MemoryFormat::Contiguous);
+}
+
 TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("ot_softmin", &ot_softmin_cpu);
   m.impl("ot_transport_grad", &ot_transport_grad_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastdistill, Meta, m) {
+  m.impl("ot_softmin", &ot_softmin_meta);
+  m.impl("ot_transport_grad", &ot_transport_grad_meta);
 }
 
 }  // namespace fastdistill

@@ -187,9 +187,25 @@ at::Tensor sinkd_l1_backward_cpu(const at::Tensor& q, const at::Tensor& p, const
 
 }  // namespace
 
+// Shapes only, so that sinkhorn_kd_loss traces under torch.compile.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkd_l1_forward_meta(const at::Tensor& student, const at::Tensor& teacher,
+                                                                    double) {
+  return {at::empty_symint({student.sym_size(0), teacher.sym_size(0)}, student.options()),
+          at::empty_like(student, at::MemoryFormat::Contiguous), at::empty_like(teacher, at::MemoryFormat::Contiguous)};
+}
+
+at::Tensor sinkd_l1_backward_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&, double) {
+  return at::empty_like(q, at::MemoryFormat::Contiguous);
+}
+
 TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("sinkd_l1_forward", &sinkd_l1_forward_cpu);
   m.impl("sinkd_l1_backward", &sinkd_l1_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastdistill, Meta, m) {
+  m.impl("sinkd_l1_forward", &sinkd_l1_forward_meta);
+  m.impl("sinkd_l1_backward", &sinkd_l1_backward_meta);
 }
 
 }  // namespace fastdistill

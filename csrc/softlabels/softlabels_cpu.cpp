@@ -162,6 +162,13 @@ at::Tensor softlabel_kd_forward_inplace_meta(at::Tensor& student, const at::Tens
   return at::empty_symint({student.sym_size(0)}, student.options().dtype(at::kFloat));
 }
 
+std::tuple<at::Tensor, at::Tensor> softlabel_decode_meta(const at::Tensor& data, at::IntArrayRef layout) {
+  TORCH_CHECK_VALUE(layout.size() > 2, "softlabel_decode: layout must list the codec's fields");
+  const int64_t k = layout[2];
+  return {at::empty_symint({data.sym_size(0), k}, data.options().dtype(at::kLong)),
+          at::empty_symint({data.sym_size(0), k}, data.options().dtype(at::kFloat))};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
@@ -173,6 +180,7 @@ TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
 TORCH_LIBRARY_IMPL(fastdistill, Meta, m) {
   m.impl("softlabel_kd_forward", &softlabel_kd_forward_meta);
   m.impl("softlabel_kd_forward_inplace", &softlabel_kd_forward_inplace_meta);
+  m.impl("softlabel_decode", &softlabel_decode_meta);
 }
 
 }  // namespace fastdistill
