@@ -10,10 +10,13 @@ and ``backends()`` to see what runs here.
 """
 from . import dd, ot, softlabels
 from ._backend import backends
+from ._backend import load_if_built as _load_if_built
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from .kd import DIVERGENCES, KDLoss, kd_loss
 from .sparse import sample_teacher, sparse_kd_loss
 from .taid import TAIDSchedule
+
+_load_if_built()
 
 __version__ = "0.1.0"
 __all__ = [

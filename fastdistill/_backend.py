@@ -137,6 +137,23 @@ def _build(verbose: bool = False) -> Path:
     return lib
 
 
+def load_if_built() -> None:
+    """Load the extension now if it is already built (ahead of time or in the
+    cache): a quick dlopen at import, so that torch.compile(fullgraph=True) can
+    trace a step whose first call would otherwise load it (a lock and a build
+    cannot be traced). A missing build is left to the first call."""
+    if "cpp" in _state or os.environ.get("FASTDISTILL_NO_BUILD") == "1":
+        return
+    try:
+        out = cache_dir()
+        built = _prebuilt_library() is not None or (
+            (out / "BUILD_OK").is_file() and (out / f"{EXT_NAME}.so").is_file())
+    except OSError:  # sources not found or unreadable: the first call reports it
+        return
+    if built:
+        load_extension()
+
+
 def load_extension(verbose: bool = False) -> bool:
     """Load the extension once per process; False (and one warning) if it cannot be."""
     if "cpp" in _state:  # lock-free fast path (also what torch.compile traces)

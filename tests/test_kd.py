@@ -339,6 +339,26 @@ def test_training_step_under_torch_compile_matches_eager(backend):
     torch.testing.assert_close(comp.weight, eager.weight, rtol=1e-5, atol=1e-6)
 
 
+def test_fullgraph_compile_as_the_first_call_of_a_process():
+    # a built extension is loaded at import, so the very first call may be a
+    # fullgraph trace (loading it inside the trace would need a lock and a build)
+    if not fd.backends()["cpp"]:
+        pytest.skip("cpp unavailable")
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastdistill as fd, fastdistill._backend as b;"
+        "assert b._state.get('cpp'), b._state;"
+        "s, t = torch.randn(5, 40, requires_grad=True), torch.randn(5, 40);"
+        "f = torch.compile(lambda s, t: fd.kd_loss(s, t, backend='cpp'), fullgraph=True);"
+        "torch.testing.assert_close(f(s, t), fd.kd_loss(s, t, backend='torch'));"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
 # ----------------------------------------------------------------- bad input
 
 def test_bad_input_is_a_clear_error():
