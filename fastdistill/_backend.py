@@ -9,6 +9,7 @@ concurrent processes never corrupt a build. A failed build falls back to the
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -84,7 +85,10 @@ def _prebuilt_library() -> Path | None:
     return found[0] if found else None
 
 
+@functools.lru_cache(maxsize=None)
 def cache_key() -> str:
+    """Hash of the sources, flags and versions (once per process: a loaded
+    library cannot be replaced in it anyway)."""
     src = csrc_dir()
     h = hashlib.sha256()
     for rel in build_sources():

@@ -163,7 +163,8 @@ at::Tensor softlabel_kd_forward_inplace_meta(at::Tensor& student, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> softlabel_decode_meta(const at::Tensor& data, at::IntArrayRef layout) {
-  TORCH_CHECK_VALUE(layout.size() > 2, "softlabel_decode: layout must list the codec's fields");
+  TORCH_CHECK_VALUE(layout.size() == packed::kLayoutFields, "softlabels: layout must have ", packed::kLayoutFields,
+                    " fields, got ", layout.size());
   const int64_t k = layout[2];
   return {at::empty_symint({data.sym_size(0), k}, data.options().dtype(at::kLong)),
           at::empty_symint({data.sym_size(0), k}, data.options().dtype(at::kFloat))};
