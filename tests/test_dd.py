@@ -321,6 +321,37 @@ def test_gradient_match_loss_traces_whole_under_torch_compile():
                                        torch.zeros_like(t) if y is None else y)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 6, 8), (2, 3, 7, 5), (3, 4, 4), (1, 1, 2, 3)])
+def test_convnet_pooling_equals_avg_pool2d_at_every_order(shape):
+    """ConvNet's AvgPool2x2 (strided adds forward, strided copies backward) is
+    nn.AvgPool2d(2): values, first and second derivatives, odd edges dropped,
+    non-contiguous inputs, and under torch.func's vmap(grad)."""
+    from fastdistill.dd.nets import AvgPool2x2
+
+    pool = AvgPool2x2()
+    assert isinstance(pool, nn.AvgPool2d)
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(pool(x), F.avg_pool2d(x, 2))
+    xt = x.detach().transpose(-1, -2).requires_grad_()
+    assert torch.allclose(pool(xt), F.avg_pool2d(xt, 2))
+    assert torch.autograd.gradcheck(pool, (x,))
+    assert torch.autograd.gradgradcheck(pool, (x,))
+
+    if x.dim() < 4:
+        return
+
+    def f(p, xi):
+        return (p(xi) ** 3).sum()
+
+    got = vmap(grad(lambda xi: f(pool, xi)))(x.detach())
+    want = vmap(grad(lambda xi: f(nn.AvgPool2d(2), xi)))(x.detach())
+    assert torch.allclose(got, want)
+    got2 = vmap(grad(lambda xi: grad(lambda z: f(pool, z))(xi).pow(2).sum()))(x.detach())
+    want2 = vmap(grad(lambda xi: grad(lambda z: f(nn.AvgPool2d(2), z))(xi).pow(2).sum()))(x.detach())
+    assert torch.allclose(got2, want2)
+
+
 def test_distribution_attention_and_trajectory_losses():
     torch.manual_seed(2)
     r, s = torch.randn(10, 3, 2, dtype=F64), torch.randn(4, 3, 2, dtype=F64)

@@ -239,14 +239,16 @@ class _ConvWeight:
         X = F.pad(X, (pw, pw, ph, ph, pw, pw, ph, ph))  # zero rows/columns for the padding
         bm = b.reshape(Bn, b.shape[1], Ho * Wo)
         Bg = torch.bmm(bm.transpose(1, 2), bm).reshape(Bn, Ho, Wo, Ho, Wo)
-        total = None
+        # Σ_δ ⟨Bg, X_δ⟩ = ⟨Bg, Σ_δ X_δ⟩: the windows summed into one buffer
+        # in place, then one dot per sample (no product temporaries)
+        S = None
         for i in range(kh):
             rows = slice(i * dh, i * dh + sh * (Ho - 1) + 1, sh)
             for j in range(kw):
                 cols = slice(j * dw, j * dw + sw * (Wo - 1) + 1, sw)
-                term = (Bg * X[:, rows, cols, rows, cols]).sum((1, 2, 3, 4))
-                total = term if total is None else total + term
-        return total
+                window = X[:, rows, cols, rows, cols]
+                S = window.clone(memory_format=torch.contiguous_format) if S is None else S.add_(window)
+        return torch.bmm(Bg.reshape(Bn, 1, -1), S.reshape(Bn, -1, 1)).reshape(Bn)
 
     def sqnorms(self):
         if self._shifted_gram_cheaper():
