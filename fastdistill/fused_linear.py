@@ -42,9 +42,13 @@ class _Head:
     scale: float
     softcap: float | None
 
-    def raw(self, h: torch.Tensor) -> torch.Tensor:
-        """scale·(h Wᵀ + b), before the soft cap."""
-        y = torch.addmm(self.bias, h, self.weight.t()) if self.bias is not None else h @ self.weight.t()
+    def raw(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """scale·(h Wᵀ + b), before the soft cap; into ``out`` when given."""
+        w = self.weight.t()
+        if self.bias is not None:
+            y = torch.addmm(self.bias, h, w) if out is None else torch.addmm(self.bias, h, w, out=out)
+        else:
+            y = h @ w if out is None else torch.mm(h, w, out=out)
         return y.mul_(self.scale) if self.scale != 1.0 else y
 
     def first_rows(self, v: int) -> "_Head":
@@ -52,8 +56,8 @@ class _Head:
         return _Head(self.weight[:v], None if self.bias is None else self.bias[:v],
                      self.scale, self.softcap)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        y = self.raw(h)
+    def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.raw(h, out)
         if self.softcap is not None:
             y = y.div_(self.softcap).tanh_().mul_(self.softcap)
         return y
@@ -131,18 +135,39 @@ def _take(x: torch.Tensor | None, plan: _Plan, a: int, b: int) -> torch.Tensor |
     return x.index_select(0, plan.rows[a:b])
 
 
-def _chunk_logits(plan: _Plan, h: torch.Tensor, a: int, b: int):
+class _ChunkBuffers:
+    """One logits buffer per side, made at the first chunk and written again by
+    every later one: a fresh chunk × V buffer per chunk would first-touch its
+    pages every time (here ~0.3–1.7 s per GB with 4 KiB pages), as much as a
+    GEMM's worth of time over a step."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.buf: dict[str, torch.Tensor] = {}
+
+    def get(self, side: str, head: _Head, h: torch.Tensor) -> torch.Tensor:
+        v = head.weight.shape[0]
+        buf = self.buf.get(side)
+        if buf is None:
+            dtype = torch.result_type(h, head.weight)
+            buf = self.buf[side] = torch.empty((self.rows, v), dtype=dtype, device=h.device)
+        return buf[:h.shape[0]]
+
+
+def _chunk_logits(plan: _Plan, h: torch.Tensor, a: int, b: int, buffers: _ChunkBuffers):
     """(student logits, teacher logits, tanh of the student's cap or None) of one chunk,
-    made to one vocabulary per ``vocab_mismatch``."""
+    made to one vocabulary per ``vocab_mismatch``; the logits are written into
+    ``buffers``, so they are dead once the next chunk starts."""
     s_head = plan.student
-    y = s_head.raw(h)
+    y = s_head.raw(h, buffers.get("student", s_head, h))
     capped = None
     if s_head.softcap is not None:
         capped = y.div_(s_head.softcap).tanh_()          # kept for the chain rule
         y = capped * s_head.softcap
     with torch.no_grad():
         if plan.teacher is not None:
-            t = plan.teacher.logits(_take(plan.teacher_hidden, plan, a, b))
+            th = _take(plan.teacher_hidden, plan, a, b)
+            t = plan.teacher.logits(th, buffers.get("teacher", plan.teacher, th))
         elif plan.teacher_logits is not None:
             t = _take(plan.teacher_logits, plan, a, b)
         else:  # sparse teacher: no dense teacher rows
@@ -200,15 +225,16 @@ def _walk(plan: _Plan, hidden: torch.Tensor, need_grad: bool, grad_rows=None, *,
             gb = torch.zeros(plan.vocab_out, dtype=acc, device=W.device)
     scale = 1.0 / max(plan.n_rows, 1) if (opt.reduction == "mean" and grad_rows is None) else 1.0
     vs_used = plan.vs
+    buffers = _ChunkBuffers(min(plan.chunk, plan.n_rows))
     for a in range(0, plan.n_rows, plan.chunk):
         b = min(a + plan.chunk, plan.n_rows)
         h = _take(hidden, plan, a, b)
         lab = _take(plan.labels, plan, a, b)
         with torch.no_grad():
-            z, t, capped = _chunk_logits(plan, h, a, b)
+            z, t, capped = _chunk_logits(plan, h, a, b, buffers)
             rows, g = _chunk_kernel(plan, z, t, lab, a, b, need_grad)
-            # drop this chunk's logits now (g may be z itself), so that the next
-            # chunk's are never alive beside them: the peak is one chunk, not two
+            # drop this chunk's logits now (g may be z itself): any copy made
+            # from the buffers (softcap, padding) is never alive beside the next
             del z, t
         losses.append(rows)
         if not need_grad:
