@@ -439,3 +439,18 @@ def test_bad_input():
     with pytest.raises(ValueError, match="depth"):
         dd.ConvNet(1, 3, depth=4, image_size=8)
     assert math.isfinite(float(dd.per_sample_grad_norms(net, ce, x, y).sum()))
+
+
+def test_convnet_with_its_pooling_compiles():
+    """AvgPool2x2's autograd.Functions trace under torch.compile: a compiled
+    ConvNet gives eager's outputs and input gradients."""
+    torch.manual_seed(0)
+    net = dd.ConvNet(width=8)
+    x = torch.randn(3, 1, 28, 28, requires_grad=True)
+    torch._dynamo.reset()
+    got = torch.compile(net)(x)
+    (g_got,) = torch.autograd.grad(got.square().sum(), x)
+    want = net(x)
+    (g_want,) = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
