@@ -37,6 +37,26 @@ def test_every_method_fits_and_resumes_exactly(method, tmp_path):
     assert torch.isfinite(full[0]).all()
 
 
+def test_mtt_learning_rate_has_its_own_step_size(tmp_path):
+    """MTT's log learning rate moves at lr_lr, not at the images' lr_img (100:
+    one step of that sent it to inf, and the images to NaN, on real MNIST)."""
+    import math
+
+    real = toy_real()
+    moved = {}
+    for lr_lr in (1e-3, 2e-3):
+        d = DatasetDistiller("mtt", ipc=2, iterations=1, lr_lr=lr_lr, checkpoint=tmp_path / f"{lr_lr}.ckpt",
+                             **TINY)
+        d.fit(real)
+        moved[lr_lr] = d.syn_lr - math.log(d.lr_net)
+        groups = torch.load(d.checkpoint, weights_only=False)["opt"]["param_groups"]
+        assert [g["lr"] for g in groups] == [d.lr_img, lr_lr]
+    assert moved[1e-3] != 0
+    assert moved[2e-3] == pytest.approx(2 * moved[1e-3], rel=1e-4)  # one SGD step: lr_lr · gradient
+    with pytest.raises(ValueError, match="lr_lr"):
+        DatasetDistiller("mtt", lr_lr=0.0)
+
+
 def test_checkpoint_every_and_mismatch_and_corruption(tmp_path):
     real = toy_real()
     ck = tmp_path / "a.ckpt"

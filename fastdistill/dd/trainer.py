@@ -28,9 +28,11 @@ from .losses import attention_match_loss, distribution_match_loss, gradient_matc
 from .nets import ConvNet
 
 METHODS = ("dc", "dsa", "dm", "datadam", "mtt")
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: MTT's learning rate has its own optimizer group (lr_lr)
 # learning rates of the synthetic images per method (the papers' defaults)
 LR_IMG = {"dc": 0.1, "dsa": 0.1, "dm": 1.0, "datadam": 1.0, "mtt": 100.0}
+# MTT learns its student's learning rate as log(lr), with SGD at this rate
+LR_LR = 0.01
 
 __all__ = ["DatasetDistiller", "METHODS", "save_image_grid"]
 
@@ -98,7 +100,8 @@ class DatasetDistiller:
                  depth: int = 3, dsa_strategy: str = DEFAULT_STRATEGY, init: str = "real",
                  seed: int = 0, checkpoint: str | os.PathLike | None = None,
                  checkpoint_every: int = 50, progress: bool = True, expert_epochs: int = 2,
-                 num_experts: int = 2, syn_steps: int = 10, datadam_mmd_weight: float = 0.01):
+                 num_experts: int = 2, syn_steps: int = 10, lr_lr: float = LR_LR,
+                 datadam_mmd_weight: float = 0.01):
         self.method = _checks.choice("method", method, METHODS)
         self.ipc = _int("ipc", ipc)
         self.iterations = _int("iterations", iterations, 0)
@@ -120,6 +123,7 @@ class DatasetDistiller:
         self.expert_epochs = _int("expert_epochs", expert_epochs)
         self.num_experts = _int("num_experts", num_experts)
         self.syn_steps = _int("syn_steps", syn_steps)
+        self.lr_lr = _checks.real("lr_lr", lr_lr, low=0.0, low_open=True)
         self.datadam_mmd_weight = _checks.real("datadam_mmd_weight", datadam_mmd_weight, low=0.0)
         self.syn_lr = None  # MTT's learned student learning rate, after fit
 
@@ -188,13 +192,14 @@ class DatasetDistiller:
             gen.set_state(state["rng"])
             syn, start, extra = state["images"], state["iteration"], state["extra"]
         syn = syn.clone().requires_grad_()
-        leaves = [syn]
         if self.method == "mtt":
             syn_lr = torch.tensor(extra["syn_lr"], requires_grad=True)
-            leaves.append(syn_lr)
             if "experts" not in extra:
                 extra["experts"] = self._train_experts(x, y, classes, gen)
-        opt = torch.optim.SGD(leaves, lr=self.lr_img, momentum=0.5)
+        groups = [{"params": [syn]}]
+        if self.method == "mtt":  # log(lr) moves at its own rate: lr_img would blow it up
+            groups.append({"params": [syn_lr], "lr": self.lr_lr})
+        opt = torch.optim.SGD(groups, lr=self.lr_img, momentum=0.5)
         if state is not None:
             opt.load_state_dict(state["opt"])
 
