@@ -45,10 +45,7 @@ class _Head:
     def raw(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """scale·(h Wᵀ + b), before the soft cap; into ``out`` when given."""
         w = self.weight.t()
-        if self.bias is not None:
-            y = torch.addmm(self.bias, h, w) if out is None else torch.addmm(self.bias, h, w, out=out)
-        else:
-            y = h @ w if out is None else torch.mm(h, w, out=out)
+        y = torch.mm(h, w, out=out) if self.bias is None else torch.addmm(self.bias, h, w, out=out)
         return y.mul_(self.scale) if self.scale != 1.0 else y
 
     def first_rows(self, v: int) -> "_Head":

@@ -192,13 +192,13 @@ class DatasetDistiller:
             gen.set_state(state["rng"])
             syn, start, extra = state["images"], state["iteration"], state["extra"]
         syn = syn.clone().requires_grad_()
+        groups = [{"params": [syn]}]
         if self.method == "mtt":
             syn_lr = torch.tensor(extra["syn_lr"], requires_grad=True)
+            # log(lr) moves at its own rate: lr_img would blow it up
+            groups.append({"params": [syn_lr], "lr": self.lr_lr})
             if "experts" not in extra:
                 extra["experts"] = self._train_experts(x, y, classes, gen)
-        groups = [{"params": [syn]}]
-        if self.method == "mtt":  # log(lr) moves at its own rate: lr_img would blow it up
-            groups.append({"params": [syn_lr], "lr": self.lr_lr})
         opt = torch.optim.SGD(groups, lr=self.lr_img, momentum=0.5)
         if state is not None:
             opt.load_state_dict(state["opt"])
