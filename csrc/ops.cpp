@@ -69,4 +69,13 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def("segment_cosine_forward(Tensor a, Tensor b, Tensor offsets) -> Tensor");
   m.def("segment_cosine_backward(Tensor a, Tensor b, Tensor offsets, Tensor stats, Tensor grad, "
         "float eps) -> (Tensor, Tensor)");
+  // The CPU gradient cache (csrc/common/memory.h, fastdistill/cpu_cache.py).
+  // new: an uninitialised contiguous CPU tensor, from the cache when it is
+  // 8 MiB or more (the Python side's large per-step buffers); stats -> [idle
+  // bytes, idle blocks, live bytes, live blocks, hits, misses, limit bytes];
+  // empty unmaps the idle blocks; set_limit caps them (0: off).
+  m.def("cpu_cache_new(int[] size, ScalarType dtype) -> Tensor");
+  m.def("cpu_cache_stats() -> int[]");
+  m.def("cpu_cache_empty() -> ()");
+  m.def("cpu_cache_set_limit(int bytes) -> ()");
 }

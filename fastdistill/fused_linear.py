@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, cpu_cache
 from . import sparse as sparse_kd
 from . import vocab_parallel as vp
 from ._backend import resolve
@@ -136,7 +136,8 @@ class _ChunkBuffers:
     """One logits buffer per side, made at the first chunk and written again by
     every later one: a fresh chunk × V buffer per chunk would first-touch its
     pages every time (here ~0.3–1.7 s per GB with 4 KiB pages), as much as a
-    GEMM's worth of time over a step."""
+    GEMM's worth of time over a step. On CPU they come from ``cpu_cache``, so
+    the next step reuses them resident too."""
 
     def __init__(self, rows: int):
         self.rows = rows
@@ -147,7 +148,7 @@ class _ChunkBuffers:
         buf = self.buf.get(side)
         if buf is None:
             dtype = torch.result_type(h, head.weight)
-            buf = self.buf[side] = torch.empty((self.rows, v), dtype=dtype, device=h.device)
+            buf = self.buf[side] = cpu_cache.empty((self.rows, v), dtype, h.device)
         return buf[:h.shape[0]]
 
 
@@ -213,7 +214,7 @@ def _walk(plan: _Plan, hidden: torch.Tensor, need_grad: bool, grad_rows=None, *,
             gh = alloc(hidden.shape, dtype=acc if plan.group is not None else hidden.dtype,
                        device=hidden.device)
         if want_weight:  # the first chunk overwrites it (beta=0): zero only what it never writes
-            gw = torch.empty((plan.vocab_out, W.shape[1]), dtype=acc, device=W.device)
+            gw = cpu_cache.empty((plan.vocab_out, W.shape[1]), acc, W.device)
             if plan.n_rows == 0:
                 gw.zero_()
             elif plan.vs < plan.vocab_out:

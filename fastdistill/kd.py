@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, cpu_cache
 from ._backend import resolve
 from .reference import kd as ref
 
@@ -199,14 +199,29 @@ class _FusedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            scale = grad_out.to(grad.dtype).unsqueeze(-1)
-        else:
-            if not torch.compiler.is_compiling() and bool(grad_out == 1):
-                return (grad,) + (None,) * 11
-            scale = grad_out.to(grad.dtype)
-        grad = grad.mul_(scale) if ctx.inplace else grad * scale
-        return (grad,) + (None,) * 11
+        return (scaled_gradient(grad, grad_out, ctx.reduction, ctx.inplace),) + (None,) * 11
+
+
+def scaled_gradient(grad: torch.Tensor, grad_out: torch.Tensor, reduction: str,
+                    inplace: bool) -> torch.Tensor:
+    """The gradient a fused kernel saved, times the loss's incoming gradient.
+
+    The saved tensor itself when that is 1; in place when it is the student's
+    own storage; otherwise a new tensor, on CPU from ``cpu_cache`` so that a
+    scaled loss (``loss / accumulation_steps``, ``alpha * kd``) reuses
+    resident memory step after step too."""
+    compiling = torch.compiler.is_compiling()
+    if reduction == "none":
+        scale = grad_out.to(grad.dtype).unsqueeze(-1)
+    else:
+        if not compiling and bool(grad_out == 1):
+            return grad
+        scale = grad_out.to(grad.dtype)
+    if inplace:
+        return grad.mul_(scale)
+    if compiling or grad.device.type != "cpu":
+        return grad * scale
+    return torch.mul(grad, scale, out=cpu_cache.empty_like(grad))
 
 
 def kd_loss(

@@ -16,7 +16,7 @@ import torch
 
 from . import _checks
 from ._backend import load_extension, resolve
-from .kd import DIVERGENCES, check_inplace_target, kd_options, student_labels
+from .kd import DIVERGENCES, check_inplace_target, kd_options, scaled_gradient, student_labels
 from .reference import kd as ref_kd
 from .reference import sparse as ref
 
@@ -160,14 +160,7 @@ class _FusedSparseKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            scale = grad_out.to(grad.dtype).unsqueeze(-1)
-        else:
-            if not torch.compiler.is_compiling() and bool(grad_out == 1):
-                return (grad,) + (None,) * 14
-            scale = grad_out.to(grad.dtype)
-        grad = grad.mul_(scale) if ctx.inplace else grad * scale
-        return (grad,) + (None,) * 14
+        return (scaled_gradient(grad, grad_out, ctx.reduction, ctx.inplace),) + (None,) * 14
 
 
 def _integer_tensor(name: str, x) -> torch.Tensor:

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ._backend import BACKENDS
+from .kd import scaled_gradient
 from .reference import kd as ref
 
 DIVERGENCES = ref.DIVERGENCES
@@ -297,11 +298,7 @@ class _VocabParallelKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            scale = grad_out.to(grad.dtype).unsqueeze(-1)
-        else:
-            scale = grad_out.to(grad.dtype)
-        return (grad * scale,) + (None,) * 11
+        return (scaled_gradient(grad, grad_out, ctx.reduction, False),) + (None,) * 11
 
 
 def vocab_parallel_kd_loss(s: torch.Tensor, t: torch.Tensor, labels, opt, *,

@@ -574,12 +574,9 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(
     int64_t ignore_index, int64_t divergence, double param, double temperature, double hard_weight,
     double soft_scale, bool mean_scale, bool need_grad) {
   // Without need_grad (evaluation) no N×V buffer is allocated or written.
-  auto grad = need_grad ? at::empty_like(student, at::MemoryFormat::Contiguous) : student.new_empty({0});
+  auto grad = need_grad ? empty_gradient_like(student) : student.new_empty({0});
   std::optional<at::Tensor> out;
-  if (need_grad) {
-    advise_huge_pages(grad);
-    out = grad;
-  }
+  if (need_grad) out = grad;
   auto loss = kd_forward_into(student, teacher, labels, out, ignore_index, divergence, param, temperature,
                               hard_weight, soft_scale, mean_scale);
   return {loss, grad};

@@ -110,10 +110,7 @@ std::tuple<at::Tensor, at::Tensor> softlabel_kd_forward_cpu(
     const std::optional<at::Tensor>& labels, int64_t ignore_index, int64_t divergence, int64_t tail,
     double param, double temperature, double hard_weight, double soft_scale, bool mean_scale, bool need_grad) {
   at::Tensor grad;  // without need_grad (evaluation) no N×V buffer is allocated or written
-  if (need_grad) {
-    grad = at::empty_like(student, at::MemoryFormat::Contiguous);
-    advise_huge_pages(grad);
-  }
+  if (need_grad) grad = empty_gradient_like(student);
   auto loss = softlabel_kd_into(student, data, layout, labels, grad, ignore_index, divergence, tail, param,
                                 temperature, hard_weight, soft_scale, mean_scale);
   return {loss, need_grad ? grad : student.new_empty({0})};

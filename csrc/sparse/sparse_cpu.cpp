@@ -88,10 +88,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(
     bool need_grad) {
   // Without need_grad (evaluation) no N×V buffer is allocated or written.
   at::Tensor grad;
-  if (need_grad) {
-    grad = at::empty_like(student, at::MemoryFormat::Contiguous);
-    advise_huge_pages(grad);
-  }
+  if (need_grad) grad = empty_gradient_like(student);
   auto loss = sparse_kd_into(student, ids, logprobs, labels, grad, ignore_index, divergence, tail, param,
                              temperature, hard_weight, soft_scale, mean_scale);
   return {loss, need_grad ? grad : student.new_empty({0})};
