@@ -27,8 +27,8 @@ EXT_NAME = "fastdistill_C"
 
 # Sources of the one extension, relative to csrc/. CUDA sources join only
 # when a CUDA toolkit and a CUDA torch are present.
-CPU_SOURCES = ("ops.cpp", "common/memory.cpp", "kd/kd_cpu.cpp", "sparse/sparse_cpu.cpp", "softlabels/softlabels_cpu.cpp",
-               "ot/ot_cpu.cpp", "ot/sinkd_cpu.cpp", "dd/dd_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "common/memory.cpp", "kd/kd_cpu.cpp", "sparse/sparse_cpu.cpp",
+               "softlabels/softlabels_cpu.cpp", "ot/ot_cpu.cpp", "ot/sinkd_cpu.cpp", "dd/dd_cpu.cpp")
 CUDA_SOURCES: tuple[str, ...] = ("softlabels/softlabels_cuda.cu",)
 
 _lock = threading.Lock()
@@ -205,6 +205,7 @@ def _register_fakes() -> None:
     def _(student, teacher, labels, ignore_index, divergence, param, temperature, hard_weight,
           soft_scale, mean_scale):
         return student.new_empty((student.shape[0],), dtype=torch.float32)
+
 
 def _triton_status() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:

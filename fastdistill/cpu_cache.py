@@ -10,7 +10,7 @@ fault. This is what PyTorch's CUDA caching allocator does on the GPU, and
 these functions mirror ``torch.cuda.empty_cache`` and friends.
 
 Idle blocks are capped at a byte limit: a quarter of physical memory unless
-``FASTDISTILL_CPU_CACHE_MB`` (read when the first gradient is allocated) or
+``FASTDISTILL_CPU_CACHE_MB`` (read the first time the cache is used) or
 :func:`set_limit` says otherwise; 0 turns the cache off. Peak memory within
 a step is unchanged: the cache only keeps what the step needed anyway.
 """

@@ -3,10 +3,8 @@
 
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <mutex>
-#include <string>
 
 #ifdef __linux__
 #include <sys/mman.h>
