@@ -9,6 +9,9 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+# The distillation temperatures the losses support (fastdistill/kd.py says why).
+TEMPERATURE_RANGE = (0.1, 20.0)
+
 
 def tensor(name: str, x, *, floating: bool = False) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
@@ -71,3 +74,16 @@ def labels_for(name: str, labels, leading_shape: torch.Size, device: torch.devic
     if labels.device != device:
         raise ValueError(f"{name} is on {labels.device} but the logits are on {device}")
     return labels
+
+
+def temperature(x, name: str = "temperature") -> float:
+    """A distillation temperature, in ``TEMPERATURE_RANGE``: outside it the
+    divergences cancel to values float32 cannot resolve (and T² may overflow)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    lo, hi = TEMPERATURE_RANGE
+    t = float(x)
+    if not lo <= t <= hi:  # NaN fails too
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {t}: outside it the divergences "
+                         "cancel to values float32 cannot resolve (and T² may overflow)")
+    return t

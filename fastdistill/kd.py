@@ -21,6 +21,16 @@ DIVERGENCES = ref.DIVERGENCES
 REDUCTIONS = ("mean", "sum", "none")
 VOCAB_MISMATCH = ("error", "pad", "truncate")
 
+# The supported ranges. Outside them a divergence is a difference of O(1)
+# terms whose result is orders of magnitude smaller (T → 0 or ∞, a mixture
+# weight near an end, TAID's t near 0), which float32 kernels cannot resolve
+# (measured relative error > 1e-3 against float64 on N(0, 1) logits: see
+# tests/test_numerics.py). So they are errors, not silently inaccurate.
+TEMPERATURE_RANGE = _checks.TEMPERATURE_RANGE  # checked by _checks.temperature (shared)
+BETA_RANGE = (1e-3, 1.0 - 1e-3)
+SKEW_MAX = 0.99
+TAID_T_MIN = 0.02  # taid_t is 0 (exactly: the target is the student, loss 0) or in [0.02, 1]
+
 
 @dataclass(frozen=True)
 class KDOptions:
@@ -66,13 +76,18 @@ def kd_options(*, divergence="forward_kl", temperature=1.0, beta=0.5, skew=0.1, 
                vocab_mismatch="error") -> KDOptions:
     """Check the shared KD keywords; each error names the argument and the range."""
     _checks.choice("divergence", divergence, DIVERGENCES)
-    temperature = _checks.real("temperature", temperature, low=0.0, low_open=True)
-    beta = _checks.real("beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
-    skew = _checks.real("skew", skew, low=0.0, high=1.0, high_open=True)
+    temperature = _checks.temperature(temperature)
+    beta = _checks.real("beta", beta, low=BETA_RANGE[0], high=BETA_RANGE[1])
+    skew = _checks.real("skew", skew, low=0.0, high=SKEW_MAX)
     if divergence == "taid":
         if taid_t is None:
-            raise ValueError("divergence='taid' needs taid_t in [0, 1] (see fastdistill.TAIDSchedule)")
+            raise ValueError(f"divergence='taid' needs taid_t: 0 or in [{TAID_T_MIN}, 1] (see "
+                             "fastdistill.TAIDSchedule)")
         taid_t = _checks.real("taid_t", taid_t, low=0.0, high=1.0)
+        if 0.0 < taid_t < TAID_T_MIN:
+            raise ValueError(
+                f"taid_t must be 0 or in [{TAID_T_MIN}, 1], got {taid_t}: below {TAID_T_MIN} the "
+                "TAID loss is O(t²) against O(1) terms and float32 cannot resolve it")
     elif taid_t is not None:
         raise ValueError(f"taid_t is only used by divergence='taid', got divergence={divergence!r}")
     hard_weight = _checks.real("hard_weight", hard_weight, low=0.0, high=1.0)
@@ -134,16 +149,21 @@ def _match_vocab(student, teacher, mode):
     return (pad(student) if vs < v else student), (pad(teacher) if vt < v else teacher)
 
 
+def reference_keywords(div, param, temperature, ignore_index, hard_weight, soft_scale) -> dict:
+    """The keywords of ``reference.kd.kd_loss_rows`` from the fused ops' arguments."""
+    name = DIVERGENCES[div]
+    return dict(divergence=name, temperature=temperature,
+                beta=param if name == "jsd" else 0.5,
+                skew=param if name.startswith("skew") else 0.1,
+                taid_t=param if name == "taid" else None,
+                ignore_index=ignore_index, hard_weight=hard_weight,
+                t2_scale=soft_scale != 1.0)  # soft_scale is T² or 1, and T² = 1 when T = 1
+
+
 def _reference_forward(student, teacher, labels, ignore_index, div, param, temperature,
                        hard_weight, soft_scale, mean_scale, need_grad):
     """The fused kernels' contract computed by the reference, the gradient by autograd."""
-    name = DIVERGENCES[div]
-    kw = dict(divergence=name, temperature=temperature,
-              beta=param if name == "jsd" else 0.5,
-              skew=param if name.startswith("skew") else 0.1,
-              taid_t=param if name == "taid" else None,
-              ignore_index=ignore_index, hard_weight=hard_weight,
-              t2_scale=soft_scale != 1.0)  # soft_scale is T² or 1, and T² = 1 when T = 1
+    kw = reference_keywords(div, param, temperature, ignore_index, hard_weight, soft_scale)
     with torch.enable_grad():
         x = student.detach().requires_grad_(need_grad)
         rows = ref.kd_loss_rows(x, teacher.detach(), labels=labels, **kw)
@@ -158,10 +178,16 @@ def _fused_forward(backend, student, teacher, labels, ignore_index, div, param, 
                    hard_weight, soft_scale, mean_scale, inplace, need_grad=True):
     """(loss_rows, grad) from a fused backend; grad is `student` itself when in
     place, and not computed (empty) without need_grad. backend="torch" gives
-    the same contract from the reference and autograd (for chunked callers)."""
+    the same contract from the reference and autograd (for chunked callers,
+    and for inplace_backward on the torch backend, which then also writes the
+    gradient over the logits: one behaviour on every backend)."""
     if backend in ("torch", "cuda"):  # cuda: this family's GPU path is triton
-        return _reference_forward(student, teacher, labels, ignore_index, div, param, temperature,
-                                  hard_weight, soft_scale, mean_scale, need_grad)
+        rows, grad = _reference_forward(student, teacher, labels, ignore_index, div, param,
+                                        temperature, hard_weight, soft_scale, mean_scale,
+                                        need_grad)
+        if inplace and need_grad:
+            return rows, student.copy_(grad)
+        return rows, grad
     if backend == "cpp":
         ops = torch.ops.fastdistill
         if inplace and need_grad:
@@ -177,8 +203,20 @@ def _fused_forward(backend, student, teacher, labels, ignore_index, div, param, 
                                 out=student if inplace and need_grad else None, need_grad=need_grad)
 
 
+def no_double_backward(op: str):
+    """The error of a fused op differentiated twice where it cannot be."""
+    return RuntimeError(
+        f"{op} with inplace_backward=True cannot be differentiated twice: its logits were "
+        "overwritten by their gradient. Use inplace_backward=False for higher-order gradients.")
+
+
 class _FusedKD(torch.autograd.Function):
-    """Autograd around a fused kernel: the gradient is computed in forward."""
+    """Autograd around a fused kernel: the gradient is computed in forward.
+
+    Differentiated twice (``create_graph=True``), backward recomputes the
+    gradient from the reference with differentiable torch ops, so Hessian-vector
+    products are exact (the fused first-order gradient is a constant to
+    autograd). The inputs are saved by reference only (no copy)."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, backend, ignore_index, div, param, temperature,
@@ -191,14 +229,28 @@ class _FusedKD(torch.autograd.Function):
             # The logits now hold the gradient: any other op that saved them
             # for its backward must fail autograd's version check.
             torch.autograd.graph.increment_version(student)
-        ctx.save_for_backward(grad)
+        if inplace:
+            ctx.save_for_backward(grad)
+        else:
+            ctx.save_for_backward(grad, student, teacher, labels)
         ctx.reduction = reduction
         ctx.inplace = inplace
+        ctx.keywords = reference_keywords(div, param, temperature, ignore_index, hard_weight,
+                                          soft_scale)
         return ref.reduce_rows(rows, labels, ignore_index, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: an exact, differentiable gradient
+            if ctx.inplace:
+                raise no_double_backward("kd_loss")
+            _, student, teacher, labels = ctx.saved_tensors
+            kw = ctx.keywords
+            rows = ref.kd_loss_rows(student, teacher, labels=labels, **kw)
+            out = ref.reduce_rows(rows, labels, kw["ignore_index"], ctx.reduction)
+            (g,) = torch.autograd.grad(out, student, grad_out, create_graph=True)
+            return (g,) + (None,) * 11
+        grad = ctx.saved_tensors[0]
         return (scaled_gradient(grad, grad_out, ctx.reduction, ctx.inplace),) + (None,) * 11
 
 
@@ -309,9 +361,14 @@ def kd_loss(
         check_label_range(l1, V, opt.ignore_index)
 
     name = resolve(backend, s.device, s.dtype)
-    if name in ("torch", "cuda"):  # cuda: this family's GPU path is triton
+    grad_needed = torch.is_grad_enabled() and s2.requires_grad
+    if name in ("torch", "cuda") and not (inplace_backward and grad_needed):
         rows = ref.kd_loss_rows(s2, t2, labels=l1, **opt.reference_keywords())
         out = ref.reduce_rows(rows, l1, opt.ignore_index, opt.reduction)
+    elif name in ("torch", "cuda"):  # in place: the reference's gradient over the logits
+        out = _FusedKD.apply(s2, t2.detach(), l1, "torch", opt.ignore_index, opt.div_index,
+                             opt.param, opt.temperature, opt.hard_weight, opt.soft_scale,
+                             opt.reduction, True)
     else:
         if s2.dtype == torch.float64 or t2.dtype == torch.float64:
             raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 logits; "
@@ -322,7 +379,7 @@ def kd_loss(
             t2 = t2.contiguous()
         args = (s2, t2.detach(), l1, name, opt.ignore_index, opt.div_index, opt.param,
                 opt.temperature, opt.hard_weight, opt.soft_scale)
-        if torch.is_grad_enabled() and s2.requires_grad:
+        if grad_needed:
             out = _FusedKD.apply(*args, opt.reduction, inplace_backward)
         else:  # evaluation: no gradient computed, no N×V buffer allocated
             rows, _ = _fused_forward(name, s2, t2, l1, *args[4:], opt.reduction == "mean", False,

@@ -16,7 +16,8 @@ import torch
 
 from . import _checks
 from ._backend import load_extension, resolve
-from .kd import DIVERGENCES, check_inplace_target, kd_options, scaled_gradient, student_labels
+from .kd import (DIVERGENCES, check_inplace_target, kd_options, no_double_backward,
+                 scaled_gradient, student_labels)
 from .reference import kd as ref_kd
 from .reference import sparse as ref
 
@@ -24,15 +25,20 @@ TAILS = ref.TAILS
 SUPPORTED = ref.SUPPORTED
 LOGPROB_SUM_TOL = ref.LOGPROB_SUM_TOL
 
+def reference_keywords(div, tail, param, temperature, ignore_index, hard_weight, soft_scale) -> dict:
+    """The keywords of ``reference.sparse.sparse_kd_loss_rows`` from the fused ops' arguments."""
+    name = DIVERGENCES[div]
+    return dict(tail=TAILS[tail], divergence=name, temperature=temperature,
+                beta=param if name == "jsd" else 0.5,
+                skew=param if name.startswith("skew") else 0.1,
+                ignore_index=ignore_index, hard_weight=hard_weight,
+                t2_scale=soft_scale != 1.0)  # soft_scale is T² or 1, and T² = 1 when T = 1
+
+
 def _reference_forward(student, ids, logprobs, labels, ignore_index, div, tail, param, temperature,
                        hard_weight, soft_scale, mean_scale, need_grad):
     """The fused contract computed by the reference, the gradient by autograd."""
-    name = DIVERGENCES[div]
-    kw = dict(tail=TAILS[tail], divergence=name, temperature=temperature,
-              beta=param if name == "jsd" else 0.5,
-              skew=param if name.startswith("skew") else 0.1,
-              ignore_index=ignore_index, hard_weight=hard_weight,
-              t2_scale=soft_scale != 1.0)  # soft_scale is T² or 1, and T² = 1 when T = 1
+    kw = reference_keywords(div, tail, param, temperature, ignore_index, hard_weight, soft_scale)
     with torch.enable_grad():
         x = student.detach().requires_grad_(need_grad)
         rows = ref.sparse_kd_loss_rows(x, ids, logprobs.detach(), labels=labels, **kw)
@@ -80,8 +86,12 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
     if ids.dtype != torch.int64:
         ids = ids.to(torch.int64)
     if backend in ("torch", "cuda"):  # cuda: this family's GPU path is triton
-        return _reference_forward(student, ids, logprobs, labels, ignore_index, div, tail, param,
-                                  temperature, hard_weight, soft_scale, mean_scale, need_grad)
+        rows, grad = _reference_forward(student, ids, logprobs, labels, ignore_index, div, tail,
+                                        param, temperature, hard_weight, soft_scale, mean_scale,
+                                        need_grad)
+        if inplace and need_grad:  # one behaviour on every backend: the logits hold the gradient
+            return rows, student.copy_(grad)
+        return rows, grad
     if not ids.is_contiguous():
         ids = ids.contiguous()
     if backend == "cpp":
@@ -139,7 +149,10 @@ def _packed_cpp_forward(student, data, layout, labels, ignore_index, div, tail, 
 
 
 class _FusedSparseKD(torch.autograd.Function):
-    """Autograd around a fused kernel: the gradient is computed in forward."""
+    """Autograd around a fused kernel: the gradient is computed in forward.
+    Differentiated twice, backward recomputes the gradient from the reference
+    with differentiable torch ops (exact Hessian-vector products), as
+    ``kd._FusedKD`` does."""
 
     @staticmethod
     def forward(ctx, student, ids, logprobs, labels, backend, ignore_index, div, tail, param,
@@ -152,14 +165,33 @@ class _FusedSparseKD(torch.autograd.Function):
             # the logits now hold the gradient: any other op that saved them
             # for its backward must fail autograd's version check
             torch.autograd.graph.increment_version(student)
-        ctx.save_for_backward(grad)
+        if inplace:
+            ctx.save_for_backward(grad)
+        else:
+            ctx.save_for_backward(grad, student, ids, logprobs, labels)
         ctx.reduction = reduction
         ctx.inplace = inplace
+        ctx.layout = layout
+        ctx.keywords = reference_keywords(div, tail, param, temperature, ignore_index, hard_weight,
+                                          soft_scale)
         return ref_kd.reduce_rows(rows, labels, ignore_index, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: an exact, differentiable gradient
+            if ctx.inplace:
+                raise no_double_backward("sparse_kd_loss" if ctx.layout is None
+                                         else "softlabels.kd_loss")
+            _, student, ids, logprobs, labels = ctx.saved_tensors
+            if ctx.layout is not None:
+                ids, logprobs = _decode_packed(ids, ctx.layout)
+            kw = ctx.keywords
+            rows = ref.sparse_kd_loss_rows(student, ids.to(torch.int64), logprobs, labels=labels,
+                                           **kw)
+            out = ref_kd.reduce_rows(rows, labels, kw["ignore_index"], ctx.reduction)
+            (g,) = torch.autograd.grad(out, student, grad_out, create_graph=True)
+            return (g,) + (None,) * 14
+        grad = ctx.saved_tensors[0]
         return (scaled_gradient(grad, grad_out, ctx.reduction, ctx.inplace),) + (None,) * 14
 
 
@@ -321,7 +353,13 @@ def sparse_kd_loss(
 
     name = resolve(backend, s.device, s.dtype)
     tail_index = TAILS.index(tail)
-    if name in ("torch", "cuda"):  # cuda: this family's GPU path is triton
+    grad_needed = torch.is_grad_enabled() and s2.requires_grad
+    if name in ("torch", "cuda") and inplace_backward and grad_needed:
+        # in place on the torch backend too: the reference's gradient over the logits
+        out = _FusedSparseKD.apply(s2, ids2, lp2, l1, "torch", opt.ignore_index, opt.div_index,
+                                   tail_index, opt.param, opt.temperature, opt.hard_weight,
+                                   opt.soft_scale, opt.reduction, True)
+    elif name in ("torch", "cuda"):  # cuda: this family's GPU path is triton
         rows = ref.sparse_kd_loss_rows(
             s2, ids2, lp2, tail=tail, divergence=opt.divergence, temperature=opt.temperature,
             beta=opt.beta, skew=opt.skew, labels=l1, ignore_index=opt.ignore_index,
@@ -337,7 +375,7 @@ def sparse_kd_loss(
         lp2 = lp2.contiguous()
         args = (s2, ids2, lp2, l1, name, opt.ignore_index, opt.div_index, tail_index, opt.param,
                 opt.temperature, opt.hard_weight, opt.soft_scale)
-        if torch.is_grad_enabled() and s2.requires_grad:
+        if grad_needed:
             out = _FusedSparseKD.apply(*args, opt.reduction, inplace_backward)
         else:  # evaluation: no gradient computed, no N×V buffer allocated
             rows, _ = _sparse_forward(name, s2, ids2, lp2, l1, *args[5:],
@@ -378,12 +416,17 @@ def sample_counts(teacher_logits: torch.Tensor, n: int, *, temperature: float = 
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n must be ≥ 1, got {n}")
-    temperature = _checks.real("temperature", temperature, low=0.0, low_open=True)
+    temperature = _checks.temperature(temperature)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if t.dim() < 1 or t.shape[-1] == 0:
         raise ValueError(f"teacher_logits must have shape (..., V) with V ≥ 1, got {tuple(t.shape)}")
     lead, V = t.shape[:-1], t.shape[-1]
+    bad = ref_kd.nonfinite_rows(t.detach().reshape(-1, V))
+    if bool(bad.any()):  # there is no distribution to draw from
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(f"teacher_logits row {r} holds a NaN or +inf, or is all -inf: it is no "
+                         "distribution to sample from")
     with torch.no_grad():
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         probs = torch.softmax(t.reshape(-1, V).to(acc) / temperature, dim=-1)

@@ -149,11 +149,18 @@ def _kd_fwd_kernel(
         s_w_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         s_z = tl.zeros([BLOCK_V], dtype=tl.float32)
         a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        # the non-finite rule: a NaN or +inf on either side, or a side all -inf
+        bad_acc = tl.zeros([BLOCK_V], dtype=tl.int32)
+        live_s = tl.zeros([BLOCK_V], dtype=tl.int32)
+        live_t = tl.zeros([BLOCK_V], dtype=tl.int32)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
             xs = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             xt = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            bad_acc |= ((xs != xs) | (xs == float("inf")) | (xt != xt) | (xt == float("inf"))).to(tl.int32)
+            live_s |= (xs > float("-inf")).to(tl.int32)
+            live_t |= (xt > float("-inf")).to(tl.int32)
             u = xs * inv_t
             v = xt * inv_t
             m_u, s_u, e_u, r_u = _online_lse(m_u, s_u, u)
@@ -168,6 +175,7 @@ def _kd_fwd_kernel(
                 a_acc = a_acc * r_w + tl.where(e_w > 0.0, e_w * (w - u), 0.0)
             if CE_OWN_LSE:  # softmax(z) at T = 1 for the cross-entropy term
                 m_z, s_z, e_z, r_z = _online_lse(m_z, s_z, xs)
+        bad = (tl.max(bad_acc, axis=0) > 0) | (tl.max(live_s, axis=0) == 0) | (tl.max(live_t, axis=0) == 0)
         sum_u = tl.sum(s_u, axis=0)
         sum_v = tl.sum(s_v, axis=0)
         ls_u = tl.log(sum_u)
@@ -273,13 +281,14 @@ def _kd_fwd_kernel(
                         sm = q
                     dz += c_hard * sm
                     dz = tl.where(cols == label, dz - c_hard, dz)
+                dz = tl.where(bad, float("nan"), dz)
                 tl.store(o_row + cols, dz.to(OUT.dtype.element_ty), mask=mask)
 
         row_loss = (1.0 - hard_weight) * soft_scale * loss
         if CE:
             # CE = lse(z) - z[label] = (max - z[label]) + log(sum e^{z - max})
             row_loss += hard_weight * ((m_zc - z_label) + ls_z)
-        tl.store(LOSS + row, row_loss)
+        tl.store(LOSS + row, tl.where(bad, float("nan"), row_loss))
 
 
 # --------------------------------------------------------------------- wrapper

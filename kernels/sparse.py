@@ -244,10 +244,16 @@ def _sparse_fwd_kernel(
         # tail Σ_{j∉ids} e^{u_j - max} = (Σ_all - Σ_ids) is exact up to
         # float64 rounding of the sums (never 1 - Σ_k q_k in float32).
         m_x = NEG_INF
+        # the non-finite rule: a NaN or +inf student logit, or a row all -inf
+        bad_acc = tl.zeros([BLOCK_V], dtype=tl.int32)
+        live_acc = tl.zeros([BLOCK_V], dtype=tl.int32)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             xs = tl.load(s_row + cols, mask=cols < V, other=NEG_INF).to(tl.float32)
+            bad_acc |= ((xs != xs) | (xs == float("inf"))).to(tl.int32)
+            live_acc |= (xs > NEG_INF).to(tl.int32)
             m_x = tl.maximum(m_x, tl.max(xs, axis=0))
+        bad = (tl.max(bad_acc, axis=0) > 0) | (tl.max(live_acc, axis=0) == 0)
         m_u = m_x * inv_t  # inv_t > 0: the max of the rounded products
         s_all = tl.zeros([BLOCK_V], dtype=tl.float64)
         s_z = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -297,6 +303,7 @@ def _sparse_fwd_kernel(
                                       values_bytes, ID_BITS, VALUE_BITS, INV_K, PACKED, METHOD,
                                       VBITS16)
             zi = tl.load(s_row + idx, mask=valid, other=NEG_INF).to(tl.float32)
+            bad = bad | (tl.sum(((lp != lp) | (lp == float("inf"))).to(tl.int32), axis=0) > 0)
             n_valid += tl.sum(valid.to(tl.int32), axis=0)
             # float64: the teacher's tail 1 − Σ P keeps its precision
             sum_p += tl.sum(tl.where(valid, tl.exp(lp.to(tl.float64)), 0.0), axis=0)
@@ -366,6 +373,7 @@ def _sparse_fwd_kernel(
                     if CE_OWN_LSE:
                         dz += tl.exp((xs - m_zc) + off_b)
                     dz = tl.where(cols == label, dz - c_hard, dz)
+                dz = tl.where(bad, float("nan"), dz)
                 tl.store(o_row + cols, dz.to(OUT.dtype.element_ty), mask=mask)
             # the id positions below overwrite what this pass wrote there
             tl.debug_barrier()
@@ -396,12 +404,13 @@ def _sparse_fwd_kernel(
                     else:
                         sm = tl.exp(lu)
                     v += c_hard * (sm - tl.where(idx == label, 1.0, 0.0))
+                v = tl.where(bad, float("nan"), v)
                 tl.store(o_row + idx, v.to(OUT.dtype.element_ty), mask=valid)
 
         row_loss = (1.0 - hard_weight) * soft_scale * loss
         if CE:
             row_loss += hard_weight * ((m_zc - z_label) + ls_z)
-        tl.store(LOSS + row, row_loss)
+        tl.store(LOSS + row, tl.where(bad, float("nan"), row_loss))
 
 
 # --------------------------------------------------------------------- wrapper

@@ -77,11 +77,16 @@ struct Lse {
 
 struct Pass1 {
   Lse u, v, w, z;  // student/T, teacher/T, TAID mixture, student at T=1
+  // The raw maxima of both rows, NaN-propagating: a non-finite one marks a
+  // row that is no distribution (the non-finite rule, fastdistill/reference/kd.py).
+  float max_s = -kInf, max_t = -kInf;
   void merge(const Pass1& o) {
     u.merge(o.u);
     v.merge(o.v);
     w.merge(o.w);
     z.merge(o.z);
+    max_s = nan_max(max_s, o.max_s);
+    max_t = nan_max(max_t, o.max_t);
   }
 };
 
@@ -151,11 +156,8 @@ __attribute__((noinline)) void pass1_block(
     const int64_t c = std::min(kVec, n - i);
     const Vec xs = load(zs + i, c), xt = load(zt + i, c);
     mzs = at::vec::maximum(mzs, xs);
-    if (taid) {
-      mw = at::vec::maximum(mw, taid_mix(xs, xt, t_mix) * inv_t);
-    } else {
-      mzt = at::vec::maximum(mzt, xt);
-    }
+    mzt = at::vec::maximum(mzt, xt);
+    if (taid) mw = at::vec::maximum(mw, taid_mix(xs, xt, t_mix) * inv_t);
   }
   auto raise = [](Lse& l, double m) {
     if (m > l.m) {
@@ -169,12 +171,14 @@ __attribute__((noinline)) void pass1_block(
   };
   // Maxima rounded exactly like the vector path (float z * float 1/T), so
   // the max element gets u - M = 0 exactly.
-  const float bmz = hmax(mzs);
+  const float bmz = hmax(mzs), bmt = hmax(mzt);
+  run.max_s = nan_max(run.max_s, bmz);
+  run.max_t = nan_max(run.max_t, bmt);
   raise(run.u, bmz * P.inv_t);
   if (taid) {
     raise(run.w, hmax(mw));
   } else {
-    raise(run.v, hmax(mzt) * P.inv_t);
+    raise(run.v, bmt * P.inv_t);
   }
   if (P.ce_own_lse) raise(run.z, bmz);
   mu_block = float(run.u.m);
@@ -420,6 +424,11 @@ struct RowKernel {
     });
     for (int64_t p = 1; p < parts; ++p) p1[0].merge(p1[p]);
     const Pass1& st = p1[0];
+    if (nonfinite_max(st.max_s) || nonfinite_max(st.max_t)) {  // no distribution: NaN loss and gradient
+      constexpr float nan = std::numeric_limits<float>::quiet_NaN();
+      if (grad) std::fill(grad + r * V, grad + (r + 1) * V, S(nan));
+      return nan;
+    }
     const bool taid = P.div == kTAID;
     const Lse& lb = taid ? st.w : st.v;
     RowConst R;

@@ -8,7 +8,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "common/memory.h"
 #include "softlabels/layout.h"
@@ -42,13 +46,16 @@ struct PackedTeacher {
   }
 };
 
-// The entries the kernel will read, checked once (O(N·K)): a corrupt row is
-// an error here, never an out-of-bounds read.
+// The entries the kernel will read, checked once (O(N·K log K)): a corrupt row
+// is an error here, never an out-of-bounds read. The same checks, in the same
+// order and with the same messages, as SoftLabels.check_rows in
+// fastdistill/softlabels/codec.py (which the Python API runs on every backend).
 void check_rows(const at::Tensor& data, const Layout& L, const std::optional<at::Tensor>& labels,
                 int64_t ignore_index) {
   const uint8_t* d = data.data_ptr<uint8_t>();
   const int64_t N = data.size(0);
   const int64_t* l = labels ? labels->data_ptr<int64_t>() : nullptr;
+  std::vector<std::pair<int64_t, int64_t>> stored;  // (id, entry) of the row's stored entries
   for (int64_t r = 0; r < N; ++r) {
     if (l && l[r] == ignore_index) continue;
     const uint8_t* row = d + r * L.row_bytes;
@@ -59,11 +66,25 @@ void check_rows(const at::Tensor& data, const Layout& L, const std::optional<at:
       const double raw = packed::raw_value(L, row, i);
       TORCH_CHECK_VALUE(!std::isnan(raw) && raw != kInf, "soft labels row ", r, " entry ", i,
                         ": value is NaN or +inf (corrupt packed row?)");
-      if (raw > -kInf) {
-        const int64_t id = packed::id_at(L, row, i);
-        TORCH_CHECK_VALUE(id < L.vocab_size, "soft labels row ", r, " entry ", i, ": id ", id,
-                          " is not below the vocabulary size ", L.vocab_size, " (corrupt packed row?)");
-      }
+    }
+    stored.clear();
+    double counts = 0.0;
+    for (int64_t i = 0; i < L.k; ++i) {
+      const double raw = packed::raw_value(L, row, i);
+      if (!(raw > -kInf)) continue;  // padding / probability 0: its id is never read
+      const int64_t id = packed::id_at(L, row, i);
+      TORCH_CHECK_VALUE(id < L.vocab_size, "soft labels row ", r, " entry ", i, ": id ", id,
+                        " is not below the vocabulary size ", L.vocab_size, " (corrupt packed row?)");
+      stored.emplace_back(id, i);
+      if (L.method == packed::kSampled) counts += std::round(std::exp(raw) * double(L.k));
+    }
+    TORCH_CHECK_VALUE(L.method != packed::kSampled || counts == double(L.k), "soft labels row ", r,
+                      ": sample counts sum to ", int64_t(counts), ", not k=", L.k, " (corrupt packed row?)");
+    std::sort(stored.begin(), stored.end());
+    for (size_t j = 1; j < stored.size(); ++j) {
+      TORCH_CHECK_VALUE(stored[j].first != stored[j - 1].first, "soft labels row ", r, ": id ",
+                        stored[j].first, " is stored twice (entries ", stored[j - 1].second, " and ",
+                        stored[j].second, "); a packed row never repeats an id (corrupt or hand-made row?)");
     }
   }
 }

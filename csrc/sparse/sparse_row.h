@@ -178,6 +178,7 @@ struct Scratch {
   std::vector<float> z, u;       // z and u = z/T at the ids (kept: pass B may overwrite z)
   std::vector<double> lp, lu, gk;
   std::vector<float> block_max;  // pass A's running max after each block (see RowKernel::row)
+  bool bad_teacher = false;      // a NaN or +inf log-prob in the row (set by the teacher source)
   Scratch(int64_t K, int64_t V)
       : id(K), sid(K), z(K), u(K), lp(K), lu(K), gk(K), block_max((V + kBlock - 1) / kBlock) {}
 };
@@ -265,7 +266,8 @@ struct ListTeacher {
     int64_t n = 0;
     for (int64_t k = 0; k < K; ++k) {
       const double lp = static_cast<double>(logprobs[r * K + k]);
-      if (!(lp > -kInf)) continue;  // padding: no bin, its id is never read
+      if (std::isnan(lp) || lp == kInf) sc.bad_teacher = true;  // the row becomes NaN
+      if (!(lp > -kInf) || lp == kInf) continue;  // padding: no bin, its id is never read
       const int64_t id = ids[r * K + k];
       sc.id[n] = id;
       sc.sid[n] = id;
@@ -375,6 +377,7 @@ struct RowKernel {
     }
     const S* zrow = zs + r * V;
     // the valid entries: ids, teacher log-probs, z and u at the id
+    sc.bad_teacher = false;
     const int64_t n = teacher.gather(r, sc);
     for (int64_t k = 0; k < n; ++k) {
       sc.z[k] = static_cast<float>(zrow[sc.id[k]]);
@@ -396,6 +399,8 @@ struct RowKernel {
       if (grow && !P.ce_own) keep = grow;
     }
     Lse lt, lz;
+    float raw_max = -kInfF;  // of the whole row, NaN-propagating (the non-finite rule)
+    for (int64_t k = 0; k < n; ++k) raw_max = nan_max(raw_max, sc.z[k]);
     {
       alignas(64) float buf[kBlock];
       int64_t next = 0;
@@ -407,7 +412,9 @@ struct RowKernel {
           if (lz.m != -kInfF) lz.s += block_sum(buf, m, 1.f, lz.m);
         }
         for (; next < n && sc.sid[next] < b + m; ++next) buf[sc.sid[next] - b] = -kInfF;
-        lt.raise(block_max(buf, m) * P.inv_t);
+        const float bm = block_max(buf, m);  // every entry off the ids
+        raw_max = nan_max(raw_max, bm);
+        lt.raise(bm * P.inv_t);
         if (keep) {
           if (lt.m != -kInfF) {
             lt.s += block_sum_store(buf, m, P.inv_t, lt.m, keep + b);
@@ -419,6 +426,11 @@ struct RowKernel {
           lt.s += block_sum(buf, m, P.inv_t, lt.m);
         }
       }
+    }
+    if (nonfinite_max(raw_max) || sc.bad_teacher) {  // no distribution: NaN loss and gradient
+      constexpr float nan = std::numeric_limits<float>::quiet_NaN();
+      if (grow) std::fill(grow, grow + V, S(nan));
+      return nan;
     }
     // everything relative to M = max u (a float, so that u − M is exact as in pass B)
     float M = lt.m;

@@ -34,6 +34,38 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (p * (torch.where(live, logp, zero) - torch.where(live, logq, zero))).sum(-1)
 
 
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (...): rows that are no distribution: a NaN or +inf anywhere,
+    or every entry -inf. (Single -inf entries are probability 0, which is fine.)"""
+    return torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
+
+
+class _NaNRows(torch.autograd.Function):
+    """Identity, except that ``bad`` rows become NaN in the value *and* in the
+    gradient: the non-finite rule, written once. (Autograd alone does not give
+    it: the masks that keep p = 0 terms NaN-free would also stop a NaN.)"""
+
+    @staticmethod
+    def forward(ctx, x, bad):
+        ctx.save_for_backward(bad)
+        return x.masked_fill(bad.unsqueeze(-1), math.nan)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (bad,) = ctx.saved_tensors
+        return grad.masked_fill(bad.unsqueeze(-1), math.nan), None
+
+
+def propagate_nonfinite(z: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """z (N, V) with its ``bad`` rows (N,) turned to NaN, value and gradient."""
+    return _NaNRows.apply(z, bad)
+
+
+def _zero_rows(u: torch.Tensor) -> torch.Tensor:
+    """An exact 0 per row that stays in u's graph (gradient exactly 0)."""
+    return torch.where(torch.isneginf(u), 0.0, u).mul(0.0).sum(-1)
+
+
 def _log_mix(log_a: torch.Tensor, weight_a: float, log_b: torch.Tensor) -> torch.Tensor:
     """log(weight_a * a + (1 - weight_a) * b), computed as a logaddexp (never underflows)."""
     la = log_a + math.log(weight_a) if weight_a > 0 else torch.full_like(log_a, -math.inf)
@@ -73,10 +105,12 @@ def divergence_rows(
         return _kl(logq, _log_mix(logq, skew, logp))
     if divergence == "taid":
         # The interpolated teacher sees the student through a stop-gradient.
-        # t = 0 or 1 takes one side whole (0 · -inf would be NaN).
+        # t = 0: the target is the student itself, KL(q‖q) = 0 exactly (the
+        # autograd form q·Σp − p would leave rounding noise instead of 0).
+        # t = 1 takes the teacher whole (0 · -inf would be NaN).
         if taid_t == 0:
-            mix = u.detach()
-        elif taid_t == 1:
+            return _zero_rows(u)
+        if taid_t == 1:
             mix = v
         else:
             mix = (1 - taid_t) * u.detach() + taid_t * v
@@ -103,6 +137,11 @@ def kd_loss_rows(
 
     Computes in float32 (float64 stays float64) whatever the input dtype, so
     bf16/fp16 logits lose nothing in the divergence.
+
+    Non-finite rule: a row that counts (not ignored) whose student or teacher
+    logits hold a NaN or +inf, or are all -inf, has a NaN loss and a NaN in
+    every entry of its gradient row. Ignored rows count nowhere, whatever
+    they hold.
     """
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     z = student.to(acc)
@@ -113,6 +152,8 @@ def kd_loss_rows(
         dropped = (labels == ignore_index).unsqueeze(-1)
         z = torch.where(dropped, torch.zeros_like(z), z)
         zt = torch.where(dropped, torch.zeros_like(zt), zt)
+    bad = nonfinite_rows(z) | nonfinite_rows(zt)
+    z = propagate_nonfinite(z, bad)
     soft = divergence_rows(
         z / temperature, zt / temperature, divergence, beta=beta, skew=skew, taid_t=taid_t
     )
@@ -122,6 +163,7 @@ def kd_loss_rows(
     if hard_weight > 0:
         ce = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="none")
         loss = loss + hard_weight * ce
+    loss = loss.masked_fill(bad, math.nan)
     if labels is not None:
         loss = torch.where(labels != ignore_index, loss, torch.zeros_like(loss))
     return loss

@@ -9,7 +9,7 @@ loss compares *bins*:
 ``tail="bucket"``
     K + 1 bins: the K ids and one tail bin for everything else. Teacher
     P_k = exp(lp_k), P_tail = 1 − Σ_k P_k; student Q_k = q_{i_k},
-    log Q_tail = log(1 − Σ_k Q_k) = log(−expm1(LSE_ids(u) − LSE(u))).
+    log Q_tail = LSE_{j∉ids}(u) − LSE(u) (its own sum, never 1 − Σ_k Q_k).
     When the ids cover the whole vocabulary there is no tail bin (both tails 0).
 ``tail="renormalize"``
     K bins, both sides renormalized over the ids: P̃ = P/ΣP, Q̃ = softmax(u_ids).
@@ -33,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .kd import _kl, _log_mix, reduce_rows
+from .kd import _kl, _log_mix, nonfinite_rows, propagate_nonfinite, reduce_rows
 
 TAILS = ("bucket", "renormalize", "none")
 # The divergences each tail supports (TAID needs the dense teacher logits).
@@ -84,40 +84,41 @@ def _safe_lse(x: torch.Tensor, any_live: torch.Tensor) -> torch.Tensor:
 
 
 def bins(u: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: str):
-    """The bin log-probabilities (teacher, student), each (N, K) or (N, K + 1).
+    """The bin log-probabilities (teacher, student), each (N, K) or (N, K + 1), float64.
 
     ``u`` = z/T (N, V) in the accumulation dtype; ``ids`` (N, K) int64;
     ``logprobs`` (N, K) in the accumulation dtype, -inf at padding.
+
+    The bin math runs in float64 (it is N×(K+1), small): the student's bins
+    are one log-softmax over [u at the ids, LSE of u off the ids], so the
+    gradient at an id is formed in one place (g − Q·Σg) and a near-one-hot
+    row keeps its relative precision (no 1 − Σ Q_k, no cancellation between
+    the gather and the LSE paths).
     """
-    V = u.shape[-1]
     valid = logprobs > _NEG_INF
     any_valid = valid.any(-1)
-    lse = torch.logsumexp(u, dim=-1, keepdim=True)
-    u_ids = u.gather(-1, torch.where(valid, ids, torch.zeros_like(ids)))
-    lp = logprobs
+    safe_ids = torch.where(valid, ids, torch.zeros_like(ids))
+    u_ids = torch.where(valid, u.gather(-1, safe_ids), _NEG_INF).double()
+    lp = logprobs.double()
     if tail == "renormalize":
-        lq_raw = torch.where(valid, u_ids, _NEG_INF)
-        lq = lq_raw - _safe_lse(lq_raw, any_valid).unsqueeze(-1)
-        lp = lp - _safe_lse(lp, any_valid).unsqueeze(-1)
-        # rows without any valid id: every bin dead (keep them -inf, not NaN)
-        lq = torch.where(valid, lq, _NEG_INF)
-        lp = torch.where(valid, lp, _NEG_INF)
-        return lp, lq
-    lq = torch.where(valid, u_ids - lse, _NEG_INF)
+        lq = torch.where(valid, u_ids - _safe_lse(u_ids, any_valid).unsqueeze(-1), _NEG_INF)
+        lp = torch.where(valid, lp - _safe_lse(lp, any_valid).unsqueeze(-1), _NEG_INF)
+        return lp, lq  # rows without any valid id: every bin dead (-inf, not NaN)
     if tail == "none":
-        return lp, lq
-    # bucket: one more bin for the rest of the vocabulary
+        lse = torch.logsumexp(u, dim=-1, keepdim=True).double()
+        return lp, torch.where(valid, u_ids - lse, _NEG_INF)
+    # bucket: one more bin for the rest of the vocabulary, on both sides
+    V = u.shape[-1]
+    hits = torch.zeros_like(u).scatter_add_(-1, safe_ids, valid.to(u.dtype))  # no padding slot counts
+    off = torch.where(hits > 0, _NEG_INF, u)
+    lq_tail = _safe_lse(off, (off > _NEG_INF).any(-1)).double()  # -inf when the ids cover V
+    lq = torch.log_softmax(torch.cat([u_ids, lq_tail.unsqueeze(-1)], -1), dim=-1)
     covered = valid.sum(-1) == V
-    d = _safe_lse(lq, any_valid)  # log Σ_k Q_k = LSE_ids - LSE, ≤ 0
-    has_q = (d < 0) & ~covered
-    d_safe = torch.where(has_q, d, torch.full_like(d, -1.0))
-    lq_tail = torch.where(has_q, torch.log(-torch.expm1(d_safe)), _NEG_INF)
-    with torch.no_grad():  # the teacher is a constant; its tail in float64
-        psum = lp.double().exp().sum(-1)
+    with torch.no_grad():  # the teacher is a constant
+        psum = lp.exp().sum(-1)
         has_p = (psum < 1) & ~covered  # a sum above 1 (rounding) leaves no tail
         lp_tail = torch.where(has_p, torch.log1p(-torch.where(has_p, psum, 0.0)), _NEG_INF)
-        lp_tail = lp_tail.to(lp.dtype)
-    return torch.cat([lp, lp_tail.unsqueeze(-1)], -1), torch.cat([lq, lq_tail.unsqueeze(-1)], -1)
+    return torch.cat([lp, lp_tail.unsqueeze(-1)], -1), lq
 
 
 def sparse_kd_loss_rows(
@@ -138,7 +139,13 @@ def sparse_kd_loss_rows(
     """Per-row loss ``hard_weight * CE + (1 - hard_weight) * [T^2] * D(bins)``; 0 at ignored rows.
 
     ``student`` (N, V) logits; ``ids`` (N, K) integer; ``logprobs`` (N, K),
-    -inf marking padding. Computes in float32 (float64 stays float64).
+    -inf marking padding. Computes in float32 (float64 stays float64), the
+    (N, K + 1) bin math in float64.
+
+    Non-finite rule (as in ``reference.kd``): a row that counts whose student
+    logits hold a NaN or +inf or are all -inf, or whose teacher log-probs
+    hold a NaN or +inf, has a NaN loss and a NaN in every entry of its
+    gradient row. (An all -inf teacher row is all padding: no soft term.)
     """
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -153,14 +160,18 @@ def sparse_kd_loss_rows(
         dropped = (labels == ignore_index).unsqueeze(-1)
         z = torch.where(dropped, torch.zeros_like(z), z)
         lp = torch.where(dropped, torch.full_like(lp, _NEG_INF), lp)
+    bad = nonfinite_rows(z) | torch.isnan(lp).any(-1) | torch.isposinf(lp).any(-1)
+    z = propagate_nonfinite(z, bad)
+    lp = lp.masked_fill(bad.unsqueeze(-1), _NEG_INF)  # the row is NaN already; keep the bins tidy
     logp, logq = bins(z / temperature, ids, lp, tail)
-    soft = bin_divergence(logp, logq, divergence, beta=beta, skew=skew)
+    soft = bin_divergence(logp, logq, divergence, beta=beta, skew=skew).to(acc)
     if t2_scale:
         soft = soft * (temperature * temperature)
     loss = (1.0 - hard_weight) * soft
     if hard_weight > 0:
         ce = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="none")
         loss = loss + hard_weight * ce
+    loss = loss.masked_fill(bad, math.nan)
     if labels is not None:
         loss = torch.where(labels != ignore_index, loss, torch.zeros_like(loss))
     return loss

@@ -285,6 +285,63 @@ class SoftLabels:
         lead = tuple(self.shape)
         return ids.reshape(*lead, c.k), lp.float().reshape(*lead, c.k)
 
+    def check_rows(self, keep: torch.Tensor | None = None) -> None:
+        """Raise a ValueError naming the first corrupt row (of those ``keep``
+        marks, flat row order) and its fault, checked in this order: a tail
+        mass outside [0, 1]; a value that is NaN or +inf; an id of a stored
+        entry not below the vocabulary size; sampled counts that do not sum to
+        k; an id stored twice. The encoder never writes any of these, so each
+        means a corrupt (or hand-made) row. Every backend of
+        ``softlabels.kd_loss`` runs this one check, so one fault gives one
+        message, whatever the backend."""
+        c = self.codec
+        ids, lp = self.decode()
+        ids, lp = ids.reshape(-1, c.k), lp.reshape(-1, c.k)
+        tail = self.tail_mass().reshape(-1)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        if keep is not None:
+            keep = keep.reshape(-1)
+            ids, lp, tail, rows = ids[keep], lp[keep], tail[keep], rows[keep]
+        if rows.numel() == 0:
+            return
+        bad_tail = ~((tail >= 0) & (tail <= 1))
+        bad_value = torch.isnan(lp) | (lp == math.inf)
+        stored = lp > -math.inf
+        bad_id = stored & (ids >= c.vocab_size)
+        bad_count = torch.zeros_like(bad_tail)
+        if c.method == "sampled":
+            counts = torch.where(stored, (lp.double().exp() * c.k).round(), 0.0).sum(-1)
+            bad_count = counts != c.k
+        # repeats among the stored entries: padding gets distinct negative stand-ins
+        stand_in = -1 - torch.arange(c.k, device=ids.device)
+        order = torch.where(stored, ids, stand_in).sort(dim=-1, stable=True)
+        same = order.values[:, 1:] == order.values[:, :-1]
+        faulty = (bad_tail | bad_value.any(-1) | bad_id.any(-1) | bad_count | same.any(-1))
+        if not bool(faulty.any()):
+            return
+        i = int(faulty.nonzero()[0, 0])
+        r = int(rows[i])
+        where = f"soft labels row {r}"
+        if bad_tail[i]:
+            raise ValueError(f"{where}: tail mass {float(tail[i]):g} is not in [0, 1] "
+                             "(corrupt packed row?)")
+        if bad_value[i].any():
+            e = int(bad_value[i].nonzero()[0, 0])
+            raise ValueError(f"{where} entry {e}: value is NaN or +inf (corrupt packed row?)")
+        if bad_id[i].any():
+            e = int(bad_id[i].nonzero()[0, 0])
+            raise ValueError(f"{where} entry {e}: id {int(ids[i, e])} is not below the "
+                             f"vocabulary size {c.vocab_size} (corrupt packed row?)")
+        if bad_count[i]:
+            total = int(torch.where(stored[i], (lp[i].double().exp() * c.k).round(), 0.0).sum())
+            raise ValueError(f"{where}: sample counts sum to {total}, not k={c.k} "
+                             "(corrupt packed row?)")
+        j = int(same[i].nonzero()[0, 0])
+        dup = int(order.values[i, j])
+        a, b = sorted(int(order.indices[i, x]) for x in (j, j + 1))
+        raise ValueError(f"{where}: id {dup} is stored twice (entries {a} and {b}); a packed row "
+                         "never repeats an id (corrupt or hand-made row?)")
+
     def to_dense(self, vocab_size: int | None = None) -> torch.Tensor:
         """Dense log-probabilities (*shape, V), float32: the decoded ids' values
         and -inf elsewhere (a top-k row's tail mass is not spread over the
@@ -326,7 +383,7 @@ def encode(logits: torch.Tensor, *, method: str = "topk", k: int | None = None,
     if t.dim() < 1 or t.shape[-1] == 0:
         raise ValueError(f"logits must have shape (..., V) with V ≥ 1, got {tuple(t.shape)}")
     _checks.choice("method", method, METHODS)
-    temperature = _checks.real("temperature", temperature, low=0.0, low_open=True)
+    temperature = _checks.temperature(temperature)
     V = t.shape[-1]
     lead = t.shape[:-1]
     if method == "topk":

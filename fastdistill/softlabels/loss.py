@@ -78,6 +78,8 @@ def kd_loss(
     codec's (``"bucket"`` for top-k, which stores the tail mass; ``"none"``
     for sampled). ``temperature`` defaults to the codec's — the teacher's
     log-probabilities were taken at it — and another value is an error.
+    A corrupt packed row (see ``SoftLabels.check_rows``) is a ValueError
+    naming the row and the fault, the same on every backend.
     """
     s = _checks.tensor("student_logits", student_logits, floating=True)
     if s.dim() < 1:
@@ -94,13 +96,21 @@ def kd_loss(
                          f"(supported: {SUPPORTED[tail]})")
     check_inplace_target(inplace_backward, s)
     l1 = student_labels(labels, s, opt)
+    if not torch.compiler.is_compiling():  # one check, one message, every backend
+        soft_labels.check_rows(None if l1 is None else l1 != opt.ignore_index)
 
     lead = s.shape[:-1]
     s2 = s.reshape(-1, V)
     data = soft_labels.rows()
     name = resolve(backend, s.device, s.dtype)
     tail_index = TAILS.index(tail)
-    if name in ("torch", "cuda"):  # the reference: decode, then the sparse reference
+    grad_needed = torch.is_grad_enabled() and s2.requires_grad
+    if name in ("torch", "cuda") and inplace_backward and grad_needed:
+        # in place on the torch backend too: the reference's gradient over the logits
+        out = _FusedSparseKD.apply(s2, data, None, l1, "torch", opt.ignore_index, opt.div_index,
+                                   tail_index, opt.param, opt.temperature, opt.hard_weight,
+                                   opt.soft_scale, opt.reduction, True, codec.layout())
+    elif name in ("torch", "cuda"):  # the reference: decode, then the sparse reference
         ids, lp = soft_labels.decode()
         rows = ref_sparse.sparse_kd_loss_rows(
             s2, ids.reshape(-1, codec.k), lp.reshape(-1, codec.k), tail=tail,
@@ -116,7 +126,7 @@ def kd_loss(
             s2 = s2.contiguous()
         args = (s2, data, None, l1, name, opt.ignore_index, opt.div_index, tail_index, opt.param,
                 opt.temperature, opt.hard_weight, opt.soft_scale)
-        if torch.is_grad_enabled() and s2.requires_grad:
+        if grad_needed:
             out = _FusedSparseKD.apply(*args, opt.reduction, inplace_backward, codec.layout())
         else:  # evaluation: no gradient computed, no N×V buffer allocated
             rows, _ = _sparse_forward(name, s2, data, None, l1, *args[5:],
