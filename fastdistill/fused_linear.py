@@ -24,6 +24,7 @@ from . import vocab_parallel as vp
 from ._backend import resolve
 from .kd import KDOptions, _fused_forward, _match_vocab, check_label_range, kd_options
 from .reference import kd as ref
+from .reference import sparse as ref_sparse
 from .softlabels.codec import SoftLabels
 from .softlabels.loss import check_soft_labels
 
@@ -277,24 +278,62 @@ def _full_rows(plan: _Plan, counted: torch.Tensor, n_total: int) -> torch.Tensor
     return out.index_copy_(0, plan.rows, counted)
 
 
+def _reference_loss(plan: _Plan, hidden, weight, bias, n_total: int) -> torch.Tensor:
+    """The loss of the call as the readable reference computes it, with
+    differentiable torch ops on the (N, V) logits: for double backward, where
+    exactness matters more than memory."""
+    if plan.group is not None:
+        raise RuntimeError("fused_linear_kd_loss with process_group cannot be differentiated "
+                           "twice (the vocabulary-parallel kernel has no second derivative)")
+    opt, head = plan.opt, plan.student
+    w = weight[:plan.vs]
+    y = hidden @ w.t()
+    if bias is not None:
+        y = y + bias[:plan.vs]
+    y = y * head.scale
+    if head.softcap is not None:
+        y = head.softcap * torch.tanh(y / head.softcap)
+    labels = plan.labels
+    if plan.teacher_sparse is not None:
+        ids, lp, tail, layout = plan.teacher_sparse
+        if layout is not None:
+            ids, lp = sparse_kd._decode_packed(ids, layout)
+        kw = sparse_kd.reference_keywords(opt.div_index, tail, opt.param, opt.temperature,
+                                          opt.ignore_index, opt.hard_weight, opt.soft_scale)
+        rows = ref_sparse.sparse_kd_loss_rows(y, ids.to(torch.int64), lp, labels=labels, **kw)
+    else:
+        with torch.no_grad():
+            if plan.teacher is not None:
+                t = plan.teacher.logits(plan.teacher_hidden)
+            else:
+                t = plan.teacher_logits
+        if plan.vs != plan.vt:  # pad: -inf logits on the shorter side
+            y, t = _match_vocab(y, t, opt.vocab_mismatch)
+        rows = ref.kd_loss_rows(y, t, labels=labels, **opt.reference_keywords())
+    return ref.reduce_rows(rows, labels, opt.ignore_index, opt.reduction)
+
+
 class _FusedLinearKD(torch.autograd.Function):
     """mean/sum: gradients computed in forward, backward scales them.
     none: forward computes only the loss; backward walks the chunks again,
-    weighting each row by its incoming gradient."""
+    weighting each row by its incoming gradient. Differentiated twice
+    (``create_graph=True``), backward recomputes the gradients from the
+    reference with differentiable torch ops (exact, but the N×V logits exist
+    then); the inputs are saved by reference only."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan, n_total):
         need = ctx.needs_input_grad
+        ctx.plan = plan
+        ctx.n_total = n_total
         if plan.opt.reduction == "none":
             rows, *_ = _walk(plan, hidden, need_grad=False)
-            ctx.save_for_backward(hidden)
-            ctx.plan = plan
+            ctx.save_for_backward(hidden, weight, bias)
             return _full_rows(plan, rows, n_total)
         rows, gh, gw, gb = _walk(plan, hidden, need_grad=True, want_hidden=need[0],
                                  want_weight=need[1], want_bias=need[2] and bias is not None)
-        ctx.save_for_backward(gh, gw, gb)
+        ctx.save_for_backward(hidden, weight, bias, gh, gw, gb)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.plan = plan
         total = rows.sum()
         return total / max(plan.n_rows, 1) if plan.opt.reduction == "mean" else total
 
@@ -302,8 +341,16 @@ class _FusedLinearKD(torch.autograd.Function):
     def backward(ctx, grad_out):
         plan = ctx.plan
         need = ctx.needs_input_grad
+        hidden, weight, bias = ctx.saved_tensors[:3]
+        if torch.is_grad_enabled():  # create_graph: an exact, differentiable gradient
+            out = _reference_loss(plan, hidden, weight, bias, ctx.n_total)
+            wanted = [x for x, n in zip((hidden, weight, bias), need) if n and x is not None]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
+                                             allow_unused=True))
+            res = [next(grads) if n and x is not None else None
+                   for x, n in zip((hidden, weight, bias), need[:3])]
+            return (*res, None, None)
         if plan.opt.reduction == "none":
-            (hidden,) = ctx.saved_tensors
             go = grad_out if plan.rows is None else grad_out.index_select(0, plan.rows)
             _, gh, gw, gb = _walk(plan, hidden, need_grad=True, grad_rows=go,
                                   want_hidden=need[0], want_weight=need[1],
@@ -311,7 +358,7 @@ class _FusedLinearKD(torch.autograd.Function):
             wdt = plan.student.weight.dtype
             return (gh, None if gw is None else gw.to(wdt), None if gb is None else gb.to(wdt),
                     None, None)
-        gh, gw, gb = ctx.saved_tensors
+        gh, gw, gb = ctx.saved_tensors[3:]
         hdt, wdt = ctx.dtypes
         out = []
         for g, dt in ((gh, hdt), (gw, wdt), (gb, wdt)):

@@ -283,7 +283,8 @@ def vocab_parallel_forward(student, teacher, labels, ignore_index, div, param, t
 
 class _VocabParallelKD(torch.autograd.Function):
     """The gradient is computed in forward (one pass of collectives); backward
-    scales it by the incoming gradient (per row for reduction='none')."""
+    scales it by the incoming gradient (per row for reduction='none'). It has
+    no second derivative: differentiated twice it raises, never a wrong HVP."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, ignore_index, div, param, temperature,
@@ -297,6 +298,9 @@ class _VocabParallelKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("kd_loss with process_group cannot be differentiated twice (the "
+                               "vocabulary-parallel kernel has no second derivative)")
         (grad,) = ctx.saved_tensors
         return (scaled_gradient(grad, grad_out, ctx.reduction, False),) + (None,) * 11
 

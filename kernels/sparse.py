@@ -264,7 +264,8 @@ def _sparse_fwd_kernel(
             if CE_OWN_LSE:
                 s_z += tl.exp(xs - m_x)
         sum_all = tl.sum(s_all, axis=0)
-        ls_u = tl.log(sum_all.to(tl.float32))
+        ls_u = tl.log(sum_all.to(tl.float32))  # for pass B's float32 exponentials
+        ls_u64 = tl.log(sum_all)  # for the bin math, in float64 (see K pass 2)
         m_zc = m_u  # at T = 1 the CE softmax is q itself
         ls_z = ls_u
         if CE_OWN_LSE:
@@ -312,13 +313,16 @@ def _sparse_fwd_kernel(
         lse_p = m_p + tl.log(tl.sum(s_p, axis=0))
         sum_ids = tl.sum(s_ids, axis=0)
         sum_tail = sum_all - sum_ids
-        # log Σ_k q_k and log Q_tail, from ratios rounded once to float32
-        lse_q = tl.log((sum_ids / sum_all).to(tl.float32))
-        lq_tail = tl.where(sum_tail > 0.0, tl.log((sum_tail / sum_all).to(tl.float32)), NEG_INF)
+        # log Σ_k q_k and log Q_tail, in float64
+        lse_q = tl.log(sum_ids / sum_all)
+        lq_tail = tl.where(sum_tail > 0.0, tl.log(sum_tail / sum_all), NEG_INF)
 
         # ------------------------------------------------------------ K pass 2
-        loss = 0.0
-        big_s = 0.0
+        # The bin math (K+1 values a row) runs in float64, as the cpp kernel's:
+        # a near-one-hot row's gradient at an id, G_k − Q_k·S, is a difference
+        # of nearly equal terms that float32 would flush to 0.
+        loss = tl.zeros([], dtype=tl.float64)
+        big_s = tl.zeros([], dtype=tl.float64)
         for kb in range(0, K, BLOCK_K):
             ks = kb + ks0
             lp, valid, idx = _entries(id_row, lp_row, ks, K, shift, IDS_OFF, ids_bytes, VALUES_OFF,
@@ -327,7 +331,8 @@ def _sparse_fwd_kernel(
             zi = tl.load(s_row + idx, mask=valid, other=0.0).to(tl.float32)
             if NEED_GRAD:
                 tl.store(zk_row + ks, zi, mask=ks < K)
-            lu = tl.where(valid, (zi * inv_t - m_u) - ls_u, NEG_INF)
+            lu = tl.where(valid, (zi * inv_t - m_u).to(tl.float64) - ls_u64, NEG_INF)
+            lp = lp.to(tl.float64)
             if TAIL == 2:  # none: P (lp - lu)
                 p = tl.exp(lp)
                 loss += tl.sum(tl.where(valid & (p > 0.0), p * (lp - lu), 0.0), axis=0)
@@ -341,24 +346,24 @@ def _sparse_fwd_kernel(
                 term, g, dq = _bin(blp, blq, param, log_wp, log_wq, DIV)
                 loss += tl.sum(tl.where(valid, term, 0.0), axis=0)
                 big_s += tl.sum(tl.where(valid, g, 0.0), axis=0)
-        c_row = 0.0
+        c_row = tl.zeros([], dtype=tl.float64)
         if TAIL == 0:  # the tail bin; none when the ids cover the vocabulary
             covered = n_valid == V
-            lp_t = tl.where(covered | (sum_p >= 1.0), NEG_INF, tl.log((1.0 - sum_p).to(tl.float32)))
+            lp_t = tl.where(covered | (sum_p >= 1.0), NEG_INF, tl.log(1.0 - sum_p))
             lq_t = tl.where(covered, NEG_INF, lq_tail)
             term_t, g_t, dq_t = _bin(lp_t, lq_t, param, log_wp, log_wq, DIV)
             loss += term_t
             big_s += g_t
             c_row = tl.where(lq_t == NEG_INF, 0.0, dq_t) - big_s
         if TAIL == 2:
-            c_row = sum_p.to(tl.float32)
+            c_row = sum_p
 
         # ------------------------------------------------------------ pass B
         z_label = 0.0
         if CE:
             z_label = tl.load(s_row + label).to(tl.float32)
         if NEED_GRAD:
-            coef_a = c_soft * c_row
+            coef_a = (c_soft * c_row).to(tl.float32)
             if CE and not CE_OWN_LSE:
                 coef_a += c_hard
             sgn_a = tl.where(coef_a < 0.0, -1.0, 1.0)
@@ -385,7 +390,8 @@ def _sparse_fwd_kernel(
                                           VALUES_OFF, values_bytes, ID_BITS, VALUE_BITS, INV_K,
                                           PACKED, METHOD, VBITS16)
                 zi = tl.load(zk_row + ks, mask=valid, other=0.0)
-                lu = tl.where(valid, (zi * inv_t - m_u) - ls_u, NEG_INF)
+                lu = tl.where(valid, (zi * inv_t - m_u).to(tl.float64) - ls_u64, NEG_INF)
+                lp = lp.to(tl.float64)
                 if TAIL == 2:
                     gk = tl.exp(lu) * c_row - tl.exp(lp)
                 else:
@@ -405,9 +411,9 @@ def _sparse_fwd_kernel(
                         sm = tl.exp(lu)
                     v += c_hard * (sm - tl.where(idx == label, 1.0, 0.0))
                 v = tl.where(bad, float("nan"), v)
-                tl.store(o_row + idx, v.to(OUT.dtype.element_ty), mask=valid)
+                tl.store(o_row + idx, v.to(tl.float32).to(OUT.dtype.element_ty), mask=valid)
 
-        row_loss = (1.0 - hard_weight) * soft_scale * loss
+        row_loss = ((1.0 - hard_weight) * soft_scale * loss).to(tl.float32)
         if CE:
             row_loss += hard_weight * ((m_zc - z_label) + ls_z)
         tl.store(LOSS + row, tl.where(bad, float("nan"), row_loss))

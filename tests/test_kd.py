@@ -290,7 +290,7 @@ def test_inplace_backward_matches_default(backend, reduction):
     torch.testing.assert_close(grads[1], grads[0])
 
 
-@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("backend", ["torch"] + fused_backends())
 def test_inplace_backward_misuse_raises(backend):
     x = torch.randn(4, 30, requires_grad=True)
     t = torch.randn(4, 30)

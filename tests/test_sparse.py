@@ -207,7 +207,7 @@ def test_inplace_backward_reduction_none(backend):
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("backend", ["torch"] + fused_backends())
 def test_inplace_backward_misuse_raises(backend):
     x = torch.randn(4, 30, requires_grad=True)
     _, ids, lp = teacher(4, 30, 5)
