@@ -376,3 +376,71 @@ def test_inplace_backward_on_torch_matches_out_of_place(op):
         (2.0 * loss).backward()
         grads.append(w.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+# ----------------------------------------------------------------- 8. float64 gradcheck
+
+@pytest.mark.parametrize("codec", [dict(k=4), dict(k=4, value_bits=8),
+                                   dict(method="sampled", n_samples=6)],
+                         ids=["topk16", "topk8", "sampled"])
+@pytest.mark.parametrize("div", ["forward_kl", "jsd", "skew_reverse_kl"])
+def test_softlabels_kd_loss_gradcheck_float64(codec, div):
+    torch.manual_seed(9)
+    labels = sl.encode(torch.randn(3, 11), **codec)
+    if labels.codec.tail == "none" and div != "forward_kl":
+        pytest.skip("sampled labels take forward_kl only")
+    s = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([2, -100, 7])
+    f = lambda x: sl.kd_loss(x, labels, divergence=div, labels=target, hard_weight=0.3,  # noqa: E731
+                             backend="torch")
+    assert torch.autograd.gradcheck(f, (s,))
+    assert torch.autograd.gradgradcheck(f, (s,))
+
+
+@pytest.mark.parametrize("teacher", ["head", "logits", "sparse"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_gradcheck_float64(teacher, reduction):
+    """hidden, weight and bias, with a logit scale, a soft cap, padding of a
+    smaller teacher vocabulary, ignored rows and chunks that split the rows."""
+    torch.manual_seed(10)
+    d = dict(dtype=torch.float64)
+    h, w, b = (torch.randn(5, 4, **d), torch.randn(9, 4, **d), torch.randn(9, **d))
+    th, tw = torch.randn(5, 3, **d), torch.randn(7, 3, **d)
+    kw = dict(labels=torch.tensor([1, -100, 8, 0, 3]), hard_weight=0.2, divergence="jsd",
+              temperature=1.5, student_logit_scale=0.8, student_softcap=5.0, chunk_size=2,
+              reduction=reduction, backend="torch")
+    if teacher == "head":
+        kw.update(teacher_hidden=th, teacher_weight=tw, vocab_mismatch="pad")
+    elif teacher == "logits":
+        kw.update(teacher_logits=th @ tw.t(), vocab_mismatch="pad")
+    else:
+        lp, ids = torch.log_softmax(th @ tw.t(), -1).topk(3, -1)
+        kw.update(teacher_sparse=(ids, lp))
+    f = lambda h, w, b: fd.fused_linear_kd_loss(h, w, student_bias=b, **kw)  # noqa: E731
+    args = tuple(x.requires_grad_() for x in (h, w, b))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("div", fd.DIVERGENCES)
+def test_kd_loss_gradgradcheck_float64(div):
+    """The second derivative of the reference (what the fused backends' double
+    backward recomputes) against finite differences."""
+    torch.manual_seed(11)
+    s = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 7, dtype=torch.float64)
+    if div != "taid":
+        f = lambda x: fd.kd_loss(x, t, backend="torch", **_kw(div))  # noqa: E731
+        assert torch.autograd.gradgradcheck(f, (s,))
+        return
+    # TAID's target sees the student through a stop-gradient, by design: its
+    # derivatives of every order are forward KL's towards the target held fixed
+    # at the point (finite differences of its gradient would move the target too).
+    t_mix = (0.5 * s + 0.5 * t).detach()
+    v = torch.randn_like(s)
+    hv = []
+    for f in (lambda x: fd.kd_loss(x, t, backend="torch", **_kw("taid")),
+              lambda x: fd.kd_loss(x, t_mix, backend="torch", temperature=2.0)):
+        (g,) = torch.autograd.grad(f(s), s, create_graph=True)
+        hv.append(torch.autograd.grad((g * v).sum(), s)[0])
+    torch.testing.assert_close(hv[0], hv[1])
