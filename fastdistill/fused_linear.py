@@ -296,11 +296,13 @@ def _reference_loss(plan: _Plan, hidden, weight, bias, n_total: int) -> torch.Te
     labels = plan.labels
     if plan.teacher_sparse is not None:
         ids, lp, tail, layout = plan.teacher_sparse
+        tail_mass = None
         if layout is not None:
-            ids, lp = sparse_kd._decode_packed(ids, layout)
+            ids, lp, tail_mass = sparse_kd._decode_packed(ids, layout)
         kw = sparse_kd.reference_keywords(opt.div_index, tail, opt.param, opt.temperature,
                                           opt.ignore_index, opt.hard_weight, opt.soft_scale)
-        rows = ref_sparse.sparse_kd_loss_rows(y, ids.to(torch.int64), lp, labels=labels, **kw)
+        rows = ref_sparse.sparse_kd_loss_rows(y, ids.to(torch.int64), lp, labels=labels,
+                                              tail_mass=tail_mass, **kw)
     else:
         with torch.no_grad():
             if plan.teacher is not None:

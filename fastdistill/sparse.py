@@ -36,12 +36,13 @@ def reference_keywords(div, tail, param, temperature, ignore_index, hard_weight,
 
 
 def _reference_forward(student, ids, logprobs, labels, ignore_index, div, tail, param, temperature,
-                       hard_weight, soft_scale, mean_scale, need_grad):
+                       hard_weight, soft_scale, mean_scale, need_grad, tail_mass=None):
     """The fused contract computed by the reference, the gradient by autograd."""
     kw = reference_keywords(div, tail, param, temperature, ignore_index, hard_weight, soft_scale)
     with torch.enable_grad():
         x = student.detach().requires_grad_(need_grad)
-        rows = ref.sparse_kd_loss_rows(x, ids, logprobs.detach(), labels=labels, **kw)
+        rows = ref.sparse_kd_loss_rows(x, ids, logprobs.detach(), labels=labels,
+                                       tail_mass=tail_mass, **kw)
         if not need_grad:
             return rows.detach(), student.new_empty(0)
         total = ref_kd.reduce_rows(rows, labels, ignore_index, "mean" if mean_scale else "sum")
@@ -82,13 +83,15 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
                 student, ids, None, labels, ignore_index, div, tail, param, temperature,
                 hard_weight, soft_scale, mean_scale, need_grad=need_grad,
                 out=student if inplace and need_grad else None, layout=layout)
-        ids, logprobs = _decode_packed(ids, layout)
+        ids, logprobs, tail_mass = _decode_packed(ids, layout)
+    else:
+        tail_mass = None
     if ids.dtype != torch.int64:
         ids = ids.to(torch.int64)
     if backend in ("torch", "cuda"):  # cuda: this family's GPU path is triton
         rows, grad = _reference_forward(student, ids, logprobs, labels, ignore_index, div, tail,
                                         param, temperature, hard_weight, soft_scale, mean_scale,
-                                        need_grad)
+                                        need_grad, tail_mass)
         if inplace and need_grad:  # one behaviour on every backend: the logits hold the gradient
             return rows, student.copy_(grad)
         return rows, grad
@@ -120,17 +123,17 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
 
 
 def _decode_packed(data, layout):
-    """(ids, logprobs) of packed rows: the CUDA unpack on a GPU build, else the
-    readable decoder of the codec."""
+    """(ids, logprobs, tail_mass) of packed rows (tail_mass None without a stored
+    tail): the CUDA unpack on a GPU build, else the readable decoder of the codec."""
     from .softlabels.codec import METHODS, Codec, SoftLabels
 
+    method, V, k, value_bits = layout[:4]
+    packed = SoftLabels(Codec(METHODS[method], V, k, value_bits, 1.0), data)  # T: not needed
+    tail_mass = packed.tail_mass() if packed.codec.has_tail else None
     if data.is_cuda and load_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(
             "fastdistill::softlabel_decode", "CUDA"):
-        return torch.ops.fastdistill.softlabel_decode(data, list(layout))
-
-    method, V, k, value_bits = layout[:4]
-    codec = Codec(METHODS[method], V, k, value_bits, 1.0)  # temperature: not needed to decode
-    return SoftLabels(codec, data).decode()
+        return (*torch.ops.fastdistill.softlabel_decode(data, list(layout)), tail_mass)
+    return (*packed.decode(), tail_mass)
 
 
 def _packed_cpp_forward(student, data, layout, labels, ignore_index, div, tail, param, temperature,
@@ -183,11 +186,12 @@ class _FusedSparseKD(torch.autograd.Function):
                 raise no_double_backward("sparse_kd_loss" if ctx.layout is None
                                          else "softlabels.kd_loss")
             _, student, ids, logprobs, labels = ctx.saved_tensors
+            tail_mass = None
             if ctx.layout is not None:
-                ids, logprobs = _decode_packed(ids, ctx.layout)
+                ids, logprobs, tail_mass = _decode_packed(ids, ctx.layout)
             kw = ctx.keywords
             rows = ref.sparse_kd_loss_rows(student, ids.to(torch.int64), logprobs, labels=labels,
-                                           **kw)
+                                           tail_mass=tail_mass, **kw)
             out = ref_kd.reduce_rows(rows, labels, kw["ignore_index"], ctx.reduction)
             (g,) = torch.autograd.grad(out, student, grad_out, create_graph=True)
             return (g,) + (None,) * 14

@@ -113,8 +113,9 @@ def _entries(id_row, lp_row, ks, K, shift, ids_off, ids_bytes, values_off, value
     """(lp, valid, idx) of entries ks of a row: read from the (ids, logprobs)
     rows, or unpacked from the packed row ``id_row`` (lp = raw + shift)."""
     if PACKED:
-        lp = _packed_raw(id_row, ks, K, values_off, values_bytes, value_bits, inv_k, METHOD,
-                         VBITS16) + shift
+        raw = _packed_raw(id_row, ks, K, values_off, values_bytes, value_bits, inv_k, METHOD,
+                          VBITS16)
+        lp = (raw.to(tl.float64) + shift).to(tl.float32)  # shift: float64 (pass 0)
         valid = lp > float("-inf")
         idx = _read_bits(id_row + ids_off, ks.to(tl.int64) * id_bits, id_bits, ids_bytes, valid)
     else:
@@ -275,21 +276,25 @@ def _sparse_fwd_kernel(
         # ------------------------------------------------------------ K pass 0
         # packed top-k: the shift that makes the k masses sum to 1 − tail
         shift = 0.0
+        log_tail = tl.zeros([], dtype=tl.float64) + NEG_INF  # the stored tail mass, packed top-k
         if PACKED:
             if METHOD == 0:
-                m_r = float("-inf")
-                s_r = tl.zeros([BLOCK_K], dtype=tl.float32)
+                # float64: a top mass of 1 − 1e-8 beside small ones keeps its 1e-8
+                m_r = tl.zeros([], dtype=tl.float64) + float("-inf")
+                s_r = tl.zeros([BLOCK_K], dtype=tl.float64)
                 for kb in range(0, K, BLOCK_K):
                     raw = _packed_raw(id_row, kb + ks0, K, VALUES_OFF, values_bytes, VALUE_BITS,
                                       INV_K, METHOD, VBITS16)
-                    m_r, s_r = _lse_step(m_r, s_r, raw)
+                    m_r, s_r = _lse_step(m_r, s_r, raw.to(tl.float64))
                 t_lo = tl.load(id_row + 0).to(tl.int32)
                 t_1 = tl.load(id_row + 1).to(tl.int32)
                 t_2 = tl.load(id_row + 2).to(tl.int32)
                 t_3 = tl.load(id_row + 3).to(tl.int32)
                 tail_mass = (t_lo | (t_1 << 8) | (t_2 << 16) | (t_3 << 24)).to(tl.float32, bitcast=True)
                 shift = tl.where(m_r > float("-inf"),
-                                 _log1p(-tail_mass) - (m_r + tl.log(tl.sum(s_r, axis=0))), 0.0)
+                                 _log1p(-tail_mass.to(tl.float64))
+                                 - (m_r + tl.log(tl.sum(s_r, axis=0))), 0.0)
+                log_tail = tl.log(tail_mass.to(tl.float64))
 
         # ------------------------------------------------------------ K pass 1
         # the number of valid entries, Σ P, the lse of lp, Σ_ids e^{u - max}
@@ -349,7 +354,10 @@ def _sparse_fwd_kernel(
         c_row = tl.zeros([], dtype=tl.float64)
         if TAIL == 0:  # the tail bin; none when the ids cover the vocabulary
             covered = n_valid == V
-            lp_t = tl.where(covered | (sum_p >= 1.0), NEG_INF, tl.log(1.0 - sum_p))
+            if PACKED and METHOD == 0:  # stored: 1 − Σ P would lose a tail below float32 rounding
+                lp_t = tl.where(covered, NEG_INF, log_tail)
+            else:
+                lp_t = tl.where(covered | (sum_p >= 1.0), NEG_INF, tl.log(1.0 - sum_p))
             lq_t = tl.where(covered, NEG_INF, lq_tail)
             term_t, g_t, dq_t = _bin(lp_t, lq_t, param, log_wp, log_wq, DIV)
             loss += term_t

@@ -444,3 +444,29 @@ def test_kd_loss_gradgradcheck_float64(div):
         (g,) = torch.autograd.grad(f(s), s, create_graph=True)
         hv.append(torch.autograd.grad((g * v).sum(), s)[0])
     torch.testing.assert_close(hv[0], hv[1])
+
+
+@pytest.mark.parametrize("backend", [pytest.param("torch", id="torch")] + fused_backends())
+def test_softlabels_backends_use_the_stored_tail_mass(backend):
+    """A top-k row whose tail (1.5e-21) is far below the float32 rounding of its
+    top mass: 1 − Σ exp(lp) of the decoded row is 0 or negative, which made the
+    torch backend's reverse KL infinite; the stored tail gives the true ≈1e-8."""
+    from fastdistill import softlabels as sl
+
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(1, 4, generator=g) * 30
+    packed = sl.encode(t, k=3, value_bits=16)
+    s = torch.tensor([[46.25, -8.8125, -65.5, 17.0]])
+    tail = float(packed.tail_mass())
+    assert 0 < tail < 1e-12
+    ids, lp = packed.decode()
+    p = torch.cat([lp.double().exp(), torch.tensor([[tail]], dtype=torch.float64)], -1)
+    q_all = torch.softmax(s.double(), -1)
+    q = torch.cat([q_all[:, ids[0]], q_all[:, [3]]], -1)
+    want = float((q * (q.log() - p.log())).sum())  # reverse KL over the 4 bins
+    for dtype in (torch.float32, torch.float64) if backend == "torch" else (torch.float32,):
+        x = s.to(dtype).clone().requires_grad_()
+        loss = sl.kd_loss(x, packed, divergence="reverse_kl", backend=backend)
+        loss.backward()
+        assert math.isclose(float(loss), want, rel_tol=1e-3), (dtype, float(loss))
+        assert torch.isfinite(x.grad).all(), (dtype, x.grad)

@@ -83,11 +83,16 @@ def _safe_lse(x: torch.Tensor, any_live: torch.Tensor) -> torch.Tensor:
     return torch.where(any_live, torch.logsumexp(safe, dim=-1), _NEG_INF)
 
 
-def bins(u: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: str):
+def bins(u: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: str,
+         tail_mass: torch.Tensor | None = None):
     """The bin log-probabilities (teacher, student), each (N, K) or (N, K + 1), float64.
 
     ``u`` = z/T (N, V) in the accumulation dtype; ``ids`` (N, K) int64;
     ``logprobs`` (N, K) in the accumulation dtype, -inf at padding.
+    ``tail_mass`` (N,), for ``tail="bucket"``: the teacher's mass off the ids
+    when the producer stored it (packed soft labels), used instead of
+    1 − Σ exp(lp) — that difference loses a tail far below the float32
+    rounding of the K masses (a tail of 1e-21 beside a top mass of 1 − 1e-8).
 
     The bin math runs in float64 (it is N×(K+1), small): the student's bins
     are one log-softmax over [u at the ids, LSE of u off the ids], so the
@@ -115,9 +120,12 @@ def bins(u: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: str):
     lq = torch.log_softmax(torch.cat([u_ids, lq_tail.unsqueeze(-1)], -1), dim=-1)
     covered = valid.sum(-1) == V
     with torch.no_grad():  # the teacher is a constant
-        psum = lp.exp().sum(-1)
-        has_p = (psum < 1) & ~covered  # a sum above 1 (rounding) leaves no tail
-        lp_tail = torch.where(has_p, torch.log1p(-torch.where(has_p, psum, 0.0)), _NEG_INF)
+        if tail_mass is not None:
+            lp_tail = torch.where(covered, _NEG_INF, tail_mass.double().log())
+        else:
+            psum = lp.exp().sum(-1)
+            has_p = (psum < 1) & ~covered  # a sum above 1 (rounding) leaves no tail
+            lp_tail = torch.where(has_p, torch.log1p(-torch.where(has_p, psum, 0.0)), _NEG_INF)
     return torch.cat([lp, lp_tail.unsqueeze(-1)], -1), lq
 
 
@@ -135,11 +143,13 @@ def sparse_kd_loss_rows(
     ignore_index: int = -100,
     hard_weight: float = 0.0,
     t2_scale: bool = True,
+    tail_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row loss ``hard_weight * CE + (1 - hard_weight) * [T^2] * D(bins)``; 0 at ignored rows.
 
     ``student`` (N, V) logits; ``ids`` (N, K) integer; ``logprobs`` (N, K),
-    -inf marking padding. Computes in float32 (float64 stays float64), the
+    -inf marking padding; ``tail_mass`` (N,) the stored teacher tail (see
+    ``bins``), for packed soft labels. Computes in float32 (float64 stays float64), the
     (N, K + 1) bin math in float64.
 
     Non-finite rule (as in ``reference.kd``): a row that counts whose student
@@ -163,7 +173,8 @@ def sparse_kd_loss_rows(
     bad = nonfinite_rows(z) | torch.isnan(lp).any(-1) | torch.isposinf(lp).any(-1)
     z = propagate_nonfinite(z, bad)
     lp = lp.masked_fill(bad.unsqueeze(-1), _NEG_INF)  # the row is NaN already; keep the bins tidy
-    logp, logq = bins(z / temperature, ids, lp, tail)
+    logp, logq = bins(z / temperature, ids, lp, tail,
+                      None if tail_mass is None or tail != "bucket" else tail_mass.reshape(-1))
     soft = bin_divergence(logp, logq, divergence, beta=beta, skew=skew).to(acc)
     if t2_scale:
         soft = soft * (temperature * temperature)

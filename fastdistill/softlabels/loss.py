@@ -116,7 +116,7 @@ def kd_loss(
             s2, ids.reshape(-1, codec.k), lp.reshape(-1, codec.k), tail=tail,
             divergence=opt.divergence, temperature=opt.temperature, beta=opt.beta, skew=opt.skew,
             labels=l1, ignore_index=opt.ignore_index, hard_weight=opt.hard_weight,
-            t2_scale=opt.t2_scale)
+            t2_scale=opt.t2_scale, tail_mass=soft_labels.tail_mass() if codec.has_tail else None)
         out = ref_kd.reduce_rows(rows, l1, opt.ignore_index, opt.reduction)
     else:
         if s2.dtype == torch.float64:
