@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 import traceback
+import zlib
 
 import pytest
 import torch
@@ -95,7 +96,8 @@ def test_swapped_renamed_or_replaced_shards_are_named(tmp_path):
     os.replace(a, tmp_path / "x")
     os.replace(b, a)
     os.replace(tmp_path / "x", b)
-    with pytest.raises(CorruptShardError, match=r"shard-000001.fdsl\): its header says it is shard 4"):
+    with pytest.raises(CorruptShardError,
+                       match=r"shard-000001.fdsl\): its header says it is shard 4"):
         SoftLabelStore(tmp_path)
     os.replace(a, tmp_path / "x")  # swap back
     os.replace(b, a)
@@ -162,7 +164,7 @@ def test_garbage_or_crafted_manifest_is_named_and_never_run(tmp_path):
     # a manifest with a valid checksum but impossible fields
     body = (3).to_bytes(8, "little") + (2).to_bytes(8, "little")
     crafted = store_mod.MANIFEST_MAGIC + (1).to_bytes(4, "little")
-    crafted += store_mod.zlib.crc32(body).to_bytes(4, "little") + body
+    crafted += zlib.crc32(body).to_bytes(4, "little") + body
     manifest.write_bytes(crafted)
     with pytest.raises(CorruptShardError, match=pat + "2 pending shards"):
         SoftLabelStore(tmp_path)
@@ -279,7 +281,8 @@ def test_full_disk_during_add_leaves_writer_as_before(tmp_path, monkeypatch, sha
             w.add(key, labels(key), aug=[float(key)])
         except OSError as e:
             assert e.errno == errno.ENOSPC and faults.failed
-            assert str(key) not in w and (len(w), w.num_shards, list(w._pending), w.codec) == state, k
+            assert str(key) not in w, k
+            assert (len(w), w.num_shards, list(w._pending), w.codec) == state, k
             assert not [n for n in os.listdir(d) if n.endswith(".tmp")], k
             check_store(d, [str(i) for i in range(4)])  # the store on disk is as it was
             faults.arm(None)
@@ -387,6 +390,7 @@ def test_writer_killed_at_random_points(tmp_path):
             finally:
                 os._exit(code)
         os.close(wfd)
+        status = None
         try:
             if trial % 5 == 4:  # kill while it may still be opening (resuming) the writer
                 time.sleep(rng.uniform(0, 0.05))
@@ -401,6 +405,9 @@ def test_writer_killed_at_random_points(tmp_path):
                 out += chunk
         finally:
             os.close(r)
+            if status is None:  # the test failed before the kill: leave no child behind
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         assert b"Traceback" not in out, out.decode()
         assert b"closed" not in out, "the child finished before the kill: raise N_KEYS"
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL

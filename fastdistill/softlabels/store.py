@@ -396,11 +396,12 @@ def _manifest_bytes(records: list[_Record], pending: _Record | None) -> bytes:
 def _check_record(m: _ShardMeta, rec: _Record, path: str, what: str) -> None:
     got = _record_of(m)
     if got != rec:
+        manifest = os.path.join(path, MANIFEST_NAME)
         raise CorruptShardError(
-            f"{m.where()}: does not match its record in the manifest {os.path.join(path, MANIFEST_NAME)} "
-            f"({what}: {rec.entries} entries, {rec.size} bytes, header CRC {rec.header_crc:#010x}; "
-            f"the file has {got.entries} entries, {got.size} bytes, header CRC {got.header_crc:#010x}): "
-            "it was replaced by another shard")
+            f"{m.where()}: does not match its record in the manifest {manifest} ({what}: "
+            f"{rec.entries} entries, {rec.size} bytes, header CRC {rec.header_crc:#010x}; the "
+            f"file has {got.entries} entries, {got.size} bytes, header CRC "
+            f"{got.header_crc:#010x}): it was replaced by another shard")
 
 
 class _Layout(NamedTuple):
