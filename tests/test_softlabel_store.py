@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from fastdistill.softlabels.codec import SoftLabels, encode
 from fastdistill.softlabels.dataset import SoftLabelDataset, collate_soft_labels
+from fastdistill.softlabels import store as store_mod
 from fastdistill.softlabels.store import (CorruptShardError, SoftLabelStore, SoftLabelWriter,
                                           shard_name)
 
@@ -257,11 +258,18 @@ def test_header_bit_flip_fails_on_open(tmp_path, offset, message):
 
 
 def test_shards_of_different_codecs_are_refused(tmp_path):
-    write_store(tmp_path / "a", n=3)
+    write_store(tmp_path / "a", n=3)  # one shard
     write_store(tmp_path / "b", n=6, k=16, value_bits=8)
-    os.replace(tmp_path / "b" / shard_name(0), tmp_path / "a" / shard_name(5))
-    with pytest.raises(CorruptShardError, match="shard-000005.fdsl.*differs from the codec"):
+    os.replace(tmp_path / "b" / shard_name(1), tmp_path / "a" / shard_name(1))
+    with pytest.raises(CorruptShardError, match="shard-000001.fdsl is not listed in the manifest"):
         SoftLabelStore(tmp_path / "a")
+    # even a manifest that lists it (crafted here) does not get a second codec in
+    a = tmp_path / "a"
+    metas = [store_mod._read_shard_meta(str(a / shard_name(n)), n) for n in (0, 1)]
+    (a / store_mod.MANIFEST_NAME).write_bytes(
+        store_mod._manifest_bytes([store_mod._record_of(m) for m in metas], None))
+    with pytest.raises(CorruptShardError, match="shard-000001.fdsl.*differs from the codec"):
+        SoftLabelStore(a)
 
 
 # ----------------------------------------------------------------- bad input

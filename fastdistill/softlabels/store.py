@@ -1,14 +1,59 @@
-"""The on-disk soft-label store: a directory of shard files.
+"""The on-disk soft-label store: a directory of shard files and a manifest.
 
 A producer (the teacher) adds ``SoftLabels`` under string keys with
 ``SoftLabelWriter``; training reads them back memory-mapped with
-``SoftLabelStore``. Shards are written to a temporary name, fsynced and
-renamed into place, so a producer killed at any moment leaves every finished
-shard readable and the unfinished one invisible; reopening the writer on the
-directory resumes (it knows the stored keys and continues the numbering).
-Unfinished shards are named ``.shard-NNNNNN.fdsl.tmp`` (readers never list
-them; a resuming writer deletes them), and ``.writer.lock`` (an flock held
-while a writer is open) keeps a second writer out of the directory.
+``SoftLabelStore``. Reading a store never unpickles anything: headers,
+indexes and the manifest are fixed binary layouts parsed with ``struct``,
+the codec is JSON, and the payload is mapped as raw bytes.
+
+Files of a store directory:
+
+- ``shard-NNNNNN.fdsl``: the shards, numbered 0, 1, 2, ... without gaps.
+- ``manifest.fdsm``: which shards the store holds (see below). It is the
+  authority: a listed shard that is missing, a ``shard-*.fdsl`` file it
+  does not list (extra, or misnamed), and a shard whose size, entry count
+  or header differs from its record (replaced, swapped, renamed) all raise
+  ``CorruptShardError`` naming the file, on opening a reader or a writer.
+  A directory with shards but no manifest is refused the same way (a
+  format-1 store, which had no manifest, is refused by its version).
+- ``.shard-NNNNNN.fdsl.tmp``, ``.manifest.fdsm.tmp``: files being written
+  (readers never look at them; a resuming writer deletes them).
+- ``.writer.lock``: an flock held while a writer is open keeps a second
+  writer out. The kernel drops it when the holder dies, even by SIGKILL.
+
+A flush (``flush()``, ``close()``, or ``add()`` once ``shard_bytes`` are
+pending) writes shard N to its temporary name and fsyncs it, replaces the
+manifest with one listing shards 0..N-1 and N as *pending* (every file
+replacement here is temp file, fsync, rename, fsync of the directory),
+renames the shard into place, then replaces the manifest with one listing
+0..N. A pending shard that is in place and matches its record belongs to
+the store; a pending shard that is absent is an unfinished flush and is
+ignored. Hence:
+
+- Crash (SIGKILL, at any point): the directory holds every entry of every
+  flush that returned, exactly once, plus possibly the entries of the flush
+  in progress (all of them or none). A reader opens it as is; a new writer
+  resumes (``len(writer)``, ``key in writer`` tell the producer what to
+  redo) and continues the numbering. Entries added but not yet flushed are
+  lost. (Power loss gives the same if the disk honours fsync.)
+- Full disk (any ``OSError`` while flushing): the store on disk is
+  unchanged and the entries stay pending, so ``flush()``/``close()`` can be
+  retried (a failed ``close()`` leaves the writer open); an ``add()`` that
+  raises leaves the writer as if it had not been called (its entry is
+  neither pending nor known), so the same ``add()`` can be retried once
+  there is space. The only write whose failure is not raised is the final
+  manifest update of a flush: the shard is durable by then (listed as
+  pending and in place); the next flush or ``close()`` retries the update
+  and ``close()`` raises if it still fails.
+- A reader opened while a writer is flushing sees the store before or
+  after that flush (it rereads the manifest if it changed meanwhile).
+
+Manifest ``manifest.fdsm`` (little-endian): 8 bytes magic ``b"FDSLMNFT"``,
+u32 manifest version (1), u32 zlib.crc32 of the bytes from offset 16 on,
+u64 committed shard count S, u64 pending count P (0 or 1), then S + P
+records (shards 0..S+P-1) of u64 entry count, u64 file size, u32
+zlib.crc32 of the shard's 80-byte header, u32 reserved (0). The file is
+exactly 32 + 24 (S + P) bytes.
 
 Shard file ``shard-NNNNNN.fdsl`` (all integers little-endian):
 
@@ -16,7 +61,7 @@ Shard file ``shard-NNNNNN.fdsl`` (all integers little-endian):
 offset  size  field
 ======  ====  ==============================================================
 0       8     magic ``b"FDSLSHRD"``
-8       4     format version (u32, 1)
+8       4     format version (u32, 2)
 12      4     prefix CRC (u32): zlib.crc32 of bytes 16..80
 16      4     codec JSON length C (u32)
 20      4     reserved, 0
@@ -27,7 +72,7 @@ offset  size  field
 56      8     payload length L (u64); the file is exactly P + L bytes
 64      4     meta CRC (u32): zlib.crc32 of the codec JSON and the index
 68      4     payload CRC (u32): zlib.crc32 of the payload
-72      8     reserved, 0
+72      8     shard number (u64), equal to NNNNNN in the file name
 80      C     ``Codec.to_json()`` (UTF-8)
 80+C    I     the index: N records, each
                   u64 byte offset of the entry's rows in the payload,
@@ -41,10 +86,10 @@ P       L     the payload: every entry's packed rows (``codec.row_bytes``
               the float fields of a single-row entry are aligned in memory
 ======  ====  ==============================================================
 
-The prefix CRC is checked on open before any length in it is trusted, then
-the meta CRC before the codec and index are parsed; the payload CRC is
-checked by ``SoftLabelStore.verify()`` or the first time an entry of the
-shard is read.
+(Format 1 had 0 at offset 72 and no manifest.) The prefix CRC is checked on
+open before any length in it is trusted, then the meta CRC before the codec
+and index are parsed; the payload CRC is checked by
+``SoftLabelStore.verify()`` or the first time an entry of the shard is read.
 """
 from __future__ import annotations
 
@@ -70,7 +115,10 @@ except ImportError:  # pragma: no cover - not POSIX
 __all__ = ["CorruptShardError", "Entry", "SoftLabelStore", "SoftLabelWriter"]
 
 MAGIC = b"FDSLSHRD"
-SHARD_VERSION = 1
+SHARD_VERSION = 2
+MANIFEST_MAGIC = b"FDSLMNFT"
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.fdsm"
 DEFAULT_SHARD_BYTES = 64 * 2**20
 PAYLOAD_ALIGN = 64
 ENTRY_ALIGN = 8
@@ -78,14 +126,20 @@ ENTRY_ALIGN = 8
 _PREFIX = struct.Struct("<8sIIIIQQQQQIIQ")
 PREFIX_SIZE = _PREFIX.size  # 80
 _RECORD = struct.Struct("<QHBBH")
-_SHARD_NAME = re.compile(r"^shard-(\d{6,})\.fdsl$")
-_TEMP_NAME = re.compile(r"^\.shard-\d{6,}\.fdsl\.tmp$")
+_MANIFEST_HEAD = struct.Struct("<8sIIQQ")   # magic, version, crc, committed, pending
+_MANIFEST_RECORD = struct.Struct("<QQII")   # entries, file size, header crc, reserved
+_SHARD_LIKE = re.compile(r"^shard-.*\.fdsl$")  # any of these must be listed in the manifest
+_TEMP_NAME = re.compile(r"^\.shard-\d{6,}\.fdsl\.tmp$|^\.manifest\.fdsm\.tmp$")
+_MANIFEST_TEMP = ".manifest.fdsm.tmp"
+_SCAN_TRIES = 20  # rereads when a writer replaced the manifest while a reader scanned
 _LOCK_NAME = ".writer.lock"
 _MAX_U16 = 2**16 - 1
 
 
 class CorruptShardError(ValueError):
-    """A shard file that cannot be trusted: bad header, size or checksum."""
+    """A store file that cannot be trusted: a shard with a bad header, size or
+    checksum, a shard missing from or not listed in the manifest, or a bad
+    manifest. The message names the file."""
 
 
 class Entry(NamedTuple):
@@ -186,17 +240,22 @@ def _read_shard_meta(path: str, number: int) -> _ShardMeta:
             raise CorruptShardError(f"{where}: truncated: {size} bytes, shorter than the "
                                     f"{PREFIX_SIZE}-byte shard header")
         (magic, version, prefix_crc, codec_len, reserved0, vocab, count, index_len,
-         payload_offset, payload_len, meta_crc, payload_crc, reserved1) = _PREFIX.unpack(prefix)
+         payload_offset, payload_len, meta_crc, payload_crc, header_number) = _PREFIX.unpack(prefix)
         if magic != MAGIC:
             raise CorruptShardError(f"{where}: not a soft-label shard (magic {magic!r}, "
                                     f"expected {MAGIC!r})")
         if version != SHARD_VERSION:
+            old = (" (format 1 stores have no manifest: write the store again)"
+                   if version == 1 else "")
             raise CorruptShardError(f"{where}: shard format version {version} is not supported "
-                                    f"(this fastdistill reads version {SHARD_VERSION})")
+                                    f"(this fastdistill reads version {SHARD_VERSION}){old}")
         if zlib.crc32(prefix[16:]) != prefix_crc:
             raise CorruptShardError(f"{where}: header checksum mismatch (the header is corrupt)")
-        if reserved0 or reserved1:
-            raise CorruptShardError(f"{where}: reserved header fields are not zero")
+        if reserved0:
+            raise CorruptShardError(f"{where}: reserved header field is not zero")
+        if header_number != number:
+            raise CorruptShardError(f"{where}: its header says it is shard {header_number}: the "
+                                    "file was renamed or copied into this position")
         meta_end = PREFIX_SIZE + codec_len + index_len
         if payload_offset != _align(meta_end, PAYLOAD_ALIGN):
             raise CorruptShardError(f"{where}: payload offset {payload_offset} does not follow "
@@ -271,20 +330,126 @@ def _parse_index(meta: bytes, pos: int, count: int, payload_len: int, row_bytes:
     return keys, offsets, shapes, augs
 
 
-def _list_shards(path: str) -> list[tuple[int, str]]:
-    """The finished shards of a store directory, by number (temporary files are never listed)."""
-    out = []
-    for name in os.listdir(path):
-        m = _SHARD_NAME.match(name)
-        if m:
-            out.append((int(m.group(1)), os.path.join(path, name)))
-    out.sort()
-    return out
+def _manifest_where(path: str) -> str:
+    return f"soft-label store manifest {os.path.join(path, MANIFEST_NAME)}"
 
 
-def _scan(path: str) -> list[_ShardMeta]:
-    """Every finished shard's header and index; one codec and unique keys across shards."""
-    metas = [_read_shard_meta(p, n) for n, p in _list_shards(path)]
+class _Record(NamedTuple):
+    """The manifest's record of one shard: what its file must be."""
+
+    entries: int
+    size: int
+    header_crc: int
+
+
+def _record_of(m: _ShardMeta) -> _Record:
+    return _Record(len(m.keys), m.file_size, zlib.crc32(m.prefix))
+
+
+def _read_manifest_bytes(path: str) -> bytes | None:
+    """The manifest's bytes, or None where the directory has none."""
+    try:
+        with open(os.path.join(path, MANIFEST_NAME), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _parse_manifest(raw: bytes, path: str) -> tuple[list[_Record], _Record | None]:
+    """(committed records, pending record or None), every field checked."""
+    where = _manifest_where(path)
+    if len(raw) < _MANIFEST_HEAD.size:
+        raise CorruptShardError(f"{where}: truncated: {len(raw)} bytes, shorter than the "
+                                f"{_MANIFEST_HEAD.size}-byte manifest header")
+    magic, version, crc, committed, pending = _MANIFEST_HEAD.unpack_from(raw)
+    if magic != MANIFEST_MAGIC:
+        raise CorruptShardError(f"{where}: not a soft-label store manifest (magic {magic!r}, "
+                                f"expected {MANIFEST_MAGIC!r})")
+    if version != MANIFEST_VERSION:
+        raise CorruptShardError(f"{where}: manifest version {version} is not supported (this "
+                                f"fastdistill reads version {MANIFEST_VERSION})")
+    if zlib.crc32(raw[16:]) != crc:
+        raise CorruptShardError(f"{where}: checksum mismatch (the manifest is corrupt)")
+    if pending > 1:
+        raise CorruptShardError(f"{where}: {pending} pending shards, at most 1 is possible")
+    size = _MANIFEST_HEAD.size + _MANIFEST_RECORD.size * (committed + pending)
+    if len(raw) != size:
+        raise CorruptShardError(f"{where}: {len(raw)} bytes, but {committed} + {pending} shard "
+                                f"records make {size}")
+    records = []
+    for i in range(committed + pending):
+        entries, fsize, hcrc, reserved = _MANIFEST_RECORD.unpack_from(
+            raw, _MANIFEST_HEAD.size + i * _MANIFEST_RECORD.size)
+        if reserved:
+            raise CorruptShardError(f"{where}: record {i} has a nonzero reserved field")
+        records.append(_Record(entries, fsize, hcrc))
+    return records[:committed], (records[committed] if pending else None)
+
+
+def _manifest_bytes(records: list[_Record], pending: _Record | None) -> bytes:
+    body = struct.pack("<QQ", len(records), pending is not None)
+    body += b"".join(_MANIFEST_RECORD.pack(*r, 0)
+                     for r in (records if pending is None else [*records, pending]))
+    return MANIFEST_MAGIC + struct.pack("<II", MANIFEST_VERSION, zlib.crc32(body)) + body
+
+
+def _check_record(m: _ShardMeta, rec: _Record, path: str, what: str) -> None:
+    got = _record_of(m)
+    if got != rec:
+        manifest = os.path.join(path, MANIFEST_NAME)
+        raise CorruptShardError(
+            f"{m.where()}: does not match its record in the manifest {manifest} ({what}: "
+            f"{rec.entries} entries, {rec.size} bytes, header CRC {rec.header_crc:#010x}; the "
+            f"file has {got.entries} entries, {got.size} bytes, header CRC "
+            f"{got.header_crc:#010x}): it was replaced by another shard")
+
+
+class _Layout(NamedTuple):
+    """What a store directory holds, checked against its manifest."""
+
+    metas: list[_ShardMeta]     # the store's shards, numbered 0..len-1
+    records: list[_Record]      # their manifest records
+    stale: bool                 # the manifest on disk has a pending record (rewrite it)
+
+
+def _scan_once(path: str, raw: bytes | None) -> _Layout:
+    names = sorted(n for n in os.listdir(path) if _SHARD_LIKE.match(n))
+    if raw is None:
+        if not names:
+            return _Layout([], [], False)
+        first = os.path.join(path, names[0])
+        if names[0] == shard_name(0):  # a format-1 store: say so by its version
+            _read_shard_meta(first, 0)
+        raise CorruptShardError(f"{_manifest_where(path)}: missing, but the directory holds "
+                                f"{len(names)} shard files (e.g. {first}); without the manifest "
+                                "the store cannot tell whether shards are missing")
+    committed, pending = _parse_manifest(raw, path)
+    present = set(names)
+    metas, records = [], []
+    for n, rec in enumerate(committed):
+        file = os.path.join(path, shard_name(n))
+        if shard_name(n) not in present:
+            raise CorruptShardError(f"{_where(file, n)}: missing: the manifest "
+                                    f"{os.path.join(path, MANIFEST_NAME)} lists it with "
+                                    f"{rec.entries} entries ({len(committed)} shards in all)")
+        m = _read_shard_meta(file, n)
+        _check_record(m, rec, path, "listed")
+        metas.append(m)
+        records.append(rec)
+    if pending is not None and shard_name(len(committed)) in present:
+        n = len(committed)
+        m = _read_shard_meta(os.path.join(path, shard_name(n)), n)
+        _check_record(m, pending, path, "pending")
+        metas.append(m)
+        records.append(pending)
+    extra = [n for n in names if n not in {shard_name(i) for i in range(len(metas))}]
+    if extra:
+        lists = f"shards 0..{len(metas) - 1}" if metas else "no shards"
+        more = f" ({len(extra) - 1} more such files)" if len(extra) > 1 else ""
+        raise CorruptShardError(f"soft-label shard file {os.path.join(path, extra[0])} is not "
+                                f"listed in the manifest {os.path.join(path, MANIFEST_NAME)}, "
+                                f"which lists {lists}{more}: an extra or misnamed shard (move it "
+                                "out of the store directory)")
     owner: dict[str, _ShardMeta] = {}
     for m in metas:
         if m.codec != metas[0].codec:
@@ -296,7 +461,48 @@ def _scan(path: str) -> list[_ShardMeta]:
             if other is not m:
                 raise CorruptShardError(f"key {key!r} is stored in both {other.where()} and "
                                         f"{m.where()}")
-    return metas
+    return _Layout(metas, records, pending is not None)
+
+
+def _scan(path: str) -> _Layout:
+    """Every shard's header and index, checked against the manifest; one codec, unique keys.
+
+    A writer may replace the manifest (and add a shard) while this runs; an
+    error is only raised if the manifest was the same before and after it.
+    """
+    raw = _read_manifest_bytes(path)
+    for _ in range(_SCAN_TRIES):
+        try:
+            return _scan_once(path, raw)
+        except (CorruptShardError, FileNotFoundError):
+            again = _read_manifest_bytes(path)
+            if again == raw:
+                raise
+            raw = again
+    return _scan_once(path, raw)
+
+
+def _write_durably(path: str, chunks) -> None:
+    """Write ``chunks`` (bytes or 1-D byte buffers) to a new file at ``path`` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        buf = bytearray()
+        for chunk in chunks:
+            buf += memoryview(chunk)
+            if len(buf) >= 2**20:
+                _write_all(fd, buf)
+                buf.clear()
+        _write_all(fd, buf)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, buf) -> None:
+    view = memoryview(buf)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def _fsync_dir(path: str) -> None:
@@ -329,10 +535,13 @@ class SoftLabelWriter:
     The codec is fixed by the first ``add`` (or by the shards already in
     the directory); every ``SoftLabels`` must carry that codec and the
     writer's ``vocab_size``. Entries are buffered and written as a shard
-    once about ``shard_bytes`` of packed rows are pending; ``close()`` (or
-    leaving a ``with`` block) writes the rest. Entries added but not yet in
-    a shard are lost if the process dies: ``len(writer)`` and
-    ``key in writer`` after reopening tell a producer what to redo.
+    once about ``shard_bytes`` of packed rows are pending; ``flush()`` writes
+    them now and ``close()`` (or leaving a ``with`` block) writes the rest.
+    Once ``flush()`` returns its entries survive a crash; entries added but
+    not yet in a shard are lost if the process dies: ``len(writer)`` and
+    ``key in writer`` after reopening tell a producer what to redo. An
+    ``OSError`` (a full disk) from ``add``, ``flush`` or ``close`` leaves the
+    store as it was and the call can be retried (see the module docstring).
     """
 
     def __init__(self, path, *, vocab_size: int, shard_bytes: int = DEFAULT_SHARD_BYTES):
@@ -346,21 +555,25 @@ class SoftLabelWriter:
         self._pending_bytes = 0
         self._lock()
         try:
-            for name in os.listdir(self.path):  # a killed writer's unfinished shard
+            for name in os.listdir(self.path):  # a killed writer's unfinished files
                 if _TEMP_NAME.match(name):
                     os.unlink(os.path.join(self.path, name))
-            metas = _scan(self.path)
+            layout = _scan(self.path)
         except BaseException:
             self._unlock()
             raise
+        metas = layout.metas
         self.codec: Codec | None = metas[0].codec if metas else None
         if self.codec is not None and self.codec.vocab_size != self.vocab_size:
             self._unlock()
             raise ValueError(f"vocab_size={self.vocab_size} but the shards already in {self.path} "
                              f"hold vocab size {self.codec.vocab_size}")
         self._keys = {k for m in metas for k in m.keys}
+        # a pending shard in place is adopted; the manifest is rewritten by the next flush
+        self._records: list[_Record] = list(layout.records)
+        self._stale_manifest = layout.stale
         self.num_shards = len(metas)
-        self._next_number = metas[-1].number + 1 if metas else 0
+        self._next_number = len(metas)
 
     def _lock(self) -> None:
         if fcntl is None:  # pragma: no cover
@@ -386,7 +599,12 @@ class SoftLabelWriter:
         return len(self._keys)
 
     def add(self, key, soft_labels: SoftLabels, aug=None) -> None:
-        """Store ``soft_labels`` (any leading shape, kept) and optional ``aug`` floats under ``key``."""
+        """Store ``soft_labels`` (any leading shape, kept) and optional ``aug`` floats under ``key``.
+
+        If it raises (e.g. ``OSError`` from a full disk while writing the
+        full shard), the entry was not added and the same call can be
+        retried; entries pending before it may have been written.
+        """
         if self._closed:
             raise ValueError(f"the writer of {self.path} is closed")
         key = normalize_key(key)
@@ -408,20 +626,56 @@ class SoftLabelWriter:
         data = torch.empty(soft_labels.data.shape, dtype=torch.uint8)
         data.copy_(soft_labels.data)  # our own contiguous CPU copy: later edits don't leak in
         if self._pending and self._pending_bytes + data.numel() > self.shard_bytes:
-            self._write_shard()
+            self._write_shard()  # raises before this entry is taken in
+        codec_before = self.codec
         self.codec = codec
-        self._pending.append((key, shape, aug, data))
+        entry = (key, shape, aug, data)
+        self._pending.append(entry)
         self._pending_bytes += data.numel()
         self._keys.add(key)
         if self._pending_bytes >= self.shard_bytes:
-            self._write_shard()
+            try:
+                self._write_shard()
+            except BaseException:
+                if self._pending and self._pending[-1] is entry:  # not written: as if never added
+                    self._pending.pop()
+                    self._pending_bytes -= data.numel()
+                    self._keys.discard(key)
+                    self.codec = codec_before
+                raise
 
     def flush(self) -> None:
-        """Write the pending entries as a shard now (smaller than ``shard_bytes``)."""
+        """Write the pending entries as a shard now (smaller than ``shard_bytes``).
+
+        When it returns they survive a crash. If it raises, the store on disk
+        is as it was and the entries are still pending: call it again.
+        """
         if self._pending:
             self._write_shard()
+        if self._stale_manifest:
+            self._write_manifest(None)
+
+    def _write_manifest(self, pending: _Record | None) -> None:
+        """Replace the manifest atomically: temp file, fsync, rename, fsync of the directory."""
+        tmp = os.path.join(self.path, _MANIFEST_TEMP)
+        try:
+            _write_durably(tmp, [_manifest_bytes(self._records, pending)])
+            os.replace(tmp, os.path.join(self.path, MANIFEST_NAME))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(self.path)
+        self._stale_manifest = pending is not None
 
     def _write_shard(self) -> None:
+        """Shard file, manifest naming it pending, rename into place, manifest listing it.
+
+        Raises (leaving the store and the pending entries as they were) only
+        before the rename; from then on the shard is in the store.
+        """
         number = self._next_number
         codec_json = self.codec.to_json().encode("utf-8")
         index = bytearray()
@@ -446,24 +700,27 @@ class SoftLabelWriter:
         payload_offset = _align(meta_end, PAYLOAD_ALIGN)
         fields = _PREFIX.pack(MAGIC, SHARD_VERSION, 0, len(codec_json), 0, self.codec.vocab_size,
                               len(self._pending), len(index), payload_offset, offset,
-                              zlib.crc32(codec_json + index), payload_crc, 0)
+                              zlib.crc32(codec_json + index), payload_crc, number)
         prefix = fields[:12] + struct.pack("<I", zlib.crc32(fields[16:])) + fields[16:]
+        record = _Record(len(self._pending), payload_offset + offset, zlib.crc32(prefix))
         tmp = os.path.join(self.path, _temp_name(number))
         final = os.path.join(self.path, shard_name(number))
         if os.path.exists(final):
             raise RuntimeError(f"{final} appeared while writing; is another process writing to "
                                f"{self.path}?")
+
+        def chunks():
+            yield prefix
+            yield codec_json
+            yield index
+            yield b"\0" * (payload_offset - meta_end)
+            for pad, (*_, data) in zip(pads, self._pending):
+                yield pad
+                yield data.numpy().reshape(-1)
+
         try:
-            with open(tmp, "wb") as f:
-                f.write(prefix)
-                f.write(codec_json)
-                f.write(index)
-                f.write(b"\0" * (payload_offset - meta_end))
-                for pad, (*_, data) in zip(pads, self._pending):
-                    f.write(pad)
-                    f.write(data.numpy())
-                f.flush()
-                os.fsync(f.fileno())
+            _write_durably(tmp, chunks())
+            self._write_manifest(record)  # a crash from here on: pending, absent or in place
             os.replace(tmp, final)
         except BaseException:
             try:
@@ -471,11 +728,17 @@ class SoftLabelWriter:
             except OSError:
                 pass
             raise
-        _fsync_dir(self.path)
+        # the shard is in the store now (pending and in place): nothing below may undo that
+        self._records.append(record)
         self._pending.clear()
         self._pending_bytes = 0
         self._next_number += 1
         self.num_shards += 1
+        _fsync_dir(self.path)
+        try:
+            self._write_manifest(None)
+        except OSError:  # the shard is durable already; flush() and close() retry this
+            pass
 
     def close(self) -> None:
         """Write the pending entries and release the directory (idempotent)."""
@@ -525,7 +788,7 @@ class SoftLabelStore:
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"soft-label store directory {self.path} does not exist")
-        metas = _scan(self.path)
+        metas = _scan(self.path).metas
         if not metas:
             raise ValueError(f"{self.path} holds no finished soft-label shards (shard-*.fdsl); "
                              "was the writer closed?")
