@@ -61,6 +61,87 @@ class _Head:
         return y
 
 
+@dataclass(frozen=True)
+class _MixtureHead:
+    """Several teachers' LM heads as one: the logits T·log Σ_i w_i softmax(y_i / T)
+    of a chunk, whose softmax at the distillation temperature T is the weighted
+    mixture of the teachers' tempered distributions. The teachers' hidden states
+    sit side by side in one (N, ΣH_i) tensor; one chunk × V per teacher exists
+    at a time, never N × V."""
+
+    heads: tuple
+    widths: tuple
+    log_weights: tuple
+    temperature: float
+
+    @property
+    def weight(self) -> torch.Tensor:  # for the buffer's shape and dtype
+        return self.heads[0].weight
+
+    def first_rows(self, v: int) -> "_MixtureHead":
+        return _MixtureHead(tuple(h.first_rows(v) for h in self.heads), self.widths,
+                            self.log_weights, self.temperature)
+
+    def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        mix = None
+        for head, part, log_w in zip(self.heads, h.split(self.widths, dim=-1), self.log_weights):
+            y = head.logits(part.to(head.weight.dtype)).float()
+            lp = torch.log_softmax(y.div_(self.temperature), dim=-1).add_(log_w)
+            mix = lp if mix is None else torch.logaddexp(mix, lp, out=mix)
+        mix = mix.mul_(self.temperature)
+        if out is None:
+            return mix
+        return out.copy_(mix)
+
+
+def _check_mixture(teacher_hidden, teacher_weight, teacher_bias, teacher_logit_scale,
+                   teacher_softcap, mixture_weights, temperature, lead):
+    """The teachers of a mixture (sequences, one entry per teacher) as one head and
+    their hidden states side by side; every teacher has the same vocabulary."""
+    n = len(teacher_weight)
+    if not isinstance(teacher_hidden, (list, tuple)) or len(teacher_hidden) != n or n == 0:
+        raise ValueError("with several teachers, teacher_hidden and teacher_weight must be "
+                         f"sequences of the same length > 0, got {type(teacher_hidden).__name__} "
+                         f"and {n} weights")
+
+    def per_teacher(name, value):
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(f"{name} must have one entry per teacher ({n}), got {len(value)}")
+            return list(value)
+        return [value] * n
+
+    biases = per_teacher("teacher_bias", teacher_bias)
+    scales = per_teacher("teacher_logit_scale", teacher_logit_scale)
+    caps = per_teacher("teacher_softcap", teacher_softcap)
+    if mixture_weights is None:
+        mixture_weights = [1.0 / n] * n
+    if not isinstance(mixture_weights, (list, tuple)) or len(mixture_weights) != n:
+        raise ValueError(f"mixture_weights must be a sequence of {n} weights (one per teacher), "
+                         f"got {mixture_weights!r}")
+    w = [_checks.real(f"mixture_weights[{i}]", x, low=0.0) for i, x in enumerate(mixture_weights)]
+    total = sum(w)
+    if not total > 0:
+        raise ValueError(f"mixture_weights must not all be 0, got {mixture_weights!r}")
+    heads, widths, hiddens = [], [], []
+    for i in range(n):
+        head = _check_head(f"teacher[{i}]", teacher_hidden[i], teacher_weight[i], biases[i],
+                           scales[i], caps[i], lead_shape=lead)
+        if heads and head.weight.shape[0] != heads[0].weight.shape[0]:
+            raise ValueError(f"teacher_weight[{i}] has vocabulary {head.weight.shape[0]} but "
+                             f"teacher_weight[0] has {heads[0].weight.shape[0]}: the teachers of a "
+                             "mixture share one vocabulary")
+        heads.append(head)
+        widths.append(teacher_hidden[i].shape[-1])
+        hiddens.append(teacher_hidden[i].detach().reshape(-1, widths[-1]))
+    dtype = hiddens[0].dtype
+    for x in hiddens[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    th2 = torch.cat([x.to(dtype) for x in hiddens], dim=1)
+    log_w = tuple(float(torch.tensor(x / total, dtype=torch.float64).log()) for x in w)
+    return _MixtureHead(tuple(heads), tuple(widths), log_w, float(temperature)), th2
+
+
 def _check_head(side: str, hidden, weight, bias, scale, softcap, lead_shape=None):
     """Checks one side's hidden states, weight, bias, logit scale and soft cap."""
     hidden = _checks.tensor(f"{side}_hidden", hidden, floating=True)
@@ -399,6 +480,7 @@ def fused_linear_kd_loss(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     chunk_size: int | None = None,
+    mixture_weights=None,
     process_group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -420,6 +502,13 @@ def fused_linear_kd_loss(
     time (None: as many as fit ``DEFAULT_CHUNK_BYTES`` of temporaries).
     Gradients flow to ``student_hidden``, ``student_weight`` and
     ``student_bias``; bf16/fp16 weights get their gradient accumulated in fp32.
+
+    Several teachers: ``teacher_hidden`` and ``teacher_weight`` as sequences
+    (one entry per teacher, one shared vocabulary; ``teacher_bias``,
+    ``teacher_logit_scale`` and ``teacher_softcap`` a sequence or one value for
+    all) and ``mixture_weights`` (default uniform, normalized): the target is
+    Σ_i w_i softmax(logits_i / T), formed chunk by chunk (one chunk × V per
+    teacher at a time).
 
     ``process_group``: the heads are sharded over the vocabulary across the
     group's ranks (Megatron-style): each rank passes the same hidden states
@@ -460,13 +549,24 @@ def fused_linear_kd_loss(
         if teacher_logit_scale != 1.0:
             raise ValueError("teacher_logit_scale applies to teacher_weight; with teacher_logits "
                              "or teacher_sparse give the final values")
+    several = isinstance(teacher_weight, (list, tuple))
+    if mixture_weights is not None and not several:
+        raise ValueError("mixture_weights applies to several teachers: give teacher_hidden and "
+                         "teacher_weight as sequences, one entry per teacher")
     if head_teacher:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("teacher_hidden and teacher_weight go together: give both")
-        t_head = _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias,
-                             teacher_logit_scale, teacher_softcap, lead_shape=lead)
-        vt = teacher_weight.shape[0]
-        th2 = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        if several:
+            if process_group is not None:
+                raise ValueError("several teachers are not supported with process_group")
+            t_head, th2 = _check_mixture(teacher_hidden, teacher_weight, teacher_bias,
+                                         teacher_logit_scale, teacher_softcap, mixture_weights,
+                                         opt.temperature, lead)
+        else:
+            t_head = _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias,
+                                 teacher_logit_scale, teacher_softcap, lead_shape=lead)
+            th2 = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        vt = t_head.weight.shape[0]
     elif teacher_logits is not None:
         tl = _checks.tensor("teacher_logits", teacher_logits, floating=True)
         if tl.shape[:-1] != lead or tl.dim() < 1 or tl.shape[-1] == 0:
@@ -486,7 +586,7 @@ def fused_linear_kd_loss(
             raise ValueError("vocab_mismatch applies to a dense teacher; teacher_sparse ids "
                              "index the student's vocabulary")
         vt = student_weight.shape[0]
-    _checks.same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden,
+    _checks.same_device(student_hidden=student_hidden, teacher_hidden=th2,
                         teacher_logits=teacher_logits)
     vs = student_weight.shape[0]
     if vs != vt and opt.vocab_mismatch == "error" and process_group is None:

@@ -347,3 +347,46 @@ def test_packed_soft_labels_teacher(backend, codec):
         assert_close_rel(a, e, 1e-4, f"{backend} packed {what}")
     with pytest.raises(ValueError, match="temperature=1.0 differs"):
         fd.fused_linear_kd_loss(d["sh"], d["sw"], teacher_sparse=packed)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("div", ["forward_kl", "jsd", "reverse_kl", "taid"])
+def test_several_teachers_are_their_weighted_mixture(backend, div):
+    """teacher_hidden/teacher_weight as sequences: the target is Σ w_i softmax(y_i/T),
+    chunk by chunk, equal to kd_loss against T·log of the materialized mixture."""
+    torch.manual_seed(3)
+    N, Hs, V, T = 37, 12, 101, 2.0
+    hs = torch.randn(N, Hs, requires_grad=True)
+    ws = torch.randn(V, Hs, requires_grad=True)
+    h = [torch.randn(N, 16), torch.randn(N, 24).bfloat16()]
+    w = [torch.randn(V, 16), torch.randn(V, 24).bfloat16()]
+    b = [torch.randn(V), None]
+    lab = torch.randint(0, V, (N,))
+    lab[::5] = -100
+    kw = dict(labels=lab, temperature=T, divergence=div, taid_t=0.6 if div == "taid" else None)
+    loss = fd.fused_linear_kd_loss(hs, ws, h, w, teacher_bias=b, teacher_softcap=[None, 5.0],
+                                   mixture_weights=[1.0, 3.0], chunk_size=8, backend=backend, **kw)
+    got = torch.autograd.grad(loss, (hs, ws))
+    y0 = h[0] @ w[0].T + b[0]
+    y1 = (5.0 * torch.tanh((h[1] @ w[1].T) / 5.0)).float()  # in bf16, as the head computes
+    p = 0.25 * torch.softmax(y0 / T, -1) + 0.75 * torch.softmax(y1 / T, -1)
+    want_loss = fd.kd_loss(hs @ ws.T, T * p.log(), backend="torch", **kw)
+    want = torch.autograd.grad(want_loss, (hs, ws))
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-6)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-5)
+
+
+def test_several_teachers_bad_input():
+    hs, ws = torch.randn(5, 4), torch.randn(9, 4)
+    h, w = [torch.randn(5, 3), torch.randn(5, 3)], [torch.randn(9, 3), torch.randn(8, 3)]
+    with pytest.raises(ValueError, match="share one vocabulary"):
+        fd.fused_linear_kd_loss(hs, ws, h, w, vocab_mismatch="pad")
+    with pytest.raises(ValueError, match="one entry per teacher"):
+        fd.fused_linear_kd_loss(hs, ws, h, [w[0], w[0]], teacher_bias=[None])
+    with pytest.raises(ValueError, match="mixture_weights"):
+        fd.fused_linear_kd_loss(hs, ws, h, [w[0], w[0]], mixture_weights=[1.0])
+    with pytest.raises(ValueError, match="mixture_weights.*must not all be 0"):
+        fd.fused_linear_kd_loss(hs, ws, h, [w[0], w[0]], mixture_weights=[0.0, 0.0])
+    with pytest.raises(ValueError, match="mixture_weights applies to several teachers"):
+        fd.fused_linear_kd_loss(hs, ws, h[0], w[0], mixture_weights=[1.0])

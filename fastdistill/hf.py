@@ -1,0 +1,622 @@
+"""Knowledge distillation of Hugging Face causal LMs on the HF ``Trainer``.
+
+``KDTrainer`` is a ``transformers.Trainer``: logging, checkpoints, gradient
+accumulation, mixed precision and accelerate's multi-GPU engines are HF's.
+What it adds is the loss: the student's last hidden states and LM head go
+into ``fused_linear_kd_loss`` against the teacher's (or a mixture of
+teachers', or packed soft labels from a ``SoftLabelStore``), so neither
+model's N×V logits are ever built. The hidden states are the LM head's own
+input, taken by a forward pre-hook that hands the head an empty slice: any
+architecture whose logits are ``head(h)`` (then a logit scale or a soft cap
+read from its config) works, and the probe at construction checks it.
+
+Positions follow HF's causal-LM loss: the distributions at position i
+predict token i + 1, so the loss of a batch is
+``kd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels=labels[:, 1:])``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import transformers
+    from transformers import Trainer, TrainingArguments
+except ImportError as e:  # pragma: no cover - transformers is an optional dependency
+    raise ImportError("fastdistill.hf needs transformers (pip install transformers accelerate)") from e
+
+from . import _checks
+from .fused_linear import fused_linear_kd_loss
+from .kd import DIVERGENCES, kd_options
+from .softlabels.codec import SoftLabels
+from .softlabels.store import SoftLabelStore
+from .taid import TAIDSchedule
+
+__all__ = ["KDConfig", "KDTrainer", "lm_head_of"]
+
+TAID_STATE = "fastdistill_taid.json"
+
+
+@dataclass
+class KDConfig(TrainingArguments):
+    """``TrainingArguments`` plus the distillation options. Names mirror TRL's
+    ``GKDConfig`` where they mean the same thing (``lmbda``, ``beta``,
+    ``max_new_tokens``); ``temperature`` is the distillation temperature (the
+    sampling temperature of on-policy batches is ``generation_temperature``)."""
+
+    divergence: str = field(default="forward_kl", metadata={"help": f"one of {DIVERGENCES}"})
+    temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
+    beta: float = field(default=0.5, metadata={"help": "JSD mixture weight"})
+    skew: float = field(default=0.1, metadata={"help": "skew of the skew KL divergences"})
+    hard_weight: float = field(default=0.0, metadata={"help": "weight of the hard-label CE"})
+    t2_scale: bool = field(default=True, metadata={"help": "multiply the soft term by T²"})
+    lmbda: float = field(default=0.0, metadata={
+        "help": "fraction of batches whose completions the student generates (on-policy)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "on-policy completion length"})
+    generation_temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature of on-policy completions"})
+    prompt_length: int | None = field(default=None, metadata={
+        "help": "on-policy prompts: the first prompt_length tokens of each sequence (default: "
+                "the tokens before its first label)"})
+    taid: Any = field(default=False, metadata={
+        "help": "True (a TAIDSchedule over max_steps) or a TAIDSchedule; divergence='taid'"})
+    fused_head: bool = field(default=True, metadata={
+        "help": "fuse both LM heads into the loss (no N×V logits); False: full logits"})
+    chunk_size: int | None = field(default=None, metadata={"help": "rows per fused chunk"})
+    vocab_mismatch: str = field(default="error", metadata={
+        "help": "teacher and student vocabularies of different sizes: 'pad' or 'truncate'"})
+    teacher_weights: list[float] | None = field(default=None, metadata={
+        "help": "mixture weights of several teachers (default uniform)"})
+    soft_label_key: str = field(default="example_id", metadata={
+        "help": "dataset column naming each example's soft-label entry (absent: by index)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _checks.choice("divergence", self.divergence, DIVERGENCES)
+        kd_options(divergence=self.divergence, temperature=self.temperature, beta=self.beta,
+                   skew=self.skew, taid_t=0.5 if self.divergence == "taid" else None,
+                   ignore_index=-100, hard_weight=self.hard_weight, reduction="mean",
+                   t2_scale=self.t2_scale, vocab_mismatch=self.vocab_mismatch)
+        self.lmbda = _checks.real("lmbda", self.lmbda, low=0.0, high=1.0)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        _checks.real("generation_temperature", self.generation_temperature, low=0.0,
+                     low_open=True)
+        if self.prompt_length is not None and (
+                isinstance(self.prompt_length, bool) or not isinstance(self.prompt_length, int)
+                or self.prompt_length < 1):
+            raise ValueError(f"prompt_length must be a positive int or None, got "
+                             f"{self.prompt_length!r}")
+        if not (isinstance(self.taid, (bool, TAIDSchedule))):
+            raise TypeError(f"taid must be a bool or a TAIDSchedule, got {type(self.taid).__name__}")
+        if self.taid is not False and self.divergence != "taid":
+            raise ValueError(f"taid is set but divergence={self.divergence!r}: use "
+                             "divergence='taid'")
+        if self.chunk_size is not None and (
+                isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
+                or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
+        if not isinstance(self.fused_head, bool):
+            raise TypeError(f"fused_head must be a bool, got {type(self.fused_head).__name__}")
+
+    def to_dict(self):
+        d = super().to_dict()
+        if isinstance(d.get("taid"), TAIDSchedule):
+            d["taid"] = d["taid"].state_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """A causal LM's output layer as the fused loss takes it."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logit_scale: float
+    softcap: float | None
+
+
+def lm_head_of(model) -> LMHead:
+    """The LM head of a HF causal LM: its output embedding (tied or not) and the
+    logit post-processing its config names (Gemma's ``final_logit_softcapping``,
+    Cohere's ``logit_scale``, Granite's ``logits_scaling``)."""
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise TypeError(f"{type(model).__name__} has no output embedding with a weight "
+                        "(get_output_embeddings()): not a causal LM?")
+    cfg = getattr(model, "config", None)
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return LMHead(head.weight, getattr(head, "bias", None), scale,
+                  None if softcap is None else float(softcap))
+
+
+@contextlib.contextmanager
+def _head_input(model):
+    """Inside: ``model``'s LM head gets an empty slice of its input (no logits are
+    computed) and ``box["hidden"]`` is the input itself, in the autograd graph."""
+    head = model.get_output_embeddings()
+    box = {}
+
+    def pre_hook(module, args, kwargs):
+        (h, *rest) = args
+        box["hidden"] = h
+        return (h[..., :0, :], *rest), kwargs
+
+    handle = head.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _hidden_states(model, inputs: dict) -> torch.Tensor:
+    """The LM head's input (B, T, H) of one forward of ``model`` (the wrapped
+    module, so DDP's hooks run), without computing logits."""
+    with _head_input(_unwrap(model)) as box:
+        model(**inputs)
+    if "hidden" not in box:
+        raise RuntimeError(f"{type(_unwrap(model)).__name__}'s forward never called its output "
+                           "embedding: fused_head=True cannot take its hidden states")
+    return box["hidden"]
+
+
+def _logits(model, inputs: dict) -> torch.Tensor:
+    return model(**inputs).logits
+
+
+def _check_head_probe(model, name: str) -> None:
+    """One tiny forward: head(hidden) with the config's scale and cap must give the
+    model's own logits, or fused_head would train on something else."""
+    m = _unwrap(model)
+    device = m.get_output_embeddings().weight.device
+    ids = torch.arange(4, device=device).unsqueeze(0) % m.get_output_embeddings().weight.shape[0]
+    was = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            want = m(input_ids=ids).logits.float()
+            h = _hidden_states(m, {"input_ids": ids})
+    finally:
+        m.train(was)
+    head = lm_head_of(m)
+    y = F.linear(h, head.weight, head.bias).float() * head.logit_scale
+    if head.softcap is not None:
+        y = head.softcap * torch.tanh(y / head.softcap)
+    tol = 1e-3 * max(1.0, float(want.abs().max()))
+    if y.shape != want.shape or not torch.allclose(y, want, rtol=1e-3, atol=tol):
+        raise ValueError(f"{name}: its logits are not head(last hidden state) with the logit "
+                         f"scale/soft cap of its config ({type(m).__name__}); use "
+                         "fused_head=False")
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """A dataset of dicts with each example's index added as its soft-label key."""
+
+    def __init__(self, dataset, key: str):
+        self.dataset, self.key = dataset, key
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = dict(self.dataset[i])
+        item[self.key] = str(i)
+        return item
+
+
+def _with_keys(dataset, key: str):
+    """``dataset`` if its examples carry ``key``, else the examples keyed by index
+    (the keys ``label_tokens`` writes by default: "0", "1", ...)."""
+    if dataset is None:
+        return None
+    names = getattr(dataset, "column_names", None)
+    if names is None and len(dataset):
+        first = dataset[0]
+        names = list(first) if isinstance(first, dict) else []
+    return dataset if key in (names or []) else _Keyed(dataset, key)
+
+
+class _KeyedCollator:
+    """Runs a collator on the examples without their soft-label key (a string the
+    tokenizer's padding cannot take) and puts the keys back as a list."""
+
+    def __init__(self, collator, key: str):
+        self.collator, self.key = collator, key
+
+    def __call__(self, features):
+        keys = [str(f[self.key]) for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != self.key} for f in features])
+        batch[self.key] = keys
+        return batch
+
+
+class KDTrainer(Trainer):
+    """``Trainer`` whose loss distils ``teacher_model`` (a causal LM, a list of
+    them, or None with ``soft_labels``) into ``model``.
+
+    ``KDTrainer(model=student, teacher_model=teacher, args=KDConfig(...),
+    train_dataset=..., eval_dataset=..., processing_class=tokenizer)``.
+    Datasets hold tokenized ``input_ids`` (and ``attention_mask``/``labels``;
+    the default collator is HF's causal-LM one, labels = input_ids with padding
+    −100). A teacher is frozen, kept in eval mode and run under no_grad, in its
+    own dtype. ``soft_labels``: a ``SoftLabelStore`` whose entries hold one
+    packed row per token of each example (``fastdistill.softlabels.label_tokens``
+    writes them), found by the ``args.soft_label_key`` column or, without it, by
+    the example's index in the dataset.
+    """
+
+    def __init__(self, model=None, teacher_model=None, args: KDConfig | None = None,
+                 data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, soft_labels: SoftLabelStore | None = None, **kwargs):
+        if args is None:
+            args = KDConfig(output_dir="kd_out")
+        if not isinstance(args, KDConfig):
+            raise TypeError(f"args must be a fastdistill.hf.KDConfig, got {type(args).__name__}")
+        if model is None:
+            raise ValueError("model (the student) is required")
+        teachers = teacher_model if isinstance(teacher_model, (list, tuple)) else (
+            [] if teacher_model is None else [teacher_model])
+        if not teachers and soft_labels is None:
+            raise ValueError("give teacher_model (one model or a list) or soft_labels (a "
+                             "SoftLabelStore)")
+        if teachers and soft_labels is not None:
+            raise ValueError("give teacher_model or soft_labels, not both")
+        if soft_labels is not None and not isinstance(soft_labels, SoftLabelStore):
+            raise TypeError(f"soft_labels must be a SoftLabelStore, got "
+                            f"{type(soft_labels).__name__}")
+        if args.lmbda > 0 and not teachers:
+            raise ValueError(f"lmbda={args.lmbda} needs an online teacher to score the student's "
+                             "completions; soft labels are fixed")
+        if args.teacher_weights is not None:
+            if len(teachers) < 2:
+                raise ValueError("teacher_weights applies to several teachers (teacher_model=[...])")
+            if len(args.teacher_weights) != len(teachers):
+                raise ValueError(f"teacher_weights has {len(args.teacher_weights)} entries for "
+                                 f"{len(teachers)} teachers")
+        student_vocab = _unwrap(model).get_output_embeddings().weight.shape[0]
+        for i, t in enumerate(teachers):
+            tv = t.get_output_embeddings().weight.shape[0]
+            if tv != student_vocab and args.vocab_mismatch == "error":
+                raise ValueError(
+                    f"teacher {i} has a vocabulary of {tv} tokens, the student {student_vocab}: "
+                    "pass vocab_mismatch='pad' (missing tokens get probability 0) or 'truncate'"
+                    ", after making sure both tokenizers give the same ids to the shared tokens")
+            if i and tv != teachers[0].get_output_embeddings().weight.shape[0]:
+                raise ValueError("the teachers of a mixture must share one vocabulary")
+        if soft_labels is not None:
+            if soft_labels.vocab_size != student_vocab:
+                raise ValueError(f"the soft-label store has vocabulary {soft_labels.vocab_size}, "
+                                 f"the student {student_vocab}")
+            if args.divergence == "taid":
+                raise ValueError("divergence='taid' needs an online teacher, not soft labels")
+            codec = soft_labels.codec
+            if codec is not None and not math.isclose(codec.temperature, args.temperature,
+                                                      rel_tol=1e-6):
+                raise ValueError(f"the soft labels were taken at temperature {codec.temperature}, "
+                                 f"args.temperature is {args.temperature}: they must agree")
+        if data_collator is None and processing_class is not None:
+            data_collator = transformers.DataCollatorForLanguageModeling(processing_class,
+                                                                         mlm=False)
+        if soft_labels is not None:
+            train_dataset = _with_keys(train_dataset, args.soft_label_key)
+            eval_dataset = _with_keys(eval_dataset, args.soft_label_key)
+            if data_collator is not None:
+                data_collator = _KeyedCollator(data_collator, args.soft_label_key)
+        super().__init__(model=model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, **kwargs)
+        self.teachers = []
+        for t in teachers:
+            t.eval()
+            t.requires_grad_(False)
+            if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+                t.to(self.args.device)
+            self.teachers.append(t)
+        self.soft_labels = soft_labels
+        self.taid = None
+        if args.divergence == "taid":
+            self.taid = (args.taid if isinstance(args.taid, TAIDSchedule)
+                         else TAIDSchedule(max(1, args.max_steps if args.max_steps > 0 else 1000)))
+        self._rng = random.Random(args.seed)
+        self._taid_loss = 0.0
+        if args.fused_head:
+            _check_head_probe(self.model, "the student")
+            for i, t in enumerate(self.teachers):
+                _check_head_probe(t, f"teacher {i}")
+
+    # -- columns: keep the soft-label key
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.soft_labels is not None and self.args.soft_label_key not in self._signature_columns:
+            self._signature_columns = list(self._signature_columns) + [self.args.soft_label_key]
+
+    # -- the loss
+    def _kd_keywords(self) -> dict:
+        a = self.args
+        kw = dict(divergence=a.divergence, temperature=a.temperature, beta=a.beta, skew=a.skew,
+                  hard_weight=a.hard_weight, t2_scale=a.t2_scale)
+        if self.taid is not None:
+            kw["taid_t"] = self.taid.t
+        return kw
+
+    @staticmethod
+    def _model_inputs(inputs: dict) -> dict:
+        return {k: v for k, v in inputs.items()
+                if k in ("input_ids", "attention_mask", "position_ids", "token_type_ids")}
+
+    def _soft_label_batch(self, inputs: dict, n_positions: int) -> SoftLabels:
+        """The (B, T) packed teacher rows of a batch (rows past an entry's end are
+        zero bytes: their labels are −100, so they are never read)."""
+        keys = inputs.get(self.args.soft_label_key)
+        if keys is None:
+            raise ValueError(f"soft labels: the batch has no {self.args.soft_label_key!r} column "
+                             "(the key of each example's entry)")
+        if isinstance(keys, torch.Tensor):
+            keys = [str(int(k)) for k in keys.reshape(-1)]
+        keys = [str(k) for k in keys]
+        entries = [self.soft_labels[k].labels for k in keys]
+        codec = entries[0].codec
+        data = torch.zeros(len(entries), n_positions, codec.row_bytes, dtype=torch.uint8)
+        for b, e in enumerate(entries):
+            if e.codec != codec:
+                raise ValueError(f"soft labels: entry {keys[b]!r} has another codec than "
+                                 f"entry {keys[0]!r}")
+            rows = e.data.reshape(-1, codec.row_bytes)
+            if rows.shape[0] > n_positions:
+                raise ValueError(f"soft labels: entry {keys[b]!r} has {rows.shape[0]} rows for a "
+                                 f"sequence of {n_positions} positions")
+            data[b, :rows.shape[0]] = rows
+        return SoftLabels(codec, data.to(self.args.device))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is None:
+            labels = inputs["input_ids"]
+        model_inputs = self._model_inputs(inputs)
+        lab = labels[:, 1:]
+        kw = self._kd_keywords()
+        sum_reduce = num_items_in_batch is not None
+        reduction = "sum" if sum_reduce else "mean"
+        if self.args.fused_head:
+            hs = _hidden_states(model, model_inputs)[:, :-1]
+            head = lm_head_of(_unwrap(model))
+            if hs.dtype != head.weight.dtype:  # autocast: the head runs in its own dtype
+                hs = hs.to(head.weight.dtype)
+            common = dict(student_bias=head.bias, student_logit_scale=head.logit_scale,
+                          student_softcap=head.softcap, labels=lab, reduction=reduction,
+                          chunk_size=self.args.chunk_size, **kw)
+            if self.soft_labels is not None:
+                packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
+                loss = fused_linear_kd_loss(hs, head.weight, teacher_sparse=packed, **common)
+            else:
+                with torch.no_grad():
+                    ths = [_hidden_states(t, model_inputs)[:, :-1] for t in self.teachers]
+                heads = [lm_head_of(t) for t in self.teachers]
+                if len(self.teachers) == 1:
+                    t_kw = dict(teacher_bias=heads[0].bias, teacher_logit_scale=heads[0].logit_scale,
+                                teacher_softcap=heads[0].softcap)
+                    th, tw = ths[0], heads[0].weight
+                else:
+                    t_kw = dict(teacher_bias=[h.bias for h in heads],
+                                teacher_logit_scale=[h.logit_scale for h in heads],
+                                teacher_softcap=[h.softcap for h in heads],
+                                mixture_weights=self.args.teacher_weights)
+                    th, tw = ths, [h.weight for h in heads]
+                loss = fused_linear_kd_loss(hs, head.weight, th, tw,
+                                            vocab_mismatch=self.args.vocab_mismatch, **t_kw,
+                                            **common)
+        else:
+            from . import kd_loss
+            from .softlabels.loss import kd_loss as soft_kd_loss
+
+            s_logits = _logits(model, model_inputs)[:, :-1]
+            if self.soft_labels is not None:
+                packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
+                loss = soft_kd_loss(s_logits, packed, labels=lab, reduction=reduction,
+                                    **{k: v for k, v in kw.items() if k != "taid_t"})
+            else:
+                with torch.no_grad():
+                    t_logits = self._teacher_target_logits(model_inputs)
+                loss = kd_loss(s_logits, t_logits, labels=lab, reduction=reduction,
+                               vocab_mismatch=self.args.vocab_mismatch, **kw)
+        if sum_reduce:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+                loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+    def _teacher_target_logits(self, model_inputs: dict) -> torch.Tensor:
+        """Full teacher logits (B, T-1, V); several teachers: T·log of the weighted
+        mixture of their tempered distributions (its softmax at T is the mixture)."""
+        logits = [_logits(t, model_inputs)[:, :-1].float() for t in self.teachers]
+        if len(logits) == 1:
+            return logits[0]
+        T = self.args.temperature
+        w = self.args.teacher_weights or [1.0] * len(logits)
+        total = float(sum(w))
+        mix = torch.stack([torch.log_softmax(z / T, -1) + math.log(x / total)
+                           for z, x in zip(logits, w)]).logsumexp(0)
+        return mix * T
+
+    # -- on-policy batches
+    def _on_policy(self, model, inputs: dict) -> dict:
+        """The batch with each sequence's completion generated by the student from
+        its prompt (sampled at generation_temperature); labels cover the completion."""
+        ids = inputs["input_ids"]
+        labels = inputs.get("labels")
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        if self.args.prompt_length is not None:
+            p = min(self.args.prompt_length, ids.shape[1])
+        elif labels is not None and bool((labels[:, 0] == -100).all()):
+            first = (labels != -100).float().argmax(1)
+            p = int(first.min())
+        else:
+            p = max(1, ids.shape[1] // 2)
+        prompt, pmask = ids[:, :p], mask[:, :p]
+        tok = self.processing_class
+        pad_id = getattr(tok, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = getattr(tok, "eos_token_id", None) or 0
+        m = _unwrap(model)
+        was = m.training
+        m.eval()
+        try:
+            with torch.no_grad():
+                out = m.generate(input_ids=prompt, attention_mask=pmask, do_sample=True,
+                                 temperature=self.args.generation_temperature,
+                                 max_new_tokens=self.args.max_new_tokens, pad_token_id=pad_id)
+        finally:
+            m.train(was)
+        new_mask = torch.ones_like(out)
+        new_mask[:, :p] = pmask
+        gen = out[:, p:]
+        eos = getattr(tok, "eos_token_id", None)
+        if eos is not None:  # after a sequence's first EOS: padding
+            done = (gen == eos).long().cumsum(1)
+            after = (done - (gen == eos).long()) > 0
+            new_mask[:, p:] = (~after).long()
+        new_labels = out.clone()
+        new_labels[:, :p] = -100
+        new_labels[new_mask == 0] = -100
+        return {"input_ids": out, "attention_mask": new_mask, "labels": new_labels}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.teachers and self.args.lmbda > 0 and self._rng.random() < self.args.lmbda:
+            inputs = self._prepare_inputs(inputs)
+            inputs = self._on_policy(model, inputs)
+            num_items_in_batch = None  # the completions' own mean
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.taid is not None:  # one TAID step per optimizer step, on its whole loss
+            self._taid_loss += float(loss)
+            if self.accelerator.sync_gradients:
+                self.taid.step(self._taid_loss)
+                self._taid_loss = 0.0
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The distillation loss only (there are no logits to return)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- evaluation: eval_loss, eval_ce, eval_ppl, eval_kl_to_teacher
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """HF's evaluate (``{prefix}_loss``) plus the student's hard-label
+        cross-entropy ``{prefix}_ce``, ``{prefix}_ppl`` = exp(ce), and the forward
+        KL to the teacher at T=1 ``{prefix}_kl_to_teacher`` (token means)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        extra = self._eval_ce_kl(eval_dataset if eval_dataset is not None else self.eval_dataset)
+        extra = {f"{metric_key_prefix}_{k}": v for k, v in extra.items()}
+        metrics.update(extra)
+        self.log(extra)
+        return metrics
+
+    def _eval_ce_kl(self, dataset) -> dict:
+        loader = self.get_eval_dataloader(dataset)
+        model = self.model
+        was = model.training
+        model.eval()
+        ce_sum = kl_sum = 0.0
+        n = 0
+        try:
+            with torch.no_grad():
+                for inputs in loader:
+                    inputs = self._prepare_inputs(inputs)
+                    labels = inputs.get("labels", inputs["input_ids"])
+                    lab = labels[:, 1:]
+                    mi = self._model_inputs(inputs)
+                    kept = int((lab != -100).sum())
+                    if kept == 0:
+                        continue
+                    hs = _hidden_states(model, mi)[:, :-1]
+                    head = lm_head_of(_unwrap(model))
+                    base = dict(student_bias=head.bias, student_logit_scale=head.logit_scale,
+                                student_softcap=head.softcap, labels=lab, reduction="sum",
+                                chunk_size=self.args.chunk_size)
+                    if self.teachers:
+                        th = [_hidden_states(t, mi)[:, :-1] for t in self.teachers]
+                        heads = [lm_head_of(t) for t in self.teachers]
+                        if len(th) == 1:
+                            t_args = (th[0], heads[0].weight)
+                            t_kw = dict(teacher_bias=heads[0].bias,
+                                        teacher_logit_scale=heads[0].logit_scale,
+                                        teacher_softcap=heads[0].softcap)
+                        else:
+                            t_args = (th, [h.weight for h in heads])
+                            t_kw = dict(teacher_bias=[h.bias for h in heads],
+                                        teacher_logit_scale=[h.logit_scale for h in heads],
+                                        teacher_softcap=[h.softcap for h in heads],
+                                        mixture_weights=self.args.teacher_weights)
+                        # hard_weight=1: the cross-entropy alone; then forward KL at T=1
+                        ce = fused_linear_kd_loss(hs, head.weight, *t_args, hard_weight=1.0,
+                                                  vocab_mismatch=self.args.vocab_mismatch,
+                                                  **t_kw, **base)
+                        kl = fused_linear_kd_loss(hs, head.weight, *t_args,
+                                                  divergence="forward_kl", temperature=1.0,
+                                                  vocab_mismatch=self.args.vocab_mismatch,
+                                                  **t_kw, **base)
+                        kl_sum += float(kl)
+                    else:
+                        packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
+                        ce = fused_linear_kd_loss(hs, head.weight, teacher_sparse=packed,
+                                                  hard_weight=1.0, **base)
+                        if packed.codec.temperature == 1.0:
+                            kl_sum += float(fused_linear_kd_loss(
+                                hs, head.weight, teacher_sparse=packed, **base))
+                        else:
+                            kl_sum = math.nan  # the store's distributions are at another T
+                    ce_sum += float(ce)
+                    n += kept
+        finally:
+            model.train(was)
+        ce = ce_sum / max(n, 1)
+        return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "kl_to_teacher": kl_sum / max(n, 1)}
+
+    # -- checkpoints carry the TAID state
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.taid is not None and self.args.should_save:
+            path = os.path.join(output_dir, TAID_STATE)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.taid.state_dict(), f)
+            os.replace(tmp, path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.taid is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, TAID_STATE)
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: missing; the checkpoint was not written by a TAID run")
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a TAID state ({e})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: not a TAID state (expected a JSON object)")
+        self.taid.load_state_dict(state)

@@ -1,0 +1,273 @@
+"""fastdistill.hf.KDTrainer on tiny random Llama models: its loss equals kd_loss on
+the materialized logits (values and student gradients), on-policy batches, the
+TAID state across HF's resume_from_checkpoint, evaluate()'s metrics, bad input."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import fastdistill as fd  # noqa: E402
+from fastdistill import softlabels as sl  # noqa: E402
+from fastdistill.hf import KDConfig, KDTrainer  # noqa: E402
+
+V = 61
+SEQ = 11
+
+
+def _llama(seed, vocab=V, hidden=32, layers=2, tie=True, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n=12, seed=0, vocab=V):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, SEQ), generator=g)
+        self.labels = self.ids.clone()
+        self.labels[:, :3] = -100          # a prompt
+        self.labels[1::3, -2:] = -100      # and some padding-like tail
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long),
+                "labels": self.labels[i]}
+
+
+def _collate(feats):
+    out = {k: torch.stack([f[k] for f in feats]) for k in ("input_ids", "attention_mask", "labels")}
+    for k in feats[0]:
+        if k not in out:
+            out[k] = [f[k] for f in feats]
+    return out
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                per_device_eval_batch_size=4, max_steps=4, learning_rate=1e-3, report_to=[],
+                logging_steps=1, save_strategy="no", use_cpu=True, seed=0,
+                disable_tqdm=True)
+    base.update(kw)
+    return KDConfig(**base)
+
+
+def _batch(data, n=4):
+    return _collate([data[i] for i in range(n)])
+
+
+def _loss_and_grad(trainer, model, batch):
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _reference(student, teacher_logits_fn, batch, **kw):
+    student.zero_grad()
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():
+        t = teacher_logits_fn(batch)
+    loss = fd.kd_loss(logits[:, :-1], t[:, :-1], labels=batch["labels"][:, 1:], backend="torch",
+                      **kw)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+
+def _close(got, want):
+    (lg, gg), (lw, gw) = got, want
+    torch.testing.assert_close(lg, lw, rtol=2e-4, atol=1e-6)
+    assert len(gg) == len(gw)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-6)
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+@pytest.mark.parametrize("div", fd.DIVERGENCES)
+def test_loss_equals_kd_loss_on_the_materialized_logits(tmp_path, div, fused_head):
+    student, teacher = _llama(0), _llama(1, hidden=48, tie=False)
+    data = _Data()
+    kw = dict(divergence=div, temperature=2.0, hard_weight=0.25)
+    extra = {"taid": True} if div == "taid" else {}
+    tr = KDTrainer(model=student, teacher_model=teacher, data_collator=_collate,
+                   args=_args(tmp_path, fused_head=fused_head, **kw, **extra), train_dataset=data)
+    if div == "taid":
+        kw["taid_t"] = tr.taid.t
+    batch = _batch(data)
+    want = _reference(student, lambda b: teacher(input_ids=b["input_ids"]).logits, batch, **kw)
+    _close(_loss_and_grad(tr, student, batch), want)
+
+
+@pytest.mark.parametrize("mode", ["pad", "truncate"])
+def test_vocab_mismatch(tmp_path, mode):
+    student, teacher = _llama(0), _llama(1, vocab=V + 7)
+    data = _Data()
+    with pytest.raises(ValueError, match="vocab_mismatch='pad'"):
+        KDTrainer(model=student, teacher_model=teacher, data_collator=_collate,
+                  args=_args(tmp_path), train_dataset=data)
+    tr = KDTrainer(model=student, teacher_model=teacher, data_collator=_collate,
+                   args=_args(tmp_path, vocab_mismatch=mode, divergence="jsd"), train_dataset=data)
+    batch = _batch(data)
+    want = _reference(student, lambda b: teacher(input_ids=b["input_ids"]).logits, batch,
+                      divergence="jsd", vocab_mismatch=mode)
+    _close(_loss_and_grad(tr, student, batch), want)
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_multi_teacher_mixture(tmp_path, fused_head):
+    student, t1, t2 = _llama(0), _llama(1), _llama(2, hidden=48)
+    data = _Data()
+    T, w = 2.0, [0.25, 0.75]
+    tr = KDTrainer(model=student, teacher_model=[t1, t2], data_collator=_collate,
+                   args=_args(tmp_path, temperature=T, teacher_weights=w, fused_head=fused_head),
+                   train_dataset=data)
+
+    def mixture(b):
+        p = sum(wi * torch.softmax(t(input_ids=b["input_ids"]).logits / T, -1)
+                for wi, t in zip(w, (t1, t2)))
+        return T * p.log()
+
+    want = _reference(student, mixture, _batch(data), temperature=T)
+    _close(_loss_and_grad(tr, student, _batch(data)), want)
+
+
+@pytest.mark.parametrize("by_index", [True, False])
+def test_offline_soft_label_store(tmp_path, by_index):
+    student, teacher = _llama(0), _llama(1)
+    data = _Data()
+    store_dir = tmp_path / "labels"
+    keys = None if by_index else [f"ex-{i}" for i in range(len(data))]
+    with sl.SoftLabelWriter(store_dir, vocab_size=V) as w:
+        sl.label_tokens(teacher, [data.ids[i:i + 4] for i in range(0, len(data), 4)], w, k=8,
+                        value_bits=16, keys=keys, progress=False)
+    store = sl.SoftLabelStore(store_dir)
+
+    class Keyed(_Data):
+        def __getitem__(self, i):
+            return dict(super().__getitem__(i), example_id=f"ex-{i}")
+
+    ds = _Data() if by_index else Keyed()
+    tr = KDTrainer(model=student, soft_labels=store, data_collator=_collate,
+                   args=_args(tmp_path), train_dataset=ds)
+    batch = tr.data_collator([tr.train_dataset[i] for i in range(4)])
+    assert batch["example_id"] == ([str(i) for i in range(4)] if by_index
+                                   else [f"ex-{i}" for i in range(4)])
+    got = _loss_and_grad(tr, student, batch)
+    # the reference: sparse_kd_loss on the decoded top-8 with the stored tail
+    student.zero_grad()
+    logits = student(input_ids=batch["input_ids"]).logits[:, :-1]
+    entries = [store[k].labels for k in batch["example_id"]]
+    packed = sl.SoftLabels(entries[0].codec, torch.stack([e.data for e in entries]))[:, :-1]
+    want_loss = sl.kd_loss(logits, packed, labels=batch["labels"][:, 1:], backend="torch")
+    want_loss.backward()
+    want = (want_loss.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None])
+    _close(got, want)
+    tr.train()  # and a few real steps through HF's loop
+
+
+def test_training_reduces_the_loss_and_evaluate_reports_the_metrics(tmp_path):
+    student, teacher = _llama(0), _llama(1)
+    data = _Data(n=16)
+    tr = KDTrainer(model=student, teacher_model=teacher, data_collator=_collate,
+                   args=_args(tmp_path, max_steps=12, learning_rate=5e-3), train_dataset=data,
+                   eval_dataset=_Data(n=8, seed=1))
+    before = tr.evaluate()
+    tr.train()
+    after = tr.evaluate()
+    for m in (before, after):
+        assert set(m) >= {"eval_loss", "eval_ce", "eval_ppl", "eval_kl_to_teacher"}
+        assert math.isclose(m["eval_ppl"], math.exp(m["eval_ce"]), rel_tol=1e-6)
+    assert after["eval_kl_to_teacher"] < before["eval_kl_to_teacher"]
+    # eval_kl_to_teacher is forward KL at T=1, token mean, on the eval set
+    ev = _Data(n=8, seed=1)
+    b = _collate([ev[i] for i in range(8)])
+    with torch.no_grad():
+        want = fd.kd_loss(student(input_ids=b["input_ids"]).logits[:, :-1],
+                          teacher(input_ids=b["input_ids"]).logits[:, :-1],
+                          labels=b["labels"][:, 1:], backend="torch")
+    assert math.isclose(after["eval_kl_to_teacher"], float(want), rel_tol=1e-4)
+
+
+def test_on_policy_batches_train_on_student_generations(tmp_path):
+    student, teacher = _llama(0), _llama(1)
+    data = _Data(n=8)
+    tr = KDTrainer(model=student, teacher_model=teacher, data_collator=_collate,
+                   args=_args(tmp_path, lmbda=1.0, max_new_tokens=5, max_steps=2),
+                   train_dataset=data)
+    seen = []
+    orig = tr.compute_loss
+
+    def spy(model, inputs, *a, **k):
+        seen.append({k2: v for k2, v in inputs.items() if isinstance(v, torch.Tensor)})
+        return orig(model, inputs, *a, **k)
+
+    tr.compute_loss = spy
+    tr.train()
+    assert len(seen) == 2
+    for b in seen:
+        # prompt: the 3 tokens before the first label; then 5 generated tokens
+        assert b["input_ids"].shape[1] == 3 + 5
+        assert (b["labels"][:, :3] == -100).all()
+        assert (b["labels"][:, 3:][b["attention_mask"][:, 3:] == 1] >= 0).all()
+    # the prompt is the data's own first 3 tokens
+    firsts = {tuple(r.tolist()) for r in data.ids[:, :3]}
+    assert all(tuple(r.tolist()) in firsts for b in seen for r in b["input_ids"][:, :3])
+
+
+def test_taid_state_resumes_from_a_checkpoint(tmp_path):
+    data = _Data(n=16)
+
+    def run(max_steps, resume=None):
+        tr = KDTrainer(model=_llama(0), teacher_model=_llama(1), data_collator=_collate,
+                       args=_args(tmp_path, divergence="taid", taid=fd.TAIDSchedule(6),
+                                  max_steps=max_steps, save_strategy="steps", save_steps=3),
+                       train_dataset=data)
+        tr.train(resume_from_checkpoint=resume)
+        return tr
+
+    full = run(6)
+    state6 = full.taid.state_dict()
+    ckpt = os.path.join(str(tmp_path / "out"), "checkpoint-3")
+    with open(os.path.join(ckpt, "fastdistill_taid.json")) as f:
+        state3 = json.load(f)
+    assert state3["num_steps"] == 3
+    resumed = run(6, resume=ckpt)
+    assert resumed.taid.num_steps == 6
+    assert math.isclose(resumed.taid.t, state6["t"], rel_tol=1e-9)
+    os.remove(os.path.join(ckpt, "fastdistill_taid.json"))
+    with pytest.raises(ValueError, match="fastdistill_taid.json: missing"):
+        run(6, resume=ckpt)
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    student, teacher = _llama(0), _llama(1)
+    data = _Data()
+    with pytest.raises(ValueError, match="lmbda"):
+        _args(tmp_path, lmbda=1.5)
+    with pytest.raises(ValueError, match="divergence"):
+        _args(tmp_path, divergence="kl")
+    with pytest.raises(ValueError, match="temperature"):
+        _args(tmp_path, temperature=0.0)
+    with pytest.raises(TypeError, match="KDConfig"):
+        KDTrainer(model=student, teacher_model=teacher,
+                  args=transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+    with pytest.raises(ValueError, match="teacher_model .* or soft_labels"):
+        KDTrainer(model=student, args=_args(tmp_path), data_collator=_collate, train_dataset=data)
+    store_dir = tmp_path / "other"
+    with sl.SoftLabelWriter(store_dir, vocab_size=V + 1) as w:
+        w.add("0", sl.encode(torch.randn(SEQ, V + 1), k=4))
+    with pytest.raises(ValueError, match=f"vocabulary {V + 1}, the student {V}"):
+        KDTrainer(model=student, soft_labels=sl.SoftLabelStore(store_dir), args=_args(tmp_path),
+                  data_collator=_collate, train_dataset=data)
+    with pytest.raises(ValueError, match="needs an online teacher"):
+        KDTrainer(model=student, soft_labels=sl.SoftLabelStore(store_dir),
+                  args=_args(tmp_path, lmbda=0.5), data_collator=_collate, train_dataset=data)
