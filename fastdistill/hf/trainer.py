@@ -33,12 +33,12 @@ try:
 except ImportError as e:  # pragma: no cover - transformers is an optional dependency
     raise ImportError("fastdistill.hf needs transformers (pip install transformers accelerate)") from e
 
-from . import _checks
-from .fused_linear import fused_linear_kd_loss
-from .kd import DIVERGENCES, kd_options
-from .softlabels.codec import SoftLabels
-from .softlabels.store import SoftLabelStore
-from .taid import TAIDSchedule
+from .. import _checks
+from ..fused_linear import fused_linear_kd_loss
+from ..kd import DIVERGENCES, kd_options
+from ..softlabels.codec import SoftLabels
+from ..softlabels.store import SoftLabelStore
+from ..taid import TAIDSchedule
 
 __all__ = ["KDConfig", "KDTrainer", "lm_head_of"]
 
@@ -426,8 +426,8 @@ class KDTrainer(Trainer):
                                             vocab_mismatch=self.args.vocab_mismatch, **t_kw,
                                             **common)
         else:
-            from . import kd_loss
-            from .softlabels.loss import kd_loss as soft_kd_loss
+            from ..kd import kd_loss
+            from ..softlabels.loss import kd_loss as soft_kd_loss
 
             s_logits = _logits(model, model_inputs)[:, :-1]
             if self.soft_labels is not None:
