@@ -140,6 +140,7 @@ class _PwnExec:
         return exec, (f"open({self.marker!r}, 'w').write('x')",)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("kind", ["torch_zip", "raw_pickle", "exec"])
 def test_loading_a_crafted_checkpoint_runs_no_code(kind, tmp_path):
     ck = tmp_path / "evil.ckpt"
