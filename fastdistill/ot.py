@@ -19,6 +19,7 @@ through the iterations (except in ``sinkhorn_kd_loss(gradient="unrolled")``).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -49,6 +50,46 @@ class SinkhornResult(NamedTuple):
     f: torch.Tensor
     g: torch.Tensor
     plan: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------- first order
+
+def _first_order_only(what: str):
+    """Decorator for the backward of an autograd.Function with no second
+    derivative: run it without a graph and, under create_graph=True, return
+    its results from a node that raises (naming ``what``) when a second
+    backward reaches it. The node hangs on the Function's saved inputs, so a
+    second backward towards them (or anything upstream) always reaches it.
+
+    torch's ``once_differentiable`` is not enough here: it ties the results
+    only when an incoming gradient requires grad (for a scalar loss the seed
+    is a constant, so they came back as constants), and to fresh leaves that
+    a second backward towards the inputs never visits; either way a
+    Hessian-vector product silently lost this op's part."""
+    message = (f"{what} is first-order only: its gradient cannot be differentiated again "
+               "(a second backward, after create_graph=True, went through it)").encode()
+
+    def deco(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            if not torch.is_grad_enabled():  # a plain backward (no create_graph)
+                return out
+            outs = out if isinstance(out, tuple) else (out,)
+            tied = [t for t in outs if isinstance(t, torch.Tensor)]
+            anchors = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not tied:
+                return out
+            fake = [t.detach().requires_grad_(True) for t in tied]
+            err = torch._C._functions.DelayedError(message, len(fake) + len(anchors))
+            raised = err(*fake, *anchors)
+            raised = list(raised) if isinstance(raised, (tuple, list)) else [raised]
+            it = iter(raised[:len(fake)])
+            res = [next(it) if isinstance(t, torch.Tensor) else t for t in outs]
+            return tuple(res) if isinstance(out, tuple) else res[0]
+        return wrapper
+    return deco
 
 
 # --------------------------------------------------------------------------- checks
@@ -201,7 +242,8 @@ class _Envelope(torch.autograd.Function):
         return value, objective, f, g, plan
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order_only("the Sinkhorn envelope gradient (sinkhorn, sinkhorn_divergence on torch, "
+                      "sinkhorn_kd_loss with gradient='envelope')")
     def backward(ctx, d_value, d_objective, _df, _dg, _dplan):
         C, a, b, f, g = ctx.saved_tensors
         scale = torch.zeros_like(f[..., 0])
@@ -451,7 +493,8 @@ class _TiledDivergence(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order_only("sinkhorn_divergence on the cpp/triton backends (tiled envelope gradient; "
+                      "backend='torch' is first-order too)")
     def backward(ctx, d_out):
         x, y, a, b, f, g, fx, fy = ctx.saved_tensors
         eps, p, ops = ctx.eps, ctx.p, ctx.ops
@@ -508,7 +551,8 @@ class _TiledL1Cost(torch.autograd.Function):
         return triton_ot.sinkd_l1_cost(q, p)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order_only("sinkhorn_kd_loss's triton L1 cost (use backend='torch' with "
+                      "gradient='unrolled' for second derivatives)")
     def backward(ctx, grad):
         from fastdistill.kernels import ot as triton_ot
 
@@ -524,14 +568,17 @@ class _FusedL1Cost(torch.autograd.Function):
     def forward(ctx, student, teacher, temperature):
         W, q, p = torch.ops.fastdistill.sinkd_l1_forward(student.contiguous(), teacher.contiguous(),
                                                           temperature)
-        ctx.save_for_backward(q, p)
+        # the student is saved only for _first_order_only (its second-backward
+        # error hangs on it); the backward needs q and p alone
+        ctx.save_for_backward(q, p, student)
         ctx.temperature = temperature
         return W
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order_only("sinkhorn_kd_loss's fused cpp L1 cost (use backend='torch' with "
+                      "gradient='unrolled' for second derivatives)")
     def backward(ctx, grad):
-        q, p = ctx.saved_tensors
+        q, p, _ = ctx.saved_tensors
         dz = torch.ops.fastdistill.sinkd_l1_backward(q, p, grad.float().contiguous(), ctx.temperature)
         return dz, None, None
 

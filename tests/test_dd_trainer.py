@@ -10,7 +10,7 @@ import torch
 
 from fastdistill import cli
 from fastdistill.dd import data as dd_data
-from fastdistill.dd.trainer import METHODS, DatasetDistiller, save_image_grid
+from fastdistill.dd.trainer import METHODS, DatasetDistiller, load_checkpoint, save_image_grid
 
 TINY = dict(width=8, depth=2, batch_real=6, outer_loop=2, inner_loop=2, progress=False,
             expert_epochs=2, num_experts=1, syn_steps=3)
@@ -49,7 +49,7 @@ def test_mtt_learning_rate_has_its_own_step_size(tmp_path):
                              **TINY)
         d.fit(real)
         moved[lr_lr] = d.syn_lr - math.log(d.lr_net)
-        groups = torch.load(d.checkpoint, weights_only=False)["opt"]["param_groups"]
+        groups = load_checkpoint(d.checkpoint)["opt"]["param_groups"]
         assert [g["lr"] for g in groups] == [d.lr_img, lr_lr]
     assert moved[1e-3] != 0
     assert moved[2e-3] == pytest.approx(2 * moved[1e-3], rel=1e-4)  # one SGD step: lr_lr · gradient
@@ -61,7 +61,7 @@ def test_checkpoint_every_and_mismatch_and_corruption(tmp_path):
     real = toy_real()
     ck = tmp_path / "a.ckpt"
     DatasetDistiller("dm", ipc=1, iterations=3, checkpoint=ck, checkpoint_every=1, **TINY).fit(real)
-    assert torch.load(ck, weights_only=False)["iteration"] == 3
+    assert load_checkpoint(ck)["iteration"] == 3
     with pytest.raises(ValueError, match="other settings.*ipc"):
         DatasetDistiller("dm", ipc=2, iterations=3, checkpoint=ck, **TINY).fit(real)
     ck.write_bytes(b"not a checkpoint")
@@ -170,3 +170,37 @@ def test_cli_dd_writes_the_set_grid_and_results(tmp_path, capsys):
         assert (tmp_path / f"digits-dm-ipc1.{ext}").exists()
     saved = torch.load(tmp_path / "digits-dm-ipc1.pt")
     assert saved["images"].shape == (10, 1, 8, 8)
+
+
+def test_evaluate_reports_progress_like_fit_and_returns_percent(monkeypatch):
+    """evaluate shows one Progress over n_models × epochs (the distiller's
+    ``progress`` setting unless given), each model's accuracy in the postfix,
+    closed at the end; its docstring says the results are percentages."""
+    from fastdistill.dd import trainer
+
+    made = []
+
+    class Recorder(trainer.Progress):
+        def __init__(self, enabled, total, desc, unit, initial=0):
+            super().__init__(False, total, desc, unit, initial)
+            self.shown, self.closed = enabled, False
+            made.append(self)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(trainer, "Progress", Recorder)
+    x, y = toy_real()
+    dist = DatasetDistiller("dc", ipc=1, iterations=1, **dict(TINY, progress=True))
+    images, labels = dist.fit((x, y))
+    res = dist.evaluate(images, labels, (x, y), n_models=2, epochs=3)
+    fit_bar, bar = made
+    assert fit_bar.shown and fit_bar.closed and fit_bar.count == 1
+    assert bar.shown and bar.closed and bar.total == 6 and bar.count == 6 and bar.unit == "epoch"
+    assert "evaluate" in bar.desc and bar.postfix["acc"] == f"{res['accs'][-1]:.2f}%"
+    assert bar.postfix["model"] == "2/2"
+    dist.evaluate(images, labels, (x, y), n_models=1, epochs=1, progress=False)
+    assert not made[-1].shown
+    assert "percent" in DatasetDistiller.evaluate.__doc__.lower()
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        dist.evaluate(images, labels, (x, y), progress="yes")

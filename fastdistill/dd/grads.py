@@ -337,12 +337,13 @@ def _norm(m: nn.Module, a, y, b, create_graph: bool):
     return _affine(m, b, create_graph, xhat=xhat)
 
 
-def _fallback(m: nn.Module, a, b):
-    """Per-sample gradients of the layer's own parameters by torch.func."""
+def _fallback(m: nn.Module, a, b, create_graph: bool):
+    """Per-sample gradients of the layer's own parameters by torch.func
+    (first order: from detached parameters, so the results hold no graph)."""
     from torch.func import functional_call, vjp, vmap
 
     names = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
-    params = {n: getattr(m, n) for n in names}
+    params = {n: getattr(m, n) if create_graph else getattr(m, n).detach() for n in names}
 
     def one(p, a_i, b_i):
         _, pull = vjp(lambda pp: functional_call(m, pp, (a_i.unsqueeze(0),)), p)
@@ -367,7 +368,7 @@ def _pieces(model, loss_fn, inputs, targets, create_graph):
         elif _norm_known(m):
             got = _norm(m, a, y, b, create_graph)
         else:
-            got = _fallback(m, a, b)
+            got = _fallback(m, a, b, create_graph)
         for name, piece in got.items():
             p = getattr(m, name)
             if p is not None and p.requires_grad:
@@ -437,7 +438,10 @@ def grouped_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets, 
     ∇_θ Σ_{i in group} loss_i (zeros for an empty group and for parameters
     that do not require grad or are not used). With ``create_graph=True`` the
     results are differentiable (second order: w.r.t. the inputs, e.g. the
-    synthetic images of DC, and the parameters).
+    synthetic images of DC, and the parameters). A gradient that is zero in
+    exact arithmetic (ConvNet's conv biases: instance norm removes them) comes
+    back as round-off, as from autograd: compare results with a tolerance
+    scaled to the group's gradient, not per-parameter relative error.
 
     The samples are sorted by group (so each group is a contiguous slice) and
     walked in chunks of at most ``chunk_size`` samples (None: all at once):

@@ -8,6 +8,7 @@ import torch
 
 from .. import _checks
 from .._backend import resolve
+from ..ot import _first_order_only
 
 METRICS = ("dc", "mse", "cos")
 DC_EPS = 1e-6  # in the cosine denominators, as in the DC reference code
@@ -59,7 +60,8 @@ class _SegmentCosine(torch.autograd.Function):
         return dist.to(a.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order_only("gradient_match_loss on the cpp/triton backends (the fused cosine's "
+                      "backward; backend='torch' differentiates twice)")
     def backward(ctx, grad):
         a, b, offsets, stats = ctx.saved_tensors
         da, db = ctx.ops[1](a, b, offsets, stats, grad, DC_EPS)

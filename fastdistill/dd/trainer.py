@@ -8,6 +8,8 @@ as a run that never stopped.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import numbers
 import os
@@ -28,13 +30,93 @@ from .losses import attention_match_loss, distribution_match_loss, gradient_matc
 from .nets import ConvNet
 
 METHODS = ("dc", "dsa", "dm", "datadam", "mtt")
-CHECKPOINT_VERSION = 2  # 2: MTT's learning rate has its own optimizer group (lr_lr)
+# 2: MTT's learning rate has its own optimizer group (lr_lr); 3: the checksummed
+# file below, read with weights_only=True
+CHECKPOINT_VERSION = 3
+# file = MAGIC | version (u32) | payload length (u64) | SHA-256 of the payload | payload
+# (the payload: torch.save of the state). The digest is checked before the
+# payload is unpickled, and the unpickler is torch's weights_only one (tensors,
+# numbers, strings, containers; no code), so a damaged or crafted file is an
+# error naming it, never a resume from different state or code run on load.
+CHECKPOINT_MAGIC = b"FDDDCKPT"
+_HEADER = struct.Struct("<8sIQ32s")
 # learning rates of the synthetic images per method (the papers' defaults)
 LR_IMG = {"dc": 0.1, "dsa": 0.1, "dm": 1.0, "datadam": 1.0, "mtt": 100.0}
 # MTT learns its student's learning rate as log(lr), with SGD at this rate
 LR_LR = 0.01
 
-__all__ = ["DatasetDistiller", "METHODS", "save_image_grid"]
+__all__ = ["DatasetDistiller", "METHODS", "save_image_grid", "load_checkpoint"]
+
+
+def _checkpoint_bytes(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    return _HEADER.pack(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, len(payload),
+                        hashlib.sha256(payload).digest()) + payload
+
+
+def _floats(obj, where: str):
+    """(where, tensor or float) for every floating value inside obj."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield where, obj
+    elif isinstance(obj, float):
+        yield where, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _floats(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _floats(v, f"{where}[{i}]")
+
+
+_STATE_TYPES = {"version": int, "settings": dict, "iteration": int, "images": torch.Tensor,
+                "labels": torch.Tensor, "opt": dict, "rng": torch.Tensor, "extra": dict}
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """The state in a DatasetDistiller checkpoint, after checking, in this
+    order, the header, the length and the SHA-256 of the payload, then
+    unpickling it with ``weights_only=True`` (no code runs), then its fields
+    and that every floating value in it (images, optimizer state, MTT's
+    experts and learning rate) is finite. Anything else: a ValueError naming
+    the file and the problem."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the checkpoint ({e})") from e
+    if len(data) < _HEADER.size or not data.startswith(CHECKPOINT_MAGIC):
+        raise ValueError(f"{path}: not a fastdistill dataset-distillation checkpoint (no "
+                         f"{CHECKPOINT_MAGIC.decode()} header; files from before version 3 cannot "
+                         "be resumed)")
+    _, version, length, digest = _HEADER.unpack_from(data)
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {version}, this fastdistill reads "
+                         f"{CHECKPOINT_VERSION}")
+    payload = memoryview(data)[_HEADER.size:]
+    if len(payload) != length:
+        raise ValueError(f"{path}: corrupt checkpoint (the header says {length} payload bytes, the "
+                         f"file holds {len(payload)}: truncated or appended to)")
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError(f"{path}: corrupt checkpoint (SHA-256 of the payload does not match the "
+                         "header)")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a failed or refused unpickling means a bad file
+        raise ValueError(f"{path}: checkpoint payload cannot be loaded safely ({e})") from e
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: not a fastdistill dataset-distillation checkpoint "
+                         f"of version {CHECKPOINT_VERSION}")
+    for key, kind in _STATE_TYPES.items():
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"{path}: checkpoint field {key!r} is missing or not a {kind.__name__}")
+    for where, v in _floats({k: state[k] for k in ("images", "opt", "extra")}, "state"):
+        if not (bool(torch.isfinite(v).all()) if isinstance(v, torch.Tensor) else math.isfinite(v)):
+            raise ValueError(f"{path}: checkpoint holds non-finite values in {where} (the run "
+                             "diverged before it was saved); it cannot be resumed")
+    return state
 
 
 def _ce(outputs, targets):
@@ -147,19 +229,13 @@ class DatasetDistiller:
             return
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        torch.save(state, tmp)
+        tmp.write_bytes(_checkpoint_bytes(state))
         os.replace(tmp, self.checkpoint)
 
     def _load(self) -> dict | None:
         if self.checkpoint is None or not self.checkpoint.exists():
             return None
-        try:
-            state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-            raise ValueError(f"{self.checkpoint}: not a readable fastdistill checkpoint ({e})") from e
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.checkpoint}: not a fastdistill dataset-distillation checkpoint "
-                             f"of version {CHECKPOINT_VERSION}")
+        state = load_checkpoint(self.checkpoint)
         if state["settings"] != self.settings():
             diff = sorted(k for k in set(state["settings"]) | set(self.settings())
                           if state["settings"].get(k) != self.settings().get(k))
@@ -188,9 +264,18 @@ class DatasetDistiller:
             extra = {"syn_lr": math.log(self.lr_net)} if self.method == "mtt" else {}
             start = 0
         else:
-            gen = torch.Generator()
-            gen.set_state(state["rng"])
             syn, start, extra = state["images"], state["iteration"], state["extra"]
+            if tuple(syn.shape) != (len(syn_y),) + tuple(x.shape[1:]) or not torch.equal(state["labels"], syn_y):
+                raise ValueError(f"{self.checkpoint}: its synthetic set {tuple(syn.shape)} does not fit "
+                                 f"this data ({len(syn_y)} images of {tuple(x.shape[1:])}, {classes} "
+                                 "classes); use another checkpoint path")
+            if self.method == "mtt" and not isinstance(extra.get("syn_lr"), float):
+                raise ValueError(f"{self.checkpoint}: checkpoint of an MTT run without its learning rate")
+            gen = torch.Generator()
+            try:
+                gen.set_state(state["rng"])
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"{self.checkpoint}: checkpoint holds no valid generator state ({e})") from e
         syn = syn.clone().requires_grad_()
         groups = [{"params": [syn]}]
         if self.method == "mtt":
@@ -201,7 +286,11 @@ class DatasetDistiller:
                 extra["experts"] = self._train_experts(x, y, classes, gen)
         opt = torch.optim.SGD(groups, lr=self.lr_img, momentum=0.5)
         if state is not None:
-            opt.load_state_dict(state["opt"])
+            try:
+                opt.load_state_dict(state["opt"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise ValueError(f"{self.checkpoint}: checkpoint optimizer state does not fit this run "
+                                 f"({e})") from e
 
         def snapshot(it):
             if self.method == "mtt":
@@ -349,38 +438,57 @@ class DatasetDistiller:
     # ------------------------------------------------------------- evaluation
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor, test, *, n_models: int = 5,
                  epochs: int = 300, lr: float = 0.01, batch_size: int = 256,
-                 seed: int = 1) -> dict:
+                 seed: int = 1, progress: bool | None = None) -> dict:
         """The DC protocol: ``n_models`` fresh ConvNets (this distiller's width and
         depth) trained on (images, labels) with SGD (momentum 0.9, weight decay
         5e-4, lr halved at half of ``epochs``; DSA augmentation for dsa/dm/datadam),
-        tested on ``test``. Returns {"mean", "std", "accs"} in %."""
+        tested on ``test``.
+
+        Returns {"mean", "std", "accs"} as test accuracies in PERCENT (0-100, not
+        fractions): "accs" one per model, "mean" and "std" (population) over them.
+        ``progress`` (None: the distiller's own setting, as ``fit``) shows one
+        bar over the n_models × epochs training epochs, with each model's accuracy."""
         xs, ys = _as_pair("images/labels", (images, labels))
         xt, yt = _as_pair("test", test)
         n_models, epochs = _int("n_models", n_models), _int("epochs", epochs)
+        lr = _checks.real("lr", lr, low=0.0, low_open=True)
+        batch_size = _int("batch_size", batch_size)
+        progress = self.progress if progress is None else _checks.flag("progress", progress)
         classes = int(max(ys.max(), yt.max())) + 1
         gen = torch.Generator().manual_seed(_int("seed", seed, 0))
         accs = []
-        for _ in range(n_models):
-            net = self._net(gen, xs.shape[1], classes, tuple(xs.shape[2:]))
-            opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-            for ep in range(epochs):
-                if ep == epochs // 2:
-                    for group in opt.param_groups:
-                        group["lr"] = lr / 2
-                order = torch.randperm(len(xs), generator=gen)
-                for i in range(0, len(xs), batch_size):
-                    b = order[i:i + batch_size]
-                    seed_b = int(torch.randint(2**31, (1,), generator=gen))
-                    opt.zero_grad()
-                    F.cross_entropy(net(self._augment(xs[b], seed_b)), ys[b]).backward()
-                    opt.step()
-            net.eval()
-            with torch.no_grad():
-                correct = sum(int((net(xt[i:i + 1000]).argmax(1) == yt[i:i + 1000]).sum())
-                              for i in range(0, len(xt), 1000))
-            accs.append(100.0 * correct / len(xt))
+        bar = Progress(progress, n_models * epochs, f"evaluate {self.method} ipc={self.ipc}", "epoch")
+        try:
+            for m in range(n_models):
+                accs.append(self._train_and_test(xs, ys, xt, yt, classes, gen, epochs, lr, batch_size,
+                                                 lambda: bar.update(1, model=f"{m + 1}/{n_models}")))
+                bar.update(0, acc=f"{accs[-1]:.2f}%")
+        finally:
+            bar.close()
         t = torch.tensor(accs, dtype=torch.float64)
         return {"mean": float(t.mean()), "std": float(t.std(unbiased=False)), "accs": accs}
+
+    def _train_and_test(self, xs, ys, xt, yt, classes, gen, epochs, lr, batch_size, on_epoch) -> float:
+        """One model of the protocol: its test accuracy in percent."""
+        net = self._net(gen, xs.shape[1], classes, tuple(xs.shape[2:]))
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        for ep in range(epochs):
+            if ep == epochs // 2:
+                for group in opt.param_groups:
+                    group["lr"] = lr / 2
+            order = torch.randperm(len(xs), generator=gen)
+            for i in range(0, len(xs), batch_size):
+                b = order[i:i + batch_size]
+                seed_b = int(torch.randint(2**31, (1,), generator=gen))
+                opt.zero_grad()
+                F.cross_entropy(net(self._augment(xs[b], seed_b)), ys[b]).backward()
+                opt.step()
+            on_epoch()
+        net.eval()
+        with torch.no_grad():
+            correct = sum(int((net(xt[i:i + 1000]).argmax(1) == yt[i:i + 1000]).sum())
+                          for i in range(0, len(xt), 1000))
+        return 100.0 * correct / len(xt)
 
     def random_real_subset(self, real, *, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         """``ipc`` random real images per class: the baseline at the same IPC."""
