@@ -617,6 +617,12 @@ class KDTrainer(Trainer):
                 state = json.load(f)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a TAID state ({e})") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: not a TAID state (expected a JSON object)")
-        self.taid.load_state_dict(state)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                      for k, v in state.items() if k != "prev_loss") if isinstance(state, dict) \
+            else False
+        if not numbers or not isinstance(state.get("prev_loss"), (int, float, type(None))):
+            raise ValueError(f"{path}: not a TAID state (expected a JSON object of numbers)")
+        try:
+            self.taid.load_state_dict(state)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
