@@ -51,9 +51,9 @@ def held_out_metrics(student, ids: torch.Tensor, teacher_hidden: torch.Tensor, t
     n = 0
     try:
         for a in range(0, ids.shape[0], batch):
-            x = ids[a:a + batch]
+            x = ids[a:a + batch].to(head.weight.device)
             hs = _hidden_states(student, {"input_ids": x})[:, :-1]
-            th = teacher_hidden[a:a + batch]
+            th = teacher_hidden[a:a + batch].to(head.weight.device)
             labels = x[:, 1:]
             kw = dict(student_bias=head.bias, teacher_bias=teacher_head.bias, labels=labels,
                       reduction="sum", teacher_softcap=teacher_head.softcap,

@@ -40,7 +40,7 @@ from ..softlabels.codec import SoftLabels
 from ..softlabels.store import SoftLabelStore
 from ..taid import TAIDSchedule
 
-__all__ = ["KDConfig", "KDTrainer", "lm_head_of"]
+__all__ = ["KDConfig", "KDTrainer", "LMHead", "TeacherMixture", "lm_head_of"]
 
 TAID_STATE = "fastdistill_taid.json"
 
@@ -209,6 +209,32 @@ def _check_head_probe(model, name: str) -> None:
                          "fused_head=False")
 
 
+class TeacherMixture(torch.nn.Module):
+    """Several causal LMs as one whose logits are T·log Σ_i w_i softmax(z_i / T):
+    at temperature T its distribution is the weighted mixture of the teachers'
+    (what ``label`` stores for several teachers). Computes full logits: for
+    labelling, a batch at a time."""
+
+    def __init__(self, models, weights=None, temperature: float = 1.0):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+        w = [1.0] * len(models) if weights is None else [float(x) for x in weights]
+        if len(w) != len(models) or min(w) < 0 or sum(w) <= 0:
+            raise ValueError(f"weights must be {len(models)} non-negative numbers, not all 0, "
+                             f"got {weights!r}")
+        self.log_w = [float(torch.tensor(x / sum(w), dtype=torch.float64).log()) for x in w]
+        self.temperature = float(temperature)
+
+    def forward(self, input_ids, attention_mask=None):
+        T = self.temperature
+        mix = None
+        for m, lw in zip(self.models, self.log_w):
+            z = m(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            lp = torch.log_softmax(z / T, -1) + lw
+            mix = lp if mix is None else torch.logaddexp(mix, lp)
+        return mix * T
+
+
 class _Keyed(torch.utils.data.Dataset):
     """A dataset of dicts with each example's index added as its soft-label key."""
 
@@ -319,7 +345,11 @@ class KDTrainer(Trainer):
                                                                          mlm=False)
         if soft_labels is not None:
             train_dataset = _with_keys(train_dataset, args.soft_label_key)
-            eval_dataset = _with_keys(eval_dataset, args.soft_label_key)
+            if eval_dataset is not None and _with_keys(eval_dataset, args.soft_label_key) \
+                    is not eval_dataset:
+                raise ValueError(f"eval_dataset needs its {args.soft_label_key!r} column with soft "
+                                 "labels: by index, its keys would name the training examples' "
+                                 "entries")
             if data_collator is not None:
                 data_collator = _KeyedCollator(data_collator, args.soft_label_key)
         super().__init__(model=model, args=args, data_collator=data_collator,
@@ -446,17 +476,11 @@ class KDTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def _teacher_target_logits(self, model_inputs: dict) -> torch.Tensor:
-        """Full teacher logits (B, T-1, V); several teachers: T·log of the weighted
-        mixture of their tempered distributions (its softmax at T is the mixture)."""
-        logits = [_logits(t, model_inputs)[:, :-1].float() for t in self.teachers]
-        if len(logits) == 1:
-            return logits[0]
-        T = self.args.temperature
-        w = self.args.teacher_weights or [1.0] * len(logits)
-        total = float(sum(w))
-        mix = torch.stack([torch.log_softmax(z / T, -1) + math.log(x / total)
-                           for z, x in zip(logits, w)]).logsumexp(0)
-        return mix * T
+        """Full teacher logits (B, T-1, V); several teachers: their mixture's."""
+        if len(self.teachers) == 1:
+            return _logits(self.teachers[0], model_inputs)[:, :-1].float()
+        mix = TeacherMixture(self.teachers, self.args.teacher_weights, self.args.temperature)
+        return mix(**model_inputs)[:, :-1]
 
     # -- on-policy batches
     def _on_policy(self, model, inputs: dict) -> dict:
