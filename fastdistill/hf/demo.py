@@ -9,7 +9,6 @@ from the teacher's held-out hidden states, computed once.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import tempfile
@@ -74,57 +73,78 @@ def _args(out: str, steps: int, batch: int, lr: float, **kw):
                 report_to=[], use_cpu=True, seed=0, disable_tqdm=False, **kw)
 
 
-def run(steps: int = 30, batch: int = 8, seq_len: int = 64, n_train: int = 512, n_eval: int = 32,
-        lr: float = 3e-3, divergence: str = "forward_kl", temperature: float = 1.0,
-        out=sys.stdout) -> list[dict]:
-    """Train both students; print and return one row per (student, when)."""
-    from transformers import Trainer
+def train_student(arm: str, teacher, data, V: int, *, steps: int, batch: int, lr: float,
+                  out: str, store=None, **kd):
+    """A fresh student (the same initialization for every arm) trained by ``arm``:
+    "hard" (plain ``transformers.Trainer`` on the labels), "kd" (``KDTrainer``
+    with the online teacher; ``kd`` holds its KDConfig options) or "store"
+    (``KDTrainer`` from the soft-label store ``store``). Returns (student, seconds)."""
+    from transformers import Trainer, TrainingArguments
 
+    student = small_student(V, seed=0)
+    start = time.perf_counter()
+    if arm == "hard":
+        trainer = Trainer(model=student, args=TrainingArguments(**_args(out, steps, batch, lr)),
+                          train_dataset=data, data_collator=collate)
+    else:
+        cfg = KDConfig(**_args(out, steps, batch, lr), **kd)
+        trainer = KDTrainer(model=student, teacher_model=None if arm == "store" else teacher,
+                            soft_labels=store, args=cfg, train_dataset=data,
+                            data_collator=collate)
+    trainer.train()
+    return student, time.perf_counter() - start
+
+
+def setup(n_train: int, n_eval: int, seq_len: int, batch: int):
+    """(teacher, tokenizer, train windows, held-out windows, the teacher's held-out
+    hidden states and head, its held-out CE)."""
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 2)))
-    t0 = time.perf_counter()
     teacher, tok = load_teacher()
     train_ids, eval_ids = kjv_split(tok, n_train, n_eval, seq_len)
-    V = teacher.get_output_embeddings().weight.shape[0]
     with torch.no_grad():
         t_hidden = torch.cat([_hidden_states(teacher, {"input_ids": eval_ids[a:a + batch]})[:, :-1]
                               for a in range(0, n_eval, batch)])
     t_head = lm_head_of(teacher)
-    with torch.no_grad():
-        teacher_ce = held_out_metrics(teacher, eval_ids, t_hidden, t_head)["ce"]
+    teacher_ce = held_out_metrics(teacher, eval_ids, t_hidden, t_head)["ce"]
+    return teacher, tok, train_ids, eval_ids, t_hidden, t_head, teacher_ce
+
+
+def print_table(rows: list[dict], title: str, out=sys.stdout) -> None:
+    print(title, file=out)
+    print(f"{'student':<28} {'CE before':>9} {'CE after':>9} {'KL before':>10} {'KL after':>9} "
+          f"{'train s':>8}", file=out)
+    for r in rows:
+        print(f"{r['student']:<28} {r['ce_before']:>9.3f} {r['ce_after']:>9.3f} "
+              f"{r['kl_before']:>10.3f} {r['kl_after']:>9.3f} {r['seconds']:>8.1f}", file=out)
+    print("(CE: next-token cross-entropy on held-out text, nats; KL: forward KL to the teacher "
+          "at T=1, nats per token)", file=out)
+
+
+def run(steps: int = 30, batch: int = 8, seq_len: int = 64, n_train: int = 512, n_eval: int = 32,
+        lr: float = 3e-3, divergence: str = "forward_kl", temperature: float = 1.0,
+        out=sys.stdout) -> list[dict]:
+    """Train both students; print and return one row per student."""
+    t0 = time.perf_counter()
+    teacher, _, train_ids, eval_ids, t_hidden, t_head, teacher_ce = setup(
+        n_train, n_eval, seq_len, batch)
+    V = t_head.weight.shape[0]
     data = TokenWindows(train_ids)
     rows = []
+    before = held_out_metrics(small_student(V, seed=0), eval_ids, t_hidden, t_head)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("hard labels only", f"KDTrainer {divergence}"):
-            student = small_student(V, seed=0)
-            before = held_out_metrics(student, eval_ids, t_hidden, t_head)
-            start = time.perf_counter()
-            if name.startswith("hard"):
-                from transformers import TrainingArguments
-
-                trainer = Trainer(model=student, args=TrainingArguments(**_args(tmp, steps, batch, lr)),
-                                  train_dataset=data, data_collator=collate)
-            else:
-                cfg = KDConfig(**_args(tmp, steps, batch, lr), divergence=divergence,
-                               temperature=temperature)
-                trainer = KDTrainer(model=student, teacher_model=teacher, args=cfg,
-                                    train_dataset=data, data_collator=collate)
-            trainer.train()
-            seconds = time.perf_counter() - start
+        for name, arm in (("hard labels only", "hard"), (f"KDTrainer {divergence}", "kd")):
+            kd = {} if arm == "hard" else dict(divergence=divergence, temperature=temperature)
+            student, seconds = train_student(arm, teacher, data, V, steps=steps, batch=batch,
+                                             lr=lr, out=tmp, **kd)
             after = held_out_metrics(student, eval_ids, t_hidden, t_head)
             rows.append(dict(student=name, ce_before=before["ce"], kl_before=before["kl"],
                              ce_after=after["ce"], kl_after=after["kl"], seconds=seconds))
     n_params = sum(p.numel() for p in student.parameters())
-    print(f"\nDistilling SmolLM2-135M-Instruct (teacher, held-out CE {teacher_ce:.3f}) into a "
-          f"{n_params / 1e6:.1f} M-parameter Llama on King James Bible text: {steps} steps × "
-          f"{batch} × {seq_len} tokens, lr {lr}, same init and data for both rows; held-out: "
-          f"{n_eval} windows from the last tenth of the text.", file=out)
-    print(f"{'student':<24} {'CE before':>9} {'CE after':>9} {'KL before':>10} {'KL after':>9} "
-          f"{'train s':>8}", file=out)
-    for r in rows:
-        print(f"{r['student']:<24} {r['ce_before']:>9.3f} {r['ce_after']:>9.3f} "
-              f"{r['kl_before']:>10.3f} {r['kl_after']:>9.3f} {r['seconds']:>8.1f}", file=out)
-    print(f"(CE: next-token cross-entropy, nats; KL: forward KL to the teacher at T=1, nats per "
-          f"token; total {time.perf_counter() - t0:.0f} s)", file=out)
+    print_table(rows, f"\nDistilling SmolLM2-135M-Instruct (held-out CE {teacher_ce:.3f}) into a "
+                f"{n_params / 1e6:.1f} M-parameter Llama on King James Bible text: {steps} steps "
+                f"× {batch} × {seq_len} tokens, lr {lr}, the same init and data for both; "
+                f"held-out: {n_eval} windows from the last tenth of the text "
+                f"(total {time.perf_counter() - t0:.0f} s).", out)
     return rows
 
 
