@@ -27,7 +27,8 @@ class BuildPyWithSources(build_py):
 
 
 def aot_extension():
-    """The one extension as ``_backend`` JIT-builds it: same sources, flags, include dir."""
+    """The one extension as ``_backend`` JIT-builds it: same sources, flags, include dir
+    (-g0 undoes the -g that setuptools takes from Python's own CFLAGS; the JIT has none)."""
     sys.path.insert(0, str(ROOT / "fastdistill"))
     try:
         import _backend  # noqa: E402  (imports torch only, not the package)
@@ -44,9 +45,9 @@ def aot_extension():
     )
     if any(s.endswith(".cu") for s in sources):
         ext = CUDAExtension(**common, extra_compile_args={
-            "cxx": _backend.compile_flags(), "nvcc": _backend.cuda_compile_flags()})
+            "cxx": _backend.compile_flags() + ["-g0"], "nvcc": _backend.cuda_compile_flags()})
     else:
-        ext = CppExtension(**common, extra_compile_args=_backend.compile_flags())
+        ext = CppExtension(**common, extra_compile_args=_backend.compile_flags() + ["-g0"])
     return ext, BuildExtension.with_options(no_python_abi_suffix=True)
 
 
