@@ -20,6 +20,12 @@ class BuildPyWithSources(build_py):
 
     def run(self):
         super().run()
+        if not self.distribution.ext_modules:
+            # an earlier FASTDISTILL_BUILD_EXT=1 build left its library in
+            # build/lib: a plain wheel must not ship it (it would be loaded
+            # instead of building the sources it ships)
+            for stale in (Path(self.build_lib) / "fastdistill").glob("fastdistill_C*.so"):
+                stale.unlink()
         dst = Path(self.build_lib) / "fastdistill" / "_csrc"
         if dst.exists():
             shutil.rmtree(dst)

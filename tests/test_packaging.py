@@ -113,6 +113,11 @@ def test_aot_wheel_loads_its_own_library(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "loaded " + str(venv) in out.stdout and "fastdistill_C" in out.stdout, out.stdout
     assert not any(cache.rglob("*.so")), "the AOT-built package JIT-built anyway"
+    # a plain wheel built after it (same build/ folder) ships sources, not that library
+    import zipfile
+
+    plain = zipfile.ZipFile(_build_wheel(tmp_path / "plain")).namelist()
+    assert not [n for n in plain if n.endswith(".so")], plain
 
 
 def _has_triton() -> bool:
