@@ -198,3 +198,14 @@ def test_bench_output_has_no_cuda_runtime_warning(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"CUDA_HOME {tmp_path}" in out.stdout  # the condition of the warning did hold
     assert "No CUDA runtime" not in out.stdout + out.stderr, out.stderr
+
+
+def test_dd_exports_what_readme_and_design_name():
+    """README.md and DESIGN.md reach the trainer as fd.dd.DatasetDistiller."""
+    from fastdistill import dd
+
+    for name in ("DatasetDistiller", "grouped_gradients", "per_sample_grad_norms",
+                 "gradient_match_loss", "distribution_match_loss", "attention_match_loss",
+                 "trajectory_match_loss", "dsa", "ConvNet", "load_dataset"):
+        assert name in dd.__all__ and callable(getattr(dd, name)), name
+    assert all(hasattr(dd, name) for name in dd.__all__)
