@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastdistill-deps
 DEV_PINS := torch==2.14.1 torchvision==0.29.1
-DEV_DEPS := numpy ninja pytest pytest-benchmark hypothesis matplotlib pot transformers mlxtend scikit-learn
+DEV_DEPS := numpy ninja wheel pytest pytest-benchmark hypothesis matplotlib pot transformers mlxtend scikit-learn
 
 .PHONY: test demo build bench fidelity dd-mnist doctor clean
 

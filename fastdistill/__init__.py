@@ -9,13 +9,37 @@ teacher outputs on disk, decoded inside the loss), ``ot`` (Sinkhorn, SinKD),
 ``cpu_cache`` (the cpp kernels' recycled gradient buffers),
 and ``backends()`` to see what runs here.
 """
-from . import cpu_cache, dd, ot, softlabels
-from ._backend import backends
-from ._backend import load_if_built as _load_if_built
-from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
-from .kd import DIVERGENCES, KDLoss, kd_loss
-from .sparse import sample_teacher, sparse_kd_loss
-from .taid import TAIDSchedule
+import importlib.util as _ilu
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _source_tree_kernels() -> None:
+    """kernels/ is installed as ``fastdistill.kernels`` (a wheel, or the
+    editable finder); a bare checkout on sys.path has neither, so bind the
+    sibling kernels/ folder under that name, or the triton backend's imports
+    fail."""
+    if _ilu.find_spec(__name__ + ".kernels") is not None:
+        return
+    root = _Path(__file__).resolve().parent.parent / "kernels"
+    if not (root / "__init__.py").is_file():
+        return
+    spec = _ilu.spec_from_file_location(__name__ + ".kernels", root / "__init__.py",
+                                        submodule_search_locations=[str(root)])
+    module = _ilu.module_from_spec(spec)
+    _sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_source_tree_kernels()
+
+from . import cpu_cache, dd, ot, softlabels  # noqa: E402
+from ._backend import backends  # noqa: E402
+from ._backend import load_if_built as _load_if_built  # noqa: E402
+from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss  # noqa: E402
+from .kd import DIVERGENCES, KDLoss, kd_loss  # noqa: E402
+from .sparse import sample_teacher, sparse_kd_loss  # noqa: E402
+from .taid import TAIDSchedule  # noqa: E402
 
 _load_if_built()
 

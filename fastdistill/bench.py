@@ -14,6 +14,7 @@ gradient can beat it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -106,7 +107,7 @@ class Row:
     shape: str
     dtype: str
     impl: str
-    seconds: float
+    seconds: float | None  # None: a peer that is not installed here (the row says how to get it)
     extra_peak_mb: float | None
     vs_eager: float | None = None
     vs_compile: float | None = None
@@ -138,6 +139,8 @@ def streaming_floor(n: int, v: int, repeat: int) -> float:
 
 # What a user would pick instead of fastdistill in each case, for the
 # "x faster than peer" column: (op prefix, label prefix of the peer rows).
+LIGER_MISSING = "Liger-Kernel: liger-kernel not installed (pip install liger-kernel)"
+
 PEERS = {
     "fused_linear_kd": "Liger-Kernel",
     "sparse_kd": "densify + kd_loss",
@@ -240,7 +243,7 @@ def _fused_linear_impls(divergence: str, with_compile: bool):
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
         except ImportError:
-            pass
+            impls.append((LIGER_MISSING, None))  # a row that says so, not a silent gap
         else:
             liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5)
             impls.append(("Liger-Kernel LigerFusedLinearJSDLoss", liger))
@@ -262,8 +265,13 @@ def bench_fused_linear(report: Report, n: int, h: int, v: int, divergence: str, 
     report.floor_seconds[shape] = gemm_floor(n, h, v, repeat)
     report.floor_seconds[f"{shape} GEMMs into reused outputs"] = gemm_floor(n, h, v, repeat,
                                                                             reuse_outputs=True)
-    rows = []
+    rows, missing = [], []
     for label, loss_fn in _fused_linear_impls(divergence, with_compile):
+        if loss_fn is None:
+            missing.append(Row(f"fused_linear_kd[{divergence}]", shape, "float32", label, None, None))
+            log(f"  {missing[-1].op:28s} {shape:>14s} {'float32':9s} {label}")
+            continue
+
         def prep():
             return hid.clone().requires_grad_(), w.clone().requires_grad_()
 
@@ -279,6 +287,7 @@ def bench_fused_linear(report: Report, n: int, h: int, v: int, divergence: str, 
         rows.append(row)
         log(f"  {row.op:28s} {shape:>14s} {row.dtype:9s} {label:38s} {secs:8.3f} s")
     _ratios(report, rows, shape)
+    report.rows.extend(missing)
 
 
 def _bench_student_losses(report: Report, op: str, base: torch.Tensor, impls, *, repeat: int,
@@ -645,7 +654,7 @@ def save_chart(report: Report, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(len(cases), 1, figsize=(9, 1.1 + 0.55 * 5 * len(cases)), squeeze=False)
     for ax, case in zip(axes[:, 0], cases):
-        rows = [r for r in report.rows if (r.op, r.shape, r.dtype) == case]
+        rows = [r for r in report.rows if (r.op, r.shape, r.dtype) == case and r.seconds is not None]
         ax.barh([r.impl for r in rows], [r.seconds for r in rows],
                 color=["#c44" if "fastdistill" in r.impl else "#888" for r in rows])
         floor = report.floor_seconds.get(case[1])
@@ -677,6 +686,27 @@ CASES = ("kd", "fused_linear", "sparse", "softlabels", "ot", "dd")
 QUICK_CASES = ("kd", "fused_linear", "sparse", "softlabels")  # `make demo`: no ot
 
 
+# The one message of torch.utils.cpp_extension's import on a machine with a
+# CUDA toolkit but no GPU; torch.compile imports it mid-run, which dropped the
+# line in among the table's rows.
+_NO_CUDA_RUNTIME = "No CUDA runtime is found"
+
+
+class _DropNoCudaRuntime(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_NO_CUDA_RUNTIME)
+
+
+def quiet_cpp_extension_import() -> None:
+    """Import torch.utils.cpp_extension now, with its "No CUDA runtime is found"
+    warning filtered (it says nothing about a CPU benchmark), before anything is
+    printed; the filter stays on its logger for later imports' sake."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _DropNoCudaRuntime) for f in logger.filters):
+        logger.addFilter(_DropNoCudaRuntime())
+    import torch.utils.cpp_extension  # noqa: F401
+
+
 def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergences=None,
         log=print, cases_to_run=CASES, malloc: str = "pinned") -> Report:
     """The whole report (or the cases named); quick is the `make demo` size
@@ -684,6 +714,8 @@ def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergenc
     extra-peak column sees it) or "glibc" (the allocator left as it is)."""
     if malloc not in ("pinned", "glibc"):
         raise ValueError(f'malloc must be "pinned" or "glibc", got {malloc!r}')
+    quiet_cpp_extension_import()
+    _backend.load_extension()  # a build (or its warning) now, not inside the first timed row
     if malloc == "pinned":
         fix_malloc_thresholds()
     report = Report(env=environment())

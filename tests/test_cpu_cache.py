@@ -168,3 +168,60 @@ def test_fused_linear_reuses_its_buffers_exactly():
 def test_empty_checks_its_size():
     with pytest.raises(ValueError, match="size must be >= 0"):
         cpu_cache.empty((3, -1))
+
+
+@pytest.mark.parametrize("size, err, match", [
+    ((3, -1), ValueError, "size must be >= 0"),
+    (-4, ValueError, "size must be >= 0"),
+    ((2**62 + 2**22,), ValueError, "size"),          # 2**64 + 2**24 bytes: wraps to 16 MiB
+    ((2**31, 2**31, 4), ValueError, "size"),         # numel 2**64: wraps to 0
+    ((2**63,), ValueError, "size"),                  # one dim past int64
+    ((3, 2.0), TypeError, "size"),
+    ((3, True), TypeError, "size"),
+    ("ab", TypeError, "size"),
+    (None, TypeError, "size"),
+])
+def test_empty_rejects_bad_and_overflowing_sizes(size, err, match):
+    with pytest.raises(err, match=match):
+        cpu_cache.empty(size)
+
+
+def test_empty_rejects_a_bad_dtype():
+    with pytest.raises(TypeError, match="dtype"):
+        cpu_cache.empty((4,), "float32")
+
+
+def test_empty_accepts_the_edges():
+    assert cpu_cache.empty(5).shape == (5,)
+    assert cpu_cache.empty((0, 2**62)).shape == (0, 2**62)   # no bytes at all
+    assert cpu_cache.empty(torch.Size([2, 3]), torch.float16).dtype == torch.float16
+    with pytest.raises((RuntimeError, MemoryError), match="memory"):
+        cpu_cache.empty((2**61 - 1,))  # fits int64 bytes (~16 EiB): refused by mmap, no crash
+
+
+@pytest.mark.parametrize("op", ["empty", "kernel"])
+def test_overflowing_size_never_gives_a_tensor_past_its_mapping(op):
+    """Both doors to the cache, in a child process so a crash (SIGSEGV) fails
+    this test instead of killing pytest: the Python wrapper, and the op itself
+    (the C++ byte count is checked too, not only the wrapper's)."""
+    call = ("fd.cpu_cache.empty((2**62 + 2**22,))" if op == "empty" else
+            "torch.ops.fastdistill.cpu_cache_new([2**62 + 2**22], torch.float32)")
+    code = (
+        "import torch, fastdistill as fd\n"
+        "fd.backends()\n"
+        "try:\n"
+        f"    t = {call}\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n"
+        "else:\n"
+        "    print('accepted', t.shape, float(t.sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"child died with {out.returncode}: {out.stderr[-2000:]}"
+    assert "refused:" in out.stdout and "size" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("bad", [2**63, -2**63])
+def test_set_limit_rejects_values_past_int64(bad):
+    with pytest.raises(ValueError, match="nbytes"):
+        cpu_cache.set_limit(bad)

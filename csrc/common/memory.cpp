@@ -3,6 +3,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 
@@ -150,8 +151,16 @@ Cache& cache() {
 
 at::Tensor empty_cpu_cached(at::IntArrayRef sizes, at::ScalarType dtype) {
   const auto opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
-  const size_t bytes = size_t(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
-  if (int64_t(bytes) < gradient_cache::kCachedMin) return at::empty(sizes, opts);
+  // The byte count with every multiply checked: a wrapped product would map a
+  // small block under a huge tensor, and the first read past it would crash.
+  for (const auto d : sizes) TORCH_CHECK_VALUE(d >= 0, "empty_cpu_cached: size must be >= 0, got ", sizes);
+  int64_t bytes = int64_t(c10::elementSize(dtype));
+  if (std::find(sizes.begin(), sizes.end(), int64_t(0)) != sizes.end()) bytes = 0;
+  for (const auto d : sizes) {
+    TORCH_CHECK_VALUE(!__builtin_mul_overflow(bytes, d, &bytes), "empty_cpu_cached: size ", sizes,
+                      " of ", dtype, " is over the 2^63 - 1 bytes a tensor can address");
+  }
+  if (bytes < gradient_cache::kCachedMin) return at::empty(sizes, opts);
   const Block b = cache().take(bytes);
   return at::from_blob(b.data, sizes, [b](void*) { cache().give_back(b); }, opts);
 }
