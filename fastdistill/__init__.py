@@ -5,7 +5,8 @@
 ``sparse_kd_loss``/``sample_teacher`` (sparse teachers), ``softlabels`` (packed
 teacher outputs on disk, decoded inside the loss), ``ot`` (Sinkhorn, SinKD),
 ``dd`` (dataset distillation: grouped/per-sample gradients, matching losses),
-``TAIDSchedule``,
+``TAIDSchedule``, ``hf`` (``KDConfig``/``KDTrainer`` on the Hugging Face
+Trainer; imported on first use, it needs transformers and accelerate),
 ``cpu_cache`` (the cpp kernels' recycled gradient buffers),
 and ``backends()`` to see what runs here.
 """
@@ -44,6 +45,16 @@ from .taid import TAIDSchedule  # noqa: E402
 _load_if_built()
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """``fd.hf`` on first use: transformers is imported only by those who use it."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends", "cpu_cache", "dd",
     "fused_linear_kd_loss", "kd_loss", "ot", "sample_teacher", "softlabels", "sparse_kd_loss",

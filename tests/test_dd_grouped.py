@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdistill as fd
+from test_dd import Scale  # a layer type grouped_gradients does not know
 
 dd = fd.dd
 F64 = torch.float64
@@ -33,17 +34,6 @@ def ce_dict(outputs, targets):
     return F.cross_entropy(outputs, targets["y"], reduction="none")
 
 
-class Gate(nn.Module):
-    """A parameterized layer grouped_gradients does not know: the torch.func fallback."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.s = nn.Parameter(torch.linspace(0.5, 1.5, n))
-
-    def forward(self, x):
-        return torch.tanh(x * self.s)
-
-
 def make_model(name):
     if name == "convnet":
         return dd.ConvNet(1, 3, 8, 2, (8, 8))
@@ -51,7 +41,7 @@ def make_model(name):
         return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 3, stride=2),
                              nn.Flatten(), nn.Linear(27, 3))
     if name == "mlp":  # LayerNorm, the fallback layer, PReLU (fallback too)
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.LayerNorm(12), Gate(12), nn.PReLU(),
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.LayerNorm(12), Scale(12), nn.PReLU(),
                              nn.Linear(12, 3))
     raise AssertionError(name)
 

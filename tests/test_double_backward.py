@@ -9,7 +9,7 @@ import torch.distributed as dist
 import fastdistill as fd
 from fastdistill import softlabels as sl
 
-from conftest import fused_backends
+from conftest import fused_backends, inplace_kd_loss
 
 BACKENDS = ["torch"] + fused_backends()
 
@@ -142,13 +142,7 @@ def test_inplace_backward_twice_is_a_clear_error(backend, op):
     h, w = torch.randn(4, 6, requires_grad=True), torch.randn(30, 6)
     t = torch.randn(4, 30)
     z = h @ w.t()
-    if op == "kd":
-        loss = fd.kd_loss(z, t, inplace_backward=True, backend=backend)
-    elif op == "sparse":
-        lp, ids = torch.log_softmax(t, -1).topk(5, -1)
-        loss = fd.sparse_kd_loss(z, ids, lp, inplace_backward=True, backend=backend)
-    else:
-        loss = sl.kd_loss(z, sl.encode(t, k=5), inplace_backward=True, backend=backend)
+    loss = inplace_kd_loss(op, z, t, backend)
     with pytest.raises(RuntimeError, match="inplace_backward=True cannot be differentiated twice"):
         torch.autograd.grad(loss, h, create_graph=True)
 

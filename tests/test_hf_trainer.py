@@ -271,3 +271,14 @@ def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="needs an online teacher"):
         KDTrainer(model=student, soft_labels=sl.SoftLabelStore(store_dir),
                   args=_args(tmp_path, lmbda=0.5), data_collator=_collate, train_dataset=data)
+
+
+def test_fd_hf_is_imported_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, fastdistill as fd\n"
+            "assert 'transformers' not in sys.modules\n"
+            "assert fd.hf.KDTrainer.__mro__[1] is __import__('transformers').Trainer\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -12,7 +12,7 @@ import fastdistill as fd
 import fastdistill._backend as _backend
 from fastdistill import softlabels as sl
 
-from conftest import fused_backends
+from conftest import fused_backends, inplace_kd_loss
 
 BACKENDS = ["torch"] + fused_backends()
 # the backends that run here, by name (for checks that compare all of them in one test)
@@ -348,13 +348,7 @@ def test_inplace_backward_with_logits_saved_elsewhere_raises(backend, op):
     t = torch.randn(4, 30)
     z = h @ w.t()
     other = 0.01 * (z ** 2).sum()  # pow saves z for its backward
-    if op == "kd":
-        kd = fd.kd_loss(z, t, inplace_backward=True, backend=backend)
-    elif op == "sparse":
-        lp, ids = torch.log_softmax(t, -1).topk(5, -1)
-        kd = fd.sparse_kd_loss(z, ids, lp, inplace_backward=True, backend=backend)
-    else:
-        kd = sl.kd_loss(z, sl.encode(t, k=5), inplace_backward=True, backend=backend)
+    kd = inplace_kd_loss(op, z, t, backend)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (kd + other).backward()
 
