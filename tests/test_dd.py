@@ -111,11 +111,11 @@ def test_grouped_gradients_second_order(model, make, classes):
     # DC's synthetic side: the distance between grouped gradients of synthetic
     # images (create_graph=True) and fixed real ones, differentiated w.r.t. the images
     real, syn = make(8), make(6)
-    y_real = torch.randint(0, classes, (8,))
+    y_real = torch.randperm(8) % classes  # every class, so every group of y_real % 3
     y_syn = torch.arange(6) % 3
-    g_real = dd.grouped_gradients(model, ce, real, y_real, y_real % 3)
+    g_real = dd.grouped_gradients(model, ce, real, y_real, y_real % 3, num_groups=3)
     xs = syn.clone().requires_grad_()
-    g_syn = dd.grouped_gradients(model, ce, xs, y_syn, y_syn, create_graph=True)
+    g_syn = dd.grouped_gradients(model, ce, xs, y_syn, y_syn, num_groups=3, create_graph=True)
     for metric in dd.losses.METRICS:
         got = torch.autograd.grad(dd.gradient_match_loss(g_real, g_syn, metric), xs, retain_graph=True)[0]
         xr = syn.clone().requires_grad_()
