@@ -418,6 +418,23 @@ class KDTrainer(Trainer):
             data[b, :rows.shape[0]] = rows
         return SoftLabels(codec, data.to(self.args.device))
 
+    def _fused_teachers(self, model_inputs: dict):
+        """(positional, keyword) teacher arguments of ``fused_linear_kd_loss`` for a
+        batch: the teachers' hidden states (no grad) and heads, one or a mixture."""
+        with torch.no_grad():
+            ths = [_hidden_states(t, model_inputs)[:, :-1] for t in self.teachers]
+        heads = [lm_head_of(t) for t in self.teachers]
+        kw = dict(vocab_mismatch=self.args.vocab_mismatch)
+        if len(heads) == 1:
+            h = heads[0]
+            return (ths[0], h.weight), dict(kw, teacher_bias=h.bias,
+                                            teacher_logit_scale=h.logit_scale,
+                                            teacher_softcap=h.softcap)
+        return (ths, [h.weight for h in heads]), dict(
+            kw, teacher_bias=[h.bias for h in heads],
+            teacher_logit_scale=[h.logit_scale for h in heads],
+            teacher_softcap=[h.softcap for h in heads], mixture_weights=self.args.teacher_weights)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if labels is None:
@@ -439,22 +456,8 @@ class KDTrainer(Trainer):
                 packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
                 loss = fused_linear_kd_loss(hs, head.weight, teacher_sparse=packed, **common)
             else:
-                with torch.no_grad():
-                    ths = [_hidden_states(t, model_inputs)[:, :-1] for t in self.teachers]
-                heads = [lm_head_of(t) for t in self.teachers]
-                if len(self.teachers) == 1:
-                    t_kw = dict(teacher_bias=heads[0].bias, teacher_logit_scale=heads[0].logit_scale,
-                                teacher_softcap=heads[0].softcap)
-                    th, tw = ths[0], heads[0].weight
-                else:
-                    t_kw = dict(teacher_bias=[h.bias for h in heads],
-                                teacher_logit_scale=[h.logit_scale for h in heads],
-                                teacher_softcap=[h.softcap for h in heads],
-                                mixture_weights=self.args.teacher_weights)
-                    th, tw = ths, [h.weight for h in heads]
-                loss = fused_linear_kd_loss(hs, head.weight, th, tw,
-                                            vocab_mismatch=self.args.vocab_mismatch, **t_kw,
-                                            **common)
+                t_args, t_kw = self._fused_teachers(model_inputs)
+                loss = fused_linear_kd_loss(hs, head.weight, *t_args, **t_kw, **common)
         else:
             from ..kd import kd_loss
             from ..softlabels.loss import kd_loss as soft_kd_loss
@@ -581,26 +584,12 @@ class KDTrainer(Trainer):
                                 student_softcap=head.softcap, labels=lab, reduction="sum",
                                 chunk_size=self.args.chunk_size)
                     if self.teachers:
-                        th = [_hidden_states(t, mi)[:, :-1] for t in self.teachers]
-                        heads = [lm_head_of(t) for t in self.teachers]
-                        if len(th) == 1:
-                            t_args = (th[0], heads[0].weight)
-                            t_kw = dict(teacher_bias=heads[0].bias,
-                                        teacher_logit_scale=heads[0].logit_scale,
-                                        teacher_softcap=heads[0].softcap)
-                        else:
-                            t_args = (th, [h.weight for h in heads])
-                            t_kw = dict(teacher_bias=[h.bias for h in heads],
-                                        teacher_logit_scale=[h.logit_scale for h in heads],
-                                        teacher_softcap=[h.softcap for h in heads],
-                                        mixture_weights=self.args.teacher_weights)
+                        t_args, t_kw = self._fused_teachers(mi)
                         # hard_weight=1: the cross-entropy alone; then forward KL at T=1
                         ce = fused_linear_kd_loss(hs, head.weight, *t_args, hard_weight=1.0,
-                                                  vocab_mismatch=self.args.vocab_mismatch,
                                                   **t_kw, **base)
                         kl = fused_linear_kd_loss(hs, head.weight, *t_args,
                                                   divergence="forward_kl", temperature=1.0,
-                                                  vocab_mismatch=self.args.vocab_mismatch,
                                                   **t_kw, **base)
                         kl_sum += float(kl)
                     else:
