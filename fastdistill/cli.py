@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=label)
     p = sub.add_parser("kd-demo", help="the main job: distil SmolLM2-135M next to a hard-label "
                                        "student, held-out CE and KL")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=60)
     p.set_defaults(func=kd_demo)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -120,7 +120,7 @@ def print_table(rows: list[dict], title: str, out=sys.stdout) -> None:
           "at T=1, nats per token)", file=out)
 
 
-def run(steps: int = 30, batch: int = 8, seq_len: int = 64, n_train: int = 512, n_eval: int = 32,
+def run(steps: int = 60, batch: int = 8, seq_len: int = 64, n_train: int = 512, n_eval: int = 32,
         lr: float = 3e-3, divergence: str = "forward_kl", temperature: float = 1.0,
         out=sys.stdout) -> list[dict]:
     """Train both students; print and return one row per student."""
