@@ -13,6 +13,7 @@ then each chunk runs the sparse kernel of ``sparse.py``. With
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,23 @@ class _Head:
         return y
 
 
+def log_mixture_weights(weights) -> tuple:
+    """log(w_i / Σ w) of non-negative mixture weights (−inf for a weight of 0)."""
+    total = float(sum(weights))
+    return tuple(math.log(w / total) if w > 0 else -math.inf for w in weights)
+
+
+def mixture_logits(logits, log_weights, temperature: float) -> torch.Tensor:
+    """T·log Σ_i w_i softmax(z_i / T) of the teachers' logits ``logits`` (an
+    iterable, consumed one at a time): its softmax at T is the weighted mixture of
+    the teachers' tempered distributions."""
+    mix = None
+    for z, log_w in zip(logits, log_weights):
+        lp = torch.log_softmax(z.float().div(temperature), dim=-1).add_(log_w)
+        mix = lp if mix is None else torch.logaddexp(mix, lp, out=mix)
+    return mix.mul_(temperature)
+
+
 @dataclass(frozen=True)
 class _MixtureHead:
     """Several teachers' LM heads as one: the logits T·log Σ_i w_i softmax(y_i / T)
@@ -82,12 +100,10 @@ class _MixtureHead:
                             self.log_weights, self.temperature)
 
     def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        mix = None
-        for head, part, log_w in zip(self.heads, h.split(self.widths, dim=-1), self.log_weights):
-            y = head.logits(part.to(head.weight.dtype)).float()
-            lp = torch.log_softmax(y.div_(self.temperature), dim=-1).add_(log_w)
-            mix = lp if mix is None else torch.logaddexp(mix, lp, out=mix)
-        mix = mix.mul_(self.temperature)
+        parts = h.split(self.widths, dim=-1)
+        mix = mixture_logits((head.logits(part.to(head.weight.dtype))
+                              for head, part in zip(self.heads, parts)),
+                             self.log_weights, self.temperature)
         if out is None:
             return mix
         return out.copy_(mix)
@@ -119,8 +135,7 @@ def _check_mixture(teacher_hidden, teacher_weight, teacher_bias, teacher_logit_s
         raise ValueError(f"mixture_weights must be a sequence of {n} weights (one per teacher), "
                          f"got {mixture_weights!r}")
     w = [_checks.real(f"mixture_weights[{i}]", x, low=0.0) for i, x in enumerate(mixture_weights)]
-    total = sum(w)
-    if not total > 0:
+    if not sum(w) > 0:
         raise ValueError(f"mixture_weights must not all be 0, got {mixture_weights!r}")
     heads, widths, hiddens = [], [], []
     for i in range(n):
@@ -137,8 +152,8 @@ def _check_mixture(teacher_hidden, teacher_weight, teacher_bias, teacher_logit_s
     for x in hiddens[1:]:
         dtype = torch.promote_types(dtype, x.dtype)
     th2 = torch.cat([x.to(dtype) for x in hiddens], dim=1)
-    log_w = tuple(float(torch.tensor(x / total, dtype=torch.float64).log()) for x in w)
-    return _MixtureHead(tuple(heads), tuple(widths), log_w, float(temperature)), th2
+    return (_MixtureHead(tuple(heads), tuple(widths), log_mixture_weights(w), float(temperature)),
+            th2)
 
 
 def _check_head(side: str, hidden, weight, bias, scale, softcap, lead_shape=None):

@@ -19,14 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdistill as fd
-from test_dd import Scale  # a layer type grouped_gradients does not know
+from test_dd import Scale, ce, per_group_loop  # Scale: a layer type grouped_gradients does not know
 
 dd = fd.dd
 F64 = torch.float64
-
-
-def ce(outputs, targets):
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def ce_dict(outputs, targets):
@@ -44,20 +40,6 @@ def make_model(name):
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.LayerNorm(12), Scale(12), nn.PReLU(),
                              nn.Linear(12, 3))
     raise AssertionError(name)
-
-
-def per_group_loop(model, x, y, groups, G, create_graph=False):
-    """∇_θ Σ_{i in group k} loss_i by plain autograd, one group at a time (zeros when empty)."""
-    params = list(model.parameters())
-    out = []
-    for k in range(G):
-        idx = groups == k
-        if not idx.any():
-            out.append([torch.zeros_like(p) for p in params])
-            continue
-        loss = ce(model(x[idx]), y[idx]).sum()
-        out.append(list(torch.autograd.grad(loss, params, create_graph=create_graph)))
-    return out
 
 
 def assert_groups_equal(got, want, groups, G, tol=1e-12):

@@ -34,7 +34,7 @@ except ImportError as e:  # pragma: no cover - transformers is an optional depen
     raise ImportError("fastdistill.hf needs transformers (pip install transformers accelerate)") from e
 
 from .. import _checks
-from ..fused_linear import fused_linear_kd_loss
+from ..fused_linear import fused_linear_kd_loss, log_mixture_weights, mixture_logits
 from ..kd import DIVERGENCES, kd_options
 from ..softlabels.codec import SoftLabels
 from ..softlabels.store import SoftLabelStore
@@ -222,17 +222,12 @@ class TeacherMixture(torch.nn.Module):
         if len(w) != len(models) or min(w) < 0 or sum(w) <= 0:
             raise ValueError(f"weights must be {len(models)} non-negative numbers, not all 0, "
                              f"got {weights!r}")
-        self.log_w = [float(torch.tensor(x / sum(w), dtype=torch.float64).log()) for x in w]
+        self.log_w = log_mixture_weights(w)
         self.temperature = float(temperature)
 
     def forward(self, input_ids, attention_mask=None):
-        T = self.temperature
-        mix = None
-        for m, lw in zip(self.models, self.log_w):
-            z = m(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            lp = torch.log_softmax(z / T, -1) + lw
-            mix = lp if mix is None else torch.logaddexp(mix, lp)
-        return mix * T
+        return mixture_logits((m(input_ids=input_ids, attention_mask=attention_mask).logits
+                               for m in self.models), self.log_w, self.temperature)
 
 
 class _Keyed(torch.utils.data.Dataset):
