@@ -505,6 +505,14 @@ def _write_all(fd: int, buf) -> None:
         view = view[n:]
 
 
+def _remove_quietly(path: str) -> None:
+    """Remove a temporary file a failed write leaves, if it is there at all."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _fsync_dir(path: str) -> None:
     """Make a rename durable: fsync the directory entry (a no-op where unsupported)."""
     try:
@@ -662,10 +670,7 @@ class SoftLabelWriter:
             _write_durably(tmp, [_manifest_bytes(self._records, pending)])
             os.replace(tmp, os.path.join(self.path, MANIFEST_NAME))
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _remove_quietly(tmp)
             raise
         _fsync_dir(self.path)
         self._stale_manifest = pending is not None
@@ -723,10 +728,7 @@ class SoftLabelWriter:
             self._write_manifest(record)  # a crash from here on: pending, absent or in place
             os.replace(tmp, final)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _remove_quietly(tmp)
             raise
         # the shard is in the store now (pending and in place): nothing below may undo that
         self._records.append(record)
