@@ -9,7 +9,7 @@ import time
 
 import torch
 
-import fastdistill.fused_linear as fl
+import fastdistill.kd.fused_linear as fl
 
 
 def _fresh(self, side, head, h):

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from fastdistill import bench
-from fastdistill.fused_linear import default_chunk_size, fused_linear_kd_loss
+from fastdistill.kd.fused_linear import default_chunk_size, fused_linear_kd_loss
 
 
 def main(budgets_mib):

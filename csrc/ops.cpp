@@ -3,7 +3,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastdistill, m) {
-  // KD divergence family (fastdistill/kd.py). One fused pass per row:
+  // KD divergence family (fastdistill/kd/loss.py). One fused pass per row:
   // returns the per-row loss (float32, 0 at ignored rows) and the gradient of
   // (the reduced) loss with respect to the student logits, in the student's
   // dtype. `divergence` indexes fastdistill.reference.kd.DIVERGENCES; `param`
@@ -19,7 +19,7 @@ TORCH_LIBRARY(fastdistill, m) {
       "kd_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, "
       "int ignore_index, int divergence, float param, float temperature, "
       "float hard_weight, float soft_scale, bool mean_scale) -> Tensor");
-  // Sparse-teacher KD (fastdistill/sparse.py). Per row: K teacher (id,
+  // Sparse-teacher KD (fastdistill/kd/sparse.py). Per row: K teacher (id,
   // log-probability) pairs, int64 ids and float32/float64 log-probs with -inf
   // marking padding; `tail` indexes fastdistill.sparse.TAILS (bucket,
   // renormalize, none); other arguments and the returned (loss rows, gradient)

@@ -1,11 +1,12 @@
 """fastdistill: fused, memory-lean losses for distillation.
 
-``kd_loss``/``KDLoss`` (the large-vocabulary divergence family),
-``fused_linear_kd_loss``/``FusedLinearKDLoss`` (the LM head fused in),
-``sparse_kd_loss``/``sample_teacher`` (sparse teachers), ``softlabels`` (packed
+``kd`` (the KD family: ``kd_loss``/``KDLoss`` on logits,
+``fused_linear_kd_loss``/``FusedLinearKDLoss`` with the LM head fused in,
+``sparse_kd_loss``/``sample_teacher`` for sparse teachers, ``TAIDSchedule``;
+each also here), ``softlabels`` (packed
 teacher outputs on disk, decoded inside the loss), ``ot`` (Sinkhorn, SinKD),
 ``dd`` (dataset distillation: grouped/per-sample gradients, matching losses),
-``TAIDSchedule``, ``hf`` (``KDConfig``/``KDTrainer`` on the Hugging Face
+``hf`` (``KDConfig``/``KDTrainer`` on the Hugging Face
 Trainer; imported on first use, it needs transformers and accelerate),
 ``cpu_cache`` (the cpp kernels' recycled gradient buffers),
 and ``backends()`` to see what runs here.
@@ -34,13 +35,11 @@ def _source_tree_kernels() -> None:
 
 _source_tree_kernels()
 
-from . import cpu_cache, dd, ot, softlabels  # noqa: E402
+from . import cpu_cache, dd, kd, ot, softlabels  # noqa: E402
 from ._backend import backends  # noqa: E402
 from ._backend import load_if_built as _load_if_built  # noqa: E402
-from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss  # noqa: E402
-from .kd import DIVERGENCES, KDLoss, kd_loss  # noqa: E402
-from .sparse import sample_teacher, sparse_kd_loss  # noqa: E402
-from .taid import TAIDSchedule  # noqa: E402
+from .kd import (DIVERGENCES, FusedLinearKDLoss, KDLoss, TAIDSchedule,  # noqa: E402
+                 fused_linear_kd_loss, kd_loss, sample_teacher, sparse_kd_loss)
 
 _load_if_built()
 
@@ -57,6 +56,6 @@ def __getattr__(name):
 
 __all__ = [
     "DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends", "cpu_cache", "dd",
-    "fused_linear_kd_loss", "kd_loss", "ot", "sample_teacher", "softlabels", "sparse_kd_loss",
+    "fused_linear_kd_loss", "kd", "kd_loss", "ot", "sample_teacher", "softlabels", "sparse_kd_loss",
     "__version__",
 ]

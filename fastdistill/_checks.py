@@ -9,7 +9,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# The distillation temperatures the losses support (fastdistill/kd.py says why).
+# The distillation temperatures the losses support (fastdistill/kd/options.py says why).
 TEMPERATURE_RANGE = (0.1, 20.0)
 
 

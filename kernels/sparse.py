@@ -36,7 +36,7 @@ import triton.language as tl
 from fastdistill.reference.kd import DIVERGENCES
 
 _FORWARD_KL, _REVERSE_KL, _JSD, _TVD, _SKEW_FORWARD_KL, _SKEW_REVERSE_KL, _TAID = range(7)
-_BUCKET, _RENORMALIZE, _NONE = range(3)  # indices of fastdistill.sparse.TAILS
+_BUCKET, _RENORMALIZE, _NONE = range(3)  # indices of fastdistill.kd.sparse.TAILS
 
 MAX_BLOCK_V = 4096
 MAX_BLOCK_K = 1024

@@ -263,7 +263,7 @@ def compare_sparse(backend, d, teacher_sparse, *, rtol=1e-4, **kw):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("tail,div", SPARSE_CASES)
 def test_sparse_teacher_matches_materialized(backend, tail, div):
-    from fastdistill.sparse import SUPPORTED
+    from fastdistill.kd.sparse import SUPPORTED
 
     if div not in SUPPORTED[tail]:
         pytest.skip(f"{div} is not supported with tail={tail}")

@@ -155,7 +155,7 @@ def _sparse_teacher(c, s, K, tail):
 def test_sparse_kd_loss_matches_float64_reference(backend):
     @_settings(backend)
     @given(c=_case(backend, teacher_spoils=False), div=_DIVS,
-           tail=st.sampled_from(fd.sparse.TAILS), K=st.integers(1, 40))
+           tail=st.sampled_from(fd.kd.sparse.TAILS), K=st.integers(1, 40))
     def check(c, div, tail, K):
         s, _, labels = _inputs(c)
         kw = _div_kw(div)

@@ -72,7 +72,7 @@ def test_nonfinite_in_an_ignored_row_counts_nowhere(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("tail,div", [("bucket", d) for d in fd.sparse.SUPPORTED["bucket"]]
+@pytest.mark.parametrize("tail,div", [("bucket", d) for d in fd.kd.sparse.SUPPORTED["bucket"]]
                          + [("renormalize", "jsd"), ("renormalize", "forward_kl"),
                             ("none", "forward_kl")])
 @pytest.mark.parametrize("spoil", ["student_nan", "student_posinf", "student_all_neginf"])
@@ -217,7 +217,7 @@ def test_taid_at_zero_is_exactly_zero(backend):
 # ----------------------------------------------------------------- numerics at the extremes
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("div", fd.sparse.SUPPORTED["bucket"])
+@pytest.mark.parametrize("div", fd.kd.sparse.SUPPORTED["bucket"])
 @pytest.mark.parametrize("scale", [1e2, 1e4])
 def test_sparse_ids_covering_the_vocabulary_with_huge_logits(backend, div, scale):
     """K = V (no tail bin), V = 2049, logits ±scale: near one-hot rows whose gradient is tiny

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastdistill as fd
-from fastdistill import sparse as fs
+from fastdistill.kd import sparse as fs
 from fastdistill.reference import sparse as ref
 
 from conftest import fused_backends

@@ -189,7 +189,7 @@ def _bad_inputs(rank, group):
 def _row_count_chunks(rank, group):
     """vocab_parallel_forward on two row chunks with row_count = the batch's count."""
     from fastdistill.kd import kd_options
-    from fastdistill.vocab_parallel import vocab_parallel_forward
+    from fastdistill.kd.vocab_parallel import vocab_parallel_forward
 
     case = _case("row-count", ROW_COUNT_KW["divergence"], temperature=2.0, hard_weight=0.3)
     s, t, labels, _ = _inputs(case, seed=-1)

@@ -1,4 +1,4 @@
-// CPU kernels of the KD divergence family (fastdistill/kd.py).
+// CPU kernels of the KD divergence family (fastdistill/kd/loss.py).
 //
 // One fused kernel per row of (N, V) logits, with two rows of float scratch
 // per thread (they stay in cache):

@@ -1,4 +1,4 @@
-// CPU ops of the sparse-teacher KD loss (fastdistill/sparse.py): argument
+// CPU ops of the sparse-teacher KD loss (fastdistill/kd/sparse.py): argument
 // checks and entry points around the row kernel of sparse/sparse_row.h (whose
 // header says how a row is computed), with the teacher as (ids, log-probs).
 #include <ATen/ATen.h>

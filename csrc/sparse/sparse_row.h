@@ -1,4 +1,4 @@
-// The row kernel of the sparse-teacher KD loss (fastdistill/sparse.py), shared
+// The row kernel of the sparse-teacher KD loss (fastdistill/kd/sparse.py), shared
 // by the sparse op (ids + log-prob tensors, sparse_cpu.cpp) and the packed
 // soft-label op (csrc/softlabels/softlabels_cpu.cpp): only the teacher source differs.
 //

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ..fused_linear import fused_linear_kd_loss
+from ..kd import fused_linear_kd_loss
 from .defaults import kjv_split, load_teacher, small_student
 from .trainer import KDConfig, KDTrainer, _hidden_states, lm_head_of
 

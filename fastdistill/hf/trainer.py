@@ -34,11 +34,10 @@ except ImportError as e:  # pragma: no cover - transformers is an optional depen
     raise ImportError("fastdistill.hf needs transformers (pip install transformers accelerate)") from e
 
 from .. import _checks
-from ..fused_linear import fused_linear_kd_loss, log_mixture_weights, mixture_logits
-from ..kd import DIVERGENCES, kd_options
+from ..kd import DIVERGENCES, TAIDSchedule, kd_options
+from ..kd.fused_linear import fused_linear_kd_loss, log_mixture_weights, mixture_logits
 from ..softlabels.codec import SoftLabels
 from ..softlabels.store import SoftLabelStore
-from ..taid import TAIDSchedule
 
 __all__ = ["KDConfig", "KDTrainer", "LMHead", "TeacherMixture", "lm_head_of"]
 

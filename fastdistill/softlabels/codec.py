@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
+from ..reference import kd as ref_kd
+from ..reference import sparse as ref_sparse
 
 METHODS = ("topk", "sampled")
 VALUE_BITS = (16, 8)
@@ -424,8 +426,6 @@ def encode(logits: torch.Tensor, *, method: str = "topk", k: int | None = None,
 
 def _encode_rows(z: torch.Tensor, codec: Codec, gen) -> torch.Tensor:
     """Packed rows of a chunk of logits (r, V)."""
-    from ..sparse import sample_counts
-
     r = z.shape[0]
     row = torch.zeros((r, codec.row_bytes), dtype=torch.uint8, device=z.device)
     if codec.method == "sampled":
@@ -451,3 +451,74 @@ def _encode_rows(z: torch.Tensor, codec: Codec, gen) -> torch.Tensor:
         ids = torch.where(top > -math.inf, ids, torch.zeros_like(ids))
     row[:, codec.ids_offset:] = pack_bits(ids, codec.id_bits)
     return row
+
+
+def sample_counts(teacher_logits: torch.Tensor, n: int, *, temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_teacher``'s draws as (ids, counts), int64 (..., min(n, V)): the
+    distinct ids drawn (ascending) and how often each was drawn, then padding
+    (id 0, count 0). The sampled codec stores exactly these."""
+    t = _checks.tensor("teacher_logits", teacher_logits, floating=True)
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be ≥ 1, got {n}")
+    temperature = _checks.temperature(temperature)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if t.dim() < 1 or t.shape[-1] == 0:
+        raise ValueError(f"teacher_logits must have shape (..., V) with V ≥ 1, got {tuple(t.shape)}")
+    lead, V = t.shape[:-1], t.shape[-1]
+    bad = ref_kd.nonfinite_rows(t.detach().reshape(-1, V))
+    if bool(bad.any()):  # there is no distribution to draw from
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(f"teacher_logits row {r} holds a NaN or +inf, or is all -inf: it is no "
+                         "distribution to sample from")
+    with torch.no_grad():
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        probs = torch.softmax(t.reshape(-1, V).to(acc) / temperature, dim=-1)
+        R = probs.shape[0]
+        width = min(n, V)  # distinct ids per row
+        if R == 0:
+            zeros = torch.zeros(*lead, width, dtype=torch.int64, device=t.device)
+            return zeros, zeros.clone()
+        draws = torch.multinomial(probs, n, replacement=True, generator=generator)  # (R, n)
+        s = draws.sort(-1).values
+        first = torch.ones_like(s, dtype=torch.bool)
+        first[:, 1:] = s[:, 1:] != s[:, :-1]
+        run = first.cumsum(-1) - 1  # which distinct id each draw is, 0..u-1
+        counts = torch.zeros_like(s).scatter_add_(1, run, torch.ones_like(s))
+        ids = torch.zeros_like(s).scatter_(1, run, s)  # a run's draws all write the same id
+    return ids[:, :width].reshape(*lead, width), counts[:, :width].reshape(*lead, width)
+
+
+def check_soft_labels(soft_labels, lead, vocab_size: int, tail, temperature, divergence: str,
+                      **same_device_as):
+    """Checks packed soft labels against the student (leading shape, vocabulary,
+    device) and the loss options; returns (tail, temperature) with the codec's
+    defaults filled in. A temperature other than the codec's is an error."""
+    if not isinstance(soft_labels, SoftLabels):
+        raise TypeError(f"soft_labels must be fastdistill.softlabels.SoftLabels, got "
+                        f"{type(soft_labels).__name__}")
+    codec = soft_labels.codec
+    _checks.same_device(**same_device_as, soft_labels=soft_labels.data)
+    if soft_labels.shape != lead:
+        raise ValueError(f"the student's leading shape {tuple(lead)} differs from the soft "
+                         f"labels' {tuple(soft_labels.shape)}")
+    if vocab_size != codec.vocab_size:
+        raise ValueError(f"the student's vocabulary ({vocab_size}) differs from the soft labels' "
+                         f"({codec.vocab_size})")
+    tail = codec.tail if tail is None else tail
+    _checks.choice("tail", tail, ref_sparse.TAILS)
+    if codec.method == "sampled" and tail == "bucket":
+        raise ValueError("sampled soft labels store no tail mass: use tail='none' (or "
+                         "'renormalize')")
+    if temperature is None:
+        temperature = codec.temperature
+    elif not math.isclose(float(temperature), codec.temperature, rel_tol=1e-6):
+        raise ValueError(f"temperature={temperature} differs from the soft labels' "
+                         f"({codec.temperature}): the teacher's log-probabilities were taken at that "
+                         "temperature")
+    if divergence == "taid":
+        raise ValueError("divergence='taid' needs the dense teacher logits; not with soft labels")
+    return tail, temperature

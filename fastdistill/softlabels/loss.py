@@ -8,49 +8,15 @@ reference; so does triton for now (decode, then the sparse Triton kernel).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _checks
 from .._backend import resolve
-from ..kd import check_inplace_target, kd_options, student_labels
+from ..kd import sparse as sparse_kd  # the module: kd imports the codec, so this may load first
+from ..kd.options import check_inplace_target, kd_options, student_labels
 from ..reference import kd as ref_kd
 from ..reference import sparse as ref_sparse
-from ..sparse import SUPPORTED, TAILS, _FusedSparseKD, _sparse_forward
-from .codec import SoftLabels
-
-
-def check_soft_labels(soft_labels, lead, vocab_size: int, tail, temperature, divergence: str,
-                      **same_device_as):
-    """Checks packed soft labels against the student (leading shape, vocabulary,
-    device) and the loss options; returns (tail, temperature) with the codec's
-    defaults filled in. A temperature other than the codec's is an error."""
-    if not isinstance(soft_labels, SoftLabels):
-        raise TypeError(f"soft_labels must be fastdistill.softlabels.SoftLabels, got "
-                        f"{type(soft_labels).__name__}")
-    codec = soft_labels.codec
-    _checks.same_device(**same_device_as, soft_labels=soft_labels.data)
-    if soft_labels.shape != lead:
-        raise ValueError(f"the student's leading shape {tuple(lead)} differs from the soft "
-                         f"labels' {tuple(soft_labels.shape)}")
-    if vocab_size != codec.vocab_size:
-        raise ValueError(f"the student's vocabulary ({vocab_size}) differs from the soft labels' "
-                         f"({codec.vocab_size})")
-    tail = codec.tail if tail is None else tail
-    _checks.choice("tail", tail, TAILS)
-    if codec.method == "sampled" and tail == "bucket":
-        raise ValueError("sampled soft labels store no tail mass: use tail='none' (or "
-                         "'renormalize')")
-    if temperature is None:
-        temperature = codec.temperature
-    elif not math.isclose(float(temperature), codec.temperature, rel_tol=1e-6):
-        raise ValueError(f"temperature={temperature} differs from the soft labels' "
-                         f"({codec.temperature}): the teacher's log-probabilities were taken at that "
-                         "temperature")
-    if divergence == "taid":
-        raise ValueError("divergence='taid' needs the dense teacher logits; not with soft labels")
-    return tail, temperature
+from .codec import SoftLabels, check_soft_labels
 
 
 def kd_loss(
@@ -91,9 +57,9 @@ def kd_loss(
     opt = kd_options(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                      taid_t=None, ignore_index=ignore_index, hard_weight=hard_weight,
                      reduction=reduction, t2_scale=t2_scale)
-    if opt.divergence not in SUPPORTED[tail]:
+    if opt.divergence not in ref_sparse.SUPPORTED[tail]:
         raise ValueError(f"divergence={divergence!r} is not supported with tail={tail!r} "
-                         f"(supported: {SUPPORTED[tail]})")
+                         f"(supported: {ref_sparse.SUPPORTED[tail]})")
     check_inplace_target(inplace_backward, s)
     l1 = student_labels(labels, s, opt)
     if not torch.compiler.is_compiling():  # one check, one message, every backend
@@ -103,13 +69,14 @@ def kd_loss(
     s2 = s.reshape(-1, V)
     data = soft_labels.rows()
     name = resolve(backend, s.device, s.dtype)
-    tail_index = TAILS.index(tail)
+    tail_index = ref_sparse.TAILS.index(tail)
     grad_needed = torch.is_grad_enabled() and s2.requires_grad
     if name in ("torch", "cuda") and inplace_backward and grad_needed:
         # in place on the torch backend too: the reference's gradient over the logits
-        out = _FusedSparseKD.apply(s2, data, None, l1, "torch", opt.ignore_index, opt.div_index,
-                                   tail_index, opt.param, opt.temperature, opt.hard_weight,
-                                   opt.soft_scale, opt.reduction, True, codec.layout())
+        out = sparse_kd._FusedSparseKD.apply(s2, data, None, l1, "torch", opt.ignore_index,
+                                             opt.div_index, tail_index, opt.param,
+                                             opt.temperature, opt.hard_weight, opt.soft_scale,
+                                             opt.reduction, True, codec.layout())
     elif name in ("torch", "cuda"):  # the reference: decode, then the sparse reference
         ids, lp = soft_labels.decode()
         rows = ref_sparse.sparse_kd_loss_rows(
@@ -127,9 +94,11 @@ def kd_loss(
         args = (s2, data, None, l1, name, opt.ignore_index, opt.div_index, tail_index, opt.param,
                 opt.temperature, opt.hard_weight, opt.soft_scale)
         if grad_needed:
-            out = _FusedSparseKD.apply(*args, opt.reduction, inplace_backward, codec.layout())
+            out = sparse_kd._FusedSparseKD.apply(*args, opt.reduction, inplace_backward,
+                                                 codec.layout())
         else:  # evaluation: no gradient computed, no N×V buffer allocated
-            rows, _ = _sparse_forward(name, s2, data, None, l1, *args[5:],
-                                      opt.reduction == "mean", False, layout=codec.layout())
+            rows, _ = sparse_kd._sparse_forward(name, s2, data, None, l1, *args[5:],
+                                                opt.reduction == "mean", False,
+                                                layout=codec.layout())
             out = ref_kd.reduce_rows(rows, l1, opt.ignore_index, opt.reduction)
     return out.reshape(lead) if opt.reduction == "none" else out

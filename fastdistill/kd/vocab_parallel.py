@@ -40,9 +40,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from ._backend import BACKENDS
-from .kd import scaled_gradient
-from .reference import kd as ref
+from .._backend import BACKENDS
+from ..reference import kd as ref
+from .options import scaled_gradient
 
 DIVERGENCES = ref.DIVERGENCES
 

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks, cpu_cache
+from .. import _checks, cpu_cache
+from .._backend import resolve
+from ..reference import kd as ref
+from ..reference import sparse as ref_sparse
+from ..softlabels.codec import SoftLabels, check_soft_labels
 from . import sparse as sparse_kd
 from . import vocab_parallel as vp
-from ._backend import resolve
-from .kd import KDOptions, _fused_forward, _match_vocab, check_label_range, kd_options
-from .reference import kd as ref
-from .reference import sparse as ref_sparse
-from .softlabels.codec import SoftLabels
-from .softlabels.loss import check_soft_labels
+from .loss import _fused_forward
+from .options import KDOptions, check_label_range, kd_options, match_vocab
 
 # Bytes of chunk temporaries ``chunk_size=None`` aims for (logits and
 # gradient of both sides): big enough that the matmuls run at full speed,
@@ -267,7 +267,7 @@ def _chunk_logits(plan: _Plan, h: torch.Tensor, a: int, b: int, buffers: _ChunkB
         else:  # sparse teacher: no dense teacher rows
             return y.contiguous(), None, capped
     if plan.vs != plan.vt:  # pad: -inf logits on the shorter side
-        y, t = _match_vocab(y, t, plan.opt.vocab_mismatch)
+        y, t = match_vocab(y, t, plan.opt.vocab_mismatch)
     return y.contiguous(), t.contiguous(), capped
 
 
@@ -393,7 +393,7 @@ def _reference_loss(plan: _Plan, hidden, weight, bias, n_total: int) -> torch.Te
         ids, lp, tail, layout = plan.teacher_sparse
         tail_mass = None
         if layout is not None:
-            ids, lp, tail_mass = sparse_kd._decode_packed(ids, layout)
+            ids, lp, tail_mass = sparse_kd.decode_packed(ids, layout)
         kw = sparse_kd.reference_keywords(opt.div_index, tail, opt.param, opt.temperature,
                                           opt.ignore_index, opt.hard_weight, opt.soft_scale)
         rows = ref_sparse.sparse_kd_loss_rows(y, ids.to(torch.int64), lp, labels=labels,
@@ -405,7 +405,7 @@ def _reference_loss(plan: _Plan, hidden, weight, bias, n_total: int) -> torch.Te
             else:
                 t = plan.teacher_logits
         if plan.vs != plan.vt:  # pad: -inf logits on the shorter side
-            y, t = _match_vocab(y, t, opt.vocab_mismatch)
+            y, t = match_vocab(y, t, opt.vocab_mismatch)
         rows = ref.kd_loss_rows(y, t, labels=labels, **opt.reference_keywords())
     return ref.reduce_rows(rows, labels, opt.ignore_index, opt.reduction)
 

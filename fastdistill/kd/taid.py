@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from . import _checks
+from .. import _checks
 
 
 class TAIDSchedule:

@@ -14,12 +14,13 @@ import math
 
 import torch
 
-from . import _checks
-from ._backend import load_extension, resolve
-from .kd import (DIVERGENCES, check_inplace_target, kd_options, no_double_backward,
-                 scaled_gradient, student_labels)
-from .reference import kd as ref_kd
-from .reference import sparse as ref
+from .. import _checks
+from .._backend import load_extension, resolve
+from ..reference import kd as ref_kd
+from ..reference import sparse as ref
+from ..softlabels.codec import METHODS, Codec, SoftLabels, sample_counts
+from .options import (DIVERGENCES, check_inplace_target, kd_options, no_double_backward,
+                      scaled_gradient, student_labels)
 
 TAILS = ref.TAILS
 SUPPORTED = ref.SUPPORTED
@@ -77,13 +78,13 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
                                        temperature, hard_weight, soft_scale, mean_scale, need_grad,
                                        inplace)
         if backend == "triton":
-            from .kernels import sparse as triton_sparse
+            from ..kernels import sparse as triton_sparse
 
             return triton_sparse.sparse_kd_forward(
                 student, ids, None, labels, ignore_index, div, tail, param, temperature,
                 hard_weight, soft_scale, mean_scale, need_grad=need_grad,
                 out=student if inplace and need_grad else None, layout=layout)
-        ids, logprobs, tail_mass = _decode_packed(ids, layout)
+        ids, logprobs, tail_mass = decode_packed(ids, layout)
     else:
         tail_mass = None
     if ids.dtype != torch.int64:
@@ -112,7 +113,7 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
         return torch.ops.fastdistill.sparse_kd_forward(
             student, ids, logprobs, labels, ignore_index, div, tail, param, temperature,
             hard_weight, soft_scale, mean_scale, need_grad)
-    from .kernels import sparse as triton_sparse
+    from ..kernels import sparse as triton_sparse
 
     if logprobs.dtype != torch.float32:
         logprobs = logprobs.float()
@@ -122,11 +123,9 @@ def _sparse_forward(backend, student, ids, logprobs, labels, ignore_index, div, 
         out=student if inplace and need_grad else None)
 
 
-def _decode_packed(data, layout):
+def decode_packed(data, layout):
     """(ids, logprobs, tail_mass) of packed rows (tail_mass None without a stored
     tail): the CUDA unpack on a GPU build, else the readable decoder of the codec."""
-    from .softlabels.codec import METHODS, Codec, SoftLabels
-
     method, V, k, value_bits = layout[:4]
     packed = SoftLabels(Codec(METHODS[method], V, k, value_bits, 1.0), data)  # T: not needed
     tail_mass = packed.tail_mass() if packed.codec.has_tail else None
@@ -188,7 +187,7 @@ class _FusedSparseKD(torch.autograd.Function):
             _, student, ids, logprobs, labels = ctx.saved_tensors
             tail_mass = None
             if ctx.layout is not None:
-                ids, logprobs, tail_mass = _decode_packed(ids, ctx.layout)
+                ids, logprobs, tail_mass = decode_packed(ids, ctx.layout)
             kw = ctx.keywords
             rows = ref.sparse_kd_loss_rows(student, ids.to(torch.int64), logprobs, labels=labels,
                                            tail_mass=tail_mass, **kw)
@@ -408,42 +407,3 @@ def sample_teacher(teacher_logits: torch.Tensor, n: int, *, temperature: float =
     logprobs = torch.where(counts > 0, (counts.double() / n).log(),
                            torch.full((), -math.inf, dtype=torch.float64, device=t.device))
     return ids, logprobs.float()
-
-
-def sample_counts(teacher_logits: torch.Tensor, n: int, *, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample_teacher``'s draws as (ids, counts), int64 (..., min(n, V)): the
-    distinct ids drawn (ascending) and how often each was drawn, then padding
-    (id 0, count 0). The soft-label codec stores exactly these."""
-    t = _checks.tensor("teacher_logits", teacher_logits, floating=True)
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"n must be ≥ 1, got {n}")
-    temperature = _checks.temperature(temperature)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if t.dim() < 1 or t.shape[-1] == 0:
-        raise ValueError(f"teacher_logits must have shape (..., V) with V ≥ 1, got {tuple(t.shape)}")
-    lead, V = t.shape[:-1], t.shape[-1]
-    bad = ref_kd.nonfinite_rows(t.detach().reshape(-1, V))
-    if bool(bad.any()):  # there is no distribution to draw from
-        r = int(bad.nonzero()[0, 0])
-        raise ValueError(f"teacher_logits row {r} holds a NaN or +inf, or is all -inf: it is no "
-                         "distribution to sample from")
-    with torch.no_grad():
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        probs = torch.softmax(t.reshape(-1, V).to(acc) / temperature, dim=-1)
-        R = probs.shape[0]
-        width = min(n, V)  # distinct ids per row
-        if R == 0:
-            zeros = torch.zeros(*lead, width, dtype=torch.int64, device=t.device)
-            return zeros, zeros.clone()
-        draws = torch.multinomial(probs, n, replacement=True, generator=generator)  # (R, n)
-        s = draws.sort(-1).values
-        first = torch.ones_like(s, dtype=torch.bool)
-        first[:, 1:] = s[:, 1:] != s[:, :-1]
-        run = first.cumsum(-1) - 1  # which distinct id each draw is, 0..u-1
-        counts = torch.zeros_like(s).scatter_add_(1, run, torch.ones_like(s))
-        ids = torch.zeros_like(s).scatter_(1, run, s)  # a run's draws all write the same id
-    return ids[:, :width].reshape(*lead, width), counts[:, :width].reshape(*lead, width)
