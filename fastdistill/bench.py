@@ -229,7 +229,7 @@ def gemm_floor(n: int, h: int, v: int, repeat: int, *, reuse_outputs: bool = Fal
 
 def _fused_linear_impls(divergence: str, with_compile: bool):
     """(label, loss(h, W, th, tW, labels)) for the fused-linear case."""
-    from .fused_linear import fused_linear_kd_loss
+    from .kd import fused_linear_kd_loss
 
     def naive(h, w, th, tw, labels):
         with torch.no_grad():
@@ -319,7 +319,7 @@ def bench_sparse(report: Report, n: int, v: int, k: int, *, repeat: int, with_ea
     what users do today) and the dense kd_loss, each with and without
     inplace_backward. The densify step is timed and its N×V buffer counts in
     the peak: it is the cost a sparse kernel avoids."""
-    from .sparse import sparse_kd_loss
+    from .kd import sparse_kd_loss
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(n, v, generator=g) * 2
