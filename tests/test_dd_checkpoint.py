@@ -10,6 +10,7 @@ import pickle
 import pytest
 import torch
 
+from fastdistill import _checkpoint
 from fastdistill.dd import trainer
 from fastdistill.dd.trainer import CHECKPOINT_MAGIC, DatasetDistiller, load_checkpoint
 
@@ -25,7 +26,7 @@ def toy_real(n_per_class=6, classes=2, size=8):
 
 def write_valid(path, state):
     """A file with a correct header and SHA-256 around any payload state."""
-    path.write_bytes(trainer._checkpoint_bytes(state))
+    path.write_bytes(_checkpoint.sealed_bytes(state, CHECKPOINT_MAGIC, trainer.CHECKPOINT_VERSION))
 
 
 def resume(method, ck, iterations=2):
@@ -62,10 +63,10 @@ def test_the_checksum_is_over_the_whole_payload(tmp_path):
     ck = tmp_path / "c.ckpt"
     resume("dm", ck, iterations=1)
     data = ck.read_bytes()
-    magic, version, length, digest = trainer._HEADER.unpack_from(data)
+    magic, version, length, digest = _checkpoint._HEADER.unpack_from(data)
     assert magic == CHECKPOINT_MAGIC and version == trainer.CHECKPOINT_VERSION
-    assert length == len(data) - trainer._HEADER.size
-    assert digest == hashlib.sha256(data[trainer._HEADER.size:]).digest()
+    assert length == len(data) - _checkpoint._HEADER.size
+    assert digest == hashlib.sha256(data[_checkpoint._HEADER.size:]).digest()
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -167,7 +168,7 @@ def test_loading_a_crafted_checkpoint_runs_no_code(kind, tmp_path):
         pickle.loads(live)
     assert armed.exists()
     # wrapped with a VALID header and checksum: only weights_only stands in the way
-    ck.write_bytes(trainer._HEADER.pack(CHECKPOINT_MAGIC, trainer.CHECKPOINT_VERSION, len(payload),
+    ck.write_bytes(_checkpoint._HEADER.pack(CHECKPOINT_MAGIC, trainer.CHECKPOINT_VERSION, len(payload),
                                         hashlib.sha256(payload).digest()) + payload)
     with pytest.raises(ValueError, match=r"evil.ckpt.*cannot be loaded safely"):
         resume("dm", ck)

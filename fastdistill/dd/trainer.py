@@ -8,8 +8,6 @@ as a run that never stopped.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 import numbers
 import os
@@ -21,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .. import _checks
+from .. import _checkpoint, _checks
 from .._progress import Progress
 from .augment import DEFAULT_STRATEGY, dsa
 from .grads import grouped_gradients
@@ -33,42 +31,14 @@ METHODS = ("dc", "dsa", "dm", "datadam", "mtt")
 # 2: MTT's learning rate has its own optimizer group (lr_lr); 3: the checksummed
 # file below, read with weights_only=True
 CHECKPOINT_VERSION = 3
-# file = MAGIC | version (u32) | payload length (u64) | SHA-256 of the payload | payload
-# (the payload: torch.save of the state). The digest is checked before the
-# payload is unpickled, and the unpickler is torch's weights_only one (tensors,
-# numbers, strings, containers; no code), so a damaged or crafted file is an
-# error naming it, never a resume from different state or code run on load.
+# the file is sealed by fastdistill._checkpoint (header, length, SHA-256, weights_only)
 CHECKPOINT_MAGIC = b"FDDDCKPT"
-_HEADER = struct.Struct("<8sIQ32s")
 # learning rates of the synthetic images per method (the papers' defaults)
 LR_IMG = {"dc": 0.1, "dsa": 0.1, "dm": 1.0, "datadam": 1.0, "mtt": 100.0}
 # MTT learns its student's learning rate as log(lr), with SGD at this rate
 LR_LR = 0.01
 
 __all__ = ["DatasetDistiller", "METHODS", "save_image_grid", "load_checkpoint"]
-
-
-def _checkpoint_bytes(state: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    return _HEADER.pack(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, len(payload),
-                        hashlib.sha256(payload).digest()) + payload
-
-
-def _floats(obj, where: str):
-    """(where, tensor or float) for every floating value inside obj."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() or obj.is_complex():
-            yield where, obj
-    elif isinstance(obj, float):
-        yield where, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _floats(v, f"{where}[{k!r}]")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _floats(v, f"{where}[{i}]")
 
 
 _STATE_TYPES = {"version": int, "settings": dict, "iteration": int, "images": torch.Tensor,
@@ -82,40 +52,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     and that every floating value in it (images, optimizer state, MTT's
     experts and learning rate) is finite. Anything else: a ValueError naming
     the file and the problem."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the checkpoint ({e})") from e
-    if len(data) < _HEADER.size or not data.startswith(CHECKPOINT_MAGIC):
-        raise ValueError(f"{path}: not a fastdistill dataset-distillation checkpoint (no "
-                         f"{CHECKPOINT_MAGIC.decode()} header; files from before version 3 cannot "
-                         "be resumed)")
-    _, version, length, digest = _HEADER.unpack_from(data)
-    if version != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint format version {version}, this fastdistill reads "
-                         f"{CHECKPOINT_VERSION}")
-    payload = memoryview(data)[_HEADER.size:]
-    if len(payload) != length:
-        raise ValueError(f"{path}: corrupt checkpoint (the header says {length} payload bytes, the "
-                         f"file holds {len(payload)}: truncated or appended to)")
-    if hashlib.sha256(payload).digest() != digest:
-        raise ValueError(f"{path}: corrupt checkpoint (SHA-256 of the payload does not match the "
-                         "header)")
-    try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a failed or refused unpickling means a bad file
-        raise ValueError(f"{path}: checkpoint payload cannot be loaded safely ({e})") from e
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: not a fastdistill dataset-distillation checkpoint "
-                         f"of version {CHECKPOINT_VERSION}")
-    for key, kind in _STATE_TYPES.items():
-        if not isinstance(state.get(key), kind):
-            raise ValueError(f"{path}: checkpoint field {key!r} is missing or not a {kind.__name__}")
-    for where, v in _floats({k: state[k] for k in ("images", "opt", "extra")}, "state"):
-        if not (bool(torch.isfinite(v).all()) if isinstance(v, torch.Tensor) else math.isfinite(v)):
-            raise ValueError(f"{path}: checkpoint holds non-finite values in {where} (the run "
-                             "diverged before it was saved); it cannot be resumed")
+    state = _checkpoint.read(path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION, "dataset-distillation")
+    _checkpoint.check_fields(path, state, _STATE_TYPES)
+    _checkpoint.check_finite(path, {k: state[k] for k in ("images", "opt", "extra")})
     return state
 
 
@@ -227,10 +166,7 @@ class DatasetDistiller:
     def _save(self, state: dict) -> None:
         if self.checkpoint is None:
             return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        tmp.write_bytes(_checkpoint_bytes(state))
-        os.replace(tmp, self.checkpoint)
+        _checkpoint.write(self.checkpoint, state, CHECKPOINT_MAGIC, CHECKPOINT_VERSION)
 
     def _load(self) -> dict | None:
         if self.checkpoint is None or not self.checkpoint.exists():
