@@ -6,7 +6,8 @@
 each also here), ``softlabels`` (packed
 teacher outputs on disk, decoded inside the loss), ``ot`` (Sinkhorn, SinKD),
 ``dd`` (dataset distillation: grouped/per-sample gradients, matching losses),
-``hf`` (``KDConfig``/``KDTrainer`` on the Hugging Face
+``diffusion`` (DMD2/consistency/progressive distillation of diffusion models
+and their fused ops), ``hf`` (``KDConfig``/``KDTrainer`` on the Hugging Face
 Trainer; imported on first use, it needs transformers and accelerate),
 ``cpu_cache`` (the cpp kernels' recycled gradient buffers),
 and ``backends()`` to see what runs here.
@@ -35,7 +36,7 @@ def _source_tree_kernels() -> None:
 
 _source_tree_kernels()
 
-from . import cpu_cache, dd, kd, ot, softlabels  # noqa: E402
+from . import cpu_cache, dd, diffusion, kd, ot, softlabels  # noqa: E402
 from ._backend import backends  # noqa: E402
 from ._backend import load_if_built as _load_if_built  # noqa: E402
 from .kd import (DIVERGENCES, FusedLinearKDLoss, KDLoss, TAIDSchedule,  # noqa: E402
@@ -56,6 +57,6 @@ def __getattr__(name):
 
 __all__ = [
     "DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends", "cpu_cache", "dd",
-    "fused_linear_kd_loss", "kd", "kd_loss", "ot", "sample_teacher", "softlabels", "sparse_kd_loss",
-    "__version__",
+    "diffusion", "fused_linear_kd_loss", "kd", "kd_loss", "ot", "sample_teacher", "softlabels",
+    "sparse_kd_loss", "__version__",
 ]
