@@ -599,3 +599,32 @@ def test_constants_may_require_grad_without_grad_mode():
     with torch.no_grad():
         for backend in AVAILABLE:
             dmd_loss(x, real, torch.randn(3, 4), backend=backend)
+
+
+@pytest.mark.parametrize("schedule", [SCHEDULE, LINEAR], ids=["cosine", "linear"])
+def test_coefficient_tables_are_the_schedule_bit_for_bit(schedule):
+    t = torch.arange(-1, 1000)
+    for what in ("alpha", "sigma", "snr"):
+        assert torch.equal(ops._coefficient(schedule, what, torch.device("cpu"))[t + 1],
+                           getattr(schedule, what)(t))
+        assert ops._coefficient(schedule, what, torch.device("cpu"), as_list=True) == \
+            getattr(schedule, what)(t).tolist()
+    snr = schedule.snr(t[1:])
+    for prediction in ref.PREDICTIONS:
+        for weighting in ref.WEIGHTINGS:
+            table = ops._denoising_weights(schedule, prediction, weighting, 3.0, torch.device("cpu"))
+            assert torch.equal(table[t[1:] + 1], ref.denoising_weight(snr, prediction, weighting, 3.0))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("prediction", ref.PREDICTIONS)
+def test_ddim_int_timesteps_equal_tensor_timesteps(backend, prediction):
+    """A sampler's ints (coefficients composed once in Python floats) give the
+    same step, bit for bit, as the same timesteps as tensors."""
+    _, inp, _, _ = ddim_case((3, 2, 5), 18, guidance=2.0)
+    for t, t_prev in ((999, 950), (400, -1), (3, 0)):
+        kw = dict(prediction=prediction, guidance_scale=2.0, uncond=inp["uncond"], backend=backend)
+        as_int = ddim_step(inp["x_t"], inp["pred"], t, t_prev, SCHEDULE, **kw)
+        as_tensor = ddim_step(inp["x_t"], inp["pred"], torch.full((3,), t), torch.tensor(t_prev),
+                              SCHEDULE, **kw)
+        assert torch.equal(as_int, as_tensor)

@@ -19,6 +19,7 @@ arithmetic is float32, results and gradients come back in the input's dtype.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -117,6 +118,46 @@ def _c(t):
 def _f32(v):
     """Per-sample coefficients as the kernels read them: contiguous float32 (B,)."""
     return None if v is None else v.detach().to(torch.float32).contiguous()
+
+
+# ------------------------------------------------------------------ schedule tables
+# The fused paths look coefficients up in float32 tables of every timestep
+# (index t + 1: the clean end t = -1 first), computed once per schedule and
+# device by the schedule's own methods, so the values are those of
+# ``schedule.alpha(t)`` etc. bit for bit, at one index op per call.
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _table(schedule: NoiseSchedule, key, build):
+    per = _TABLES.setdefault(schedule, {})
+    entry = per.get(key)
+    if entry is None or entry[0] is not schedule.alphas_cumprod:  # rebuilt if the schedule changed
+        entry = (schedule.alphas_cumprod, build())
+        per[key] = entry
+    return entry[1]
+
+
+def _all_timesteps(schedule: NoiseSchedule) -> torch.Tensor:
+    return torch.arange(-1, schedule.num_steps, dtype=torch.int64)
+
+
+def _coefficient(schedule: NoiseSchedule, what: str, device: torch.device, as_list: bool = False):
+    """α ("alpha"), σ ("sigma") or SNR ("snr") of every timestep, float32 (T + 1,)
+    on ``device`` (or as a list of Python floats)."""
+    cpu = torch.device("cpu")
+    if as_list:
+        return _table(schedule, (what, "list"), lambda: _coefficient(schedule, what, cpu).tolist())
+    if device != cpu:
+        return _table(schedule, (what, device), lambda: _coefficient(schedule, what, cpu).to(device))
+    return _table(schedule, (what, cpu), lambda: getattr(schedule, what)(_all_timesteps(schedule)))
+
+
+def _denoising_weights(schedule, prediction, weighting, gamma, device) -> torch.Tensor:
+    """``reference.diffusion.denoising_weight`` of every timestep, float32 (T + 1,)."""
+    key = ("weight", prediction, weighting, gamma, device)
+    return _table(schedule, key, lambda: ref.denoising_weight(
+        _coefficient(schedule, "snr", torch.device("cpu")), prediction, weighting,
+        gamma).to(torch.float32).to(device))
 
 
 # ------------------------------------------------------------------ reductions
@@ -234,17 +275,20 @@ def denoising_loss(pred, x0, noise, t, schedule, *, prediction="eps", weighting=
     t = schedule.check_timesteps("t", t, B).to(pred.device)
     _constants("denoising_loss", x0=x0, noise=noise)
     name = _backend_for(backend, pred, x0, noise)
-    acc = _acc(pred) if name == "torch" else torch.float32
-    alpha, sigma, snr = schedule.alpha(t, acc), schedule.sigma(t, acc), schedule.snr(t, acc)
+    if name == "torch":
+        acc = _acc(pred)
+        return ref.denoising_loss(pred, x0, noise, schedule.alpha(t, acc), schedule.sigma(t, acc),
+                                  schedule.snr(t, acc), prediction=prediction,
+                                  weighting=weighting, gamma=gamma, reduction=reduction)
+    i = t + 1
+    alpha, sigma, snr = (_coefficient(schedule, k, pred.device)[i] for k in ("alpha", "sigma", "snr"))
+    w = _denoising_weights(schedule, prediction, weighting, gamma, pred.device)[i]
     reference = lambda v: ref.denoising_loss(  # noqa: E731
         v, x0, noise, alpha, sigma, snr, prediction=prediction, weighting=weighting, gamma=gamma,
         reduction=reduction)
-    if name == "torch":
-        return reference(pred)
-    w = ref.denoising_weight(snr, prediction, weighting, gamma).to(torch.float32).contiguous()
     need = torch.is_grad_enabled() and pred.requires_grad
     args = (_c(pred), None if prediction == "eps" else _c(x0),
-            None if prediction == "x0" else _c(noise), alpha.contiguous(), sigma.contiguous(), w,
+            None if prediction == "x0" else _c(noise), alpha, sigma, w,
             PREDICTIONS.index(prediction), _grad_scale(reduction, B, n), need)
 
     def run():
@@ -310,12 +354,10 @@ def consistency_loss(pred, target, *, metric="l2", c=None, x_t=None, c_skip=None
 
 
 # ------------------------------------------------------------------ DDIM
-def _ddim_coefficients(schedule, t, t_prev, prediction, guidance_scale):
-    """x_prev = A·x_t + P·p per sample (p the guided output), from the same
-    float32 α, σ the reference sees, composed in float64; with guidance
-    p = s·pred + (1 − s)·uncond. Returns float32 (A, s·P, (1 − s)·P or None)."""
-    a, s = schedule.alpha(t).double(), schedule.sigma(t).double()
-    ap, sp = schedule.alpha(t_prev).double(), schedule.sigma(t_prev).double()
+def _ddim_combination(a, s, ap, sp, prediction, guidance_scale):
+    """x_prev = A·x_t + P·p (p the guided output) from α, σ at t and t_prev
+    (floats or float64 tensors); with guidance p = s·pred + (1 − s)·uncond,
+    so the coefficients are (A, s·P, (1 − s)·P), else (A, P, None)."""
     if prediction == "eps":  # x̂0 = (x_t − σ p)/α, ε̂ = p
         A, P = ap / a, sp - ap * s / a
     elif prediction == "x0":  # x̂0 = p, ε̂ = (x_t − α p)/σ
@@ -323,8 +365,25 @@ def _ddim_coefficients(schedule, t, t_prev, prediction, guidance_scale):
     else:  # v: x̂0 = α x_t − σ p, ε̂ = σ x_t + α p
         A, P = ap * a + sp * s, sp * a - ap * s
     if guidance_scale is None:
-        return A.float(), P.float(), None
-    return A.float(), (guidance_scale * P).float(), ((1.0 - guidance_scale) * P).float()
+        return A, P, None
+    return A, guidance_scale * P, (1.0 - guidance_scale) * P
+
+
+def _ddim_coefficients(schedule, t, t_prev, prediction, guidance_scale, batch=None, device=None):
+    """The per-sample coefficients of a DDIM step, float32 (B,) each (the
+    third None without guidance), composed in float64 from the same float32
+    α, σ the reference sees. ``t`` / ``t_prev``: int64 (B,) tensors, or ints
+    (one pair for the whole ``batch``: composed once, in Python floats)."""
+    if isinstance(t, int) and isinstance(t_prev, int):
+        a, s = (_coefficient(schedule, k, torch.device("cpu"), as_list=True) for k in ("alpha", "sigma"))
+        coefs = _ddim_combination(a[t + 1], s[t + 1], a[t_prev + 1], s[t_prev + 1], prediction,
+                                  guidance_scale)
+        return tuple(None if c is None else torch.full((batch,), c, dtype=torch.float32, device=device)
+                     for c in coefs)
+    alpha, sigma = (_coefficient(schedule, k, t.device).double() for k in ("alpha", "sigma"))
+    coefs = _ddim_combination(alpha[t + 1], sigma[t + 1], alpha[t_prev + 1], sigma[t_prev + 1],
+                              prediction, guidance_scale)
+    return tuple(None if c is None else c.float() for c in coefs)
 
 
 class _FusedDDIM(torch.autograd.Function):
@@ -378,6 +437,8 @@ def ddim_step(x_t, pred, t, t_prev, schedule, *, prediction="eps", guidance_scal
     schedule = _schedule(schedule)
     _checks.choice("prediction", prediction, PREDICTIONS)
     B = x_t.shape[0]
+    scalar = all(isinstance(v, int) and not isinstance(v, bool) for v in (t, t_prev))
+    t_int, t_prev_int = t, t_prev
     t = schedule.check_timesteps("t", t, B).to(x_t.device)
     t_prev = schedule.check_timesteps("t_prev", t_prev, B, allow_clean=True).to(x_t.device)
     name = _backend_for(backend, x_t, pred, uncond)
@@ -386,7 +447,11 @@ def ddim_step(x_t, pred, t, t_prev, schedule, *, prediction="eps", guidance_scal
         return ref.ddim_step(x_t, pred, schedule.alpha(t, acc), schedule.sigma(t, acc),
                              schedule.alpha(t_prev, acc), schedule.sigma(t_prev, acc),
                              prediction=prediction, guidance_scale=guidance_scale, uncond=uncond)
-    coefs = _ddim_coefficients(schedule, t, t_prev, prediction, guidance_scale)
+    if scalar:  # one step for the whole batch (a sampler's loop)
+        coefs = _ddim_coefficients(schedule, t_int, t_prev_int, prediction, guidance_scale, B,
+                                   x_t.device)
+    else:
+        coefs = _ddim_coefficients(schedule, t, t_prev, prediction, guidance_scale)
     need = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (x_t, pred, uncond))
     if not need:
