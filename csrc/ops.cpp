@@ -69,6 +69,29 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def("segment_cosine_forward(Tensor a, Tensor b, Tensor offsets) -> Tensor");
   m.def("segment_cosine_backward(Tensor a, Tensor b, Tensor offsets, Tensor stats, Tensor grad, "
         "float eps) -> (Tensor, Tensor)");
+  // Diffusion distillation (fastdistill/diffusion/ops.py; the spec is
+  // fastdistill/reference/diffusion.py). A batch (B, ...) of B samples of n
+  // elements, contiguous, float32/bf16/fp16 (each input its own dtype);
+  // per-sample coefficients are contiguous float32 (B,). Each loss returns one
+  // float32 value per sample — the sum over its elements (dmd, denoising,
+  // consistency "l2") or its value (pseudo-Huber) — and the gradient of
+  // grad_scale * (that value) w.r.t. the first input, in its dtype (empty
+  // without need_grad). dmd: g = (x0_fake - x0_real) / max(mean|x - x0_real|, eps),
+  // value 1/2 w sum g^2, gradient grad_scale * w * g. denoising: `prediction`
+  // indexes PREDICTIONS (target noise, x0, alpha*noise - sigma*x0; x0 / noise
+  // may be None where unread), value w sum (pred - target)^2. consistency:
+  // `metric` indexes METRICS, r = c_skip x_t + c_out pred - target (r = pred -
+  // target without x_t), value w sum r^2 or w (sqrt(sum r^2 + c^2) - c).
+  m.def("dmd_forward(Tensor x, Tensor x0_real, Tensor x0_fake, Tensor? weight, float grad_scale, "
+        "float eps, bool need_grad) -> (Tensor, Tensor)");
+  m.def("denoising_forward(Tensor pred, Tensor? x0, Tensor? noise, Tensor alpha, Tensor sigma, "
+        "Tensor weight, int prediction, float grad_scale, bool need_grad) -> (Tensor, Tensor)");
+  m.def("consistency_forward(Tensor pred, Tensor target, Tensor? x_t, Tensor? c_skip, Tensor? c_out, "
+        "Tensor? weight, int metric, float c, float grad_scale, bool need_grad) -> (Tensor, Tensor)");
+  // DDIM's step as per-sample coefficients: out = a x + b y + c z (the y / z
+  // terms optional), in `dtype`; also each of the step's input gradients.
+  m.def("ddim_affine(Tensor x, Tensor a, Tensor? y, Tensor? b, Tensor? z, Tensor? c, "
+        "ScalarType dtype) -> Tensor");
   // The CPU gradient cache (csrc/common/memory.h, fastdistill/cpu_cache.py).
   // new: an uninitialised contiguous CPU tensor, from the cache when it is
   // 8 MiB or more (the Python side's large per-step buffers); stats -> [idle
