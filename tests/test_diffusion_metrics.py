@@ -255,6 +255,17 @@ def test_classifier_corrupt_or_mismatching_cache_is_an_error(cache, tmp_path, mo
         M.train_classifier("digits", cache_dir=tmp_path, progress=False)
 
 
+def test_classifier_failed_write_leaves_nothing(clf, tmp_path, monkeypatch):
+    def broken_save(obj, f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(M.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        M._save(tmp_path / "classifier-digits-0.pt", clf, M._data("digits"))
+    assert not os.listdir(tmp_path)
+
+
 def test_default_cache_dir_follows_fastdistill_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDISTILL_CACHE", str(tmp_path))
     assert M.default_cache_dir() == tmp_path / "diffusion"

@@ -328,9 +328,10 @@ def train_classifier(data_name: str, *, seed: int = 0, cache_dir: str | os.PathL
     """The digit classifier of ``data_name`` ("digits" or "mnist") for
     ``seed``, in eval mode on the CPU: loaded from ``cache_dir`` (default
     ``default_cache_dir()``) when ``classifier-<data>-<seed>.pt`` is there,
-    else trained on the real train split (Adam, ±1 px shifts; ~10 s for
-    digits, about a minute for mnist on 2 CPU cores), tested on the held-out
-    split and saved there atomically. Its ``test_accuracy`` is the held-out
+    else trained on the real train split (Adam, ±1 px shifts, on one CPU
+    thread: about 5 s for digits, 25 s for mnist on a busy 2-core machine),
+    tested on the held-out split and saved there atomically (a temporary file
+    in the same folder, then ``os.replace``). Its ``test_accuracy`` is the held-out
     accuracy (printed after training when ``progress``; a warning below 95 %).
     A cache file that does not load or does not match is a ValueError naming
     it."""
@@ -422,8 +423,10 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     as 0, more negative ones mean a covariance was not PSD: a ValueError. No
     general (non-symmetric) square root, so no spurious imaginary parts.
     Non-finite inputs give NaN. The result is not clamped: identical
-    Gaussians give 0 to rounding, which the square roots amplify to about
-    √ε·tr Σ (e.g. ±1e-6 for 128 classifier features), either sign."""
+    Gaussians give 0 to rounding, of either sign: about 1e-12 for the
+    classifier's features, more where S has (near-)zero eigenvalues, whose
+    rounding error δ ≈ ε·max λ the square root turns into √δ each (singular
+    covariances, e.g. dead features: 1e-6)."""
     mu1, mu2 = (_checks.tensor(n, v, floating=True) for n, v in (("mu1", mu1), ("mu2", mu2)))
     if mu1.dim() != 1 or mu1.shape[0] < 1:
         raise ValueError(f"mu1 must have shape (D,), got {tuple(mu1.shape)}")
