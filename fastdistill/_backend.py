@@ -103,12 +103,19 @@ def cache_key() -> str:
     return h.hexdigest()[:16]
 
 
-def cache_dir() -> Path:
-    root = os.environ.get(ENV_CACHE) or os.path.join(
+def cache_root() -> Path:
+    """fastdistill's cache folder: ``$FASTDISTILL_CACHE``, else
+    ``$XDG_CACHE_HOME/fastdistill``, else ``~/.cache/fastdistill``."""
+    return Path(os.environ.get(ENV_CACHE) or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastdistill"
-    )
+    ))
+
+
+def cache_dir() -> Path:
+    """The extension's build folder under ``cache_root()``."""
+    root = cache_root()
     tv = torch.__version__.replace("+", "_")
-    return Path(root) / f"torch-{tv}-{cpu_capability().lower()}-{cache_key()}"
+    return root / f"torch-{tv}-{cpu_capability().lower()}-{cache_key()}"
 
 
 def _build(verbose: bool = False) -> Path:
