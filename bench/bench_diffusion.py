@@ -10,12 +10,11 @@ import torch
 
 import fastdistill as fd
 from fastdistill.diffusion import NoiseSchedule
-from fastdistill.diffusion.ops import consistency_loss, ddim_step, denoising_loss, dmd_loss
-from fastdistill.reference import diffusion as ref
+from fastdistill.bench import DIFFUSION_OPS, diffusion_fused_op, diffusion_inputs, diffusion_reference_op
 
 SHAPES = [(64, 3, 64, 64), (64, 1, 28, 28)]
 IMPLS = ["torch-eager", "torch-compile", "cpp"]
-OPS = ["dmd", "denoising_v_min_snr", "consistency_l2", "consistency_huber", "ddim_eps_cfg"]
+OPS = list(DIFFUSION_OPS)
 THREADS = 2
 SCHEDULE = NoiseSchedule("cosine", 1000)
 _compiled = {}
@@ -30,47 +29,15 @@ def _two_threads():
 
 
 def _inputs(shape):
-    g = torch.Generator().manual_seed(0)
-    B = shape[0]
-    t = torch.randint(0, 1000, (B,), generator=g)
-    c_skip, c_out = SCHEDULE.consistency_scalings(t)
-    return dict(
-        a=torch.randn(shape, generator=g), b=torch.randn(shape, generator=g),
-        c=torch.randn(shape, generator=g), t=t, c_skip=c_skip,
-        c_out=c_out, w=torch.rand(B, generator=g) + 0.5,
-        alpha=SCHEDULE.alpha(t), sigma=SCHEDULE.sigma(t), snr=SCHEDULE.snr(t),
-        # DDIM: one sampler step for the whole batch, t = 500 -> 450
-        ddim_t=500, ddim_t_prev=450, ddim_coefs=[f(torch.full((B,), v)) for v in (500, 450)
-                                                  for f in (SCHEDULE.alpha, SCHEDULE.sigma)])
+    return diffusion_inputs(shape, SCHEDULE)
 
 
 def _reference(op, d):
-    """The op as the reference computes it: f(leaf) -> tensor."""
-    if op == "dmd":
-        return lambda x: ref.dmd_loss(x, d["a"], d["b"], weight=d["w"])
-    if op == "denoising_v_min_snr":
-        return lambda x: ref.denoising_loss(x, d["a"], d["b"], d["alpha"], d["sigma"], d["snr"],
-                                            prediction="v", weighting="min_snr")
-    if op.startswith("consistency"):
-        metric = "l2" if op.endswith("l2") else "pseudo_huber"
-        return lambda x: ref.consistency_loss(x, d["a"], metric=metric, x_t=d["b"],
-                                              c_skip=d["c_skip"], c_out=d["c_out"], weight=d["w"])
-    return lambda x: ref.ddim_step(d["a"], x, *d["ddim_coefs"], prediction="eps",
-                                   guidance_scale=3.0, uncond=d["c"])
+    return diffusion_reference_op(op, d)
 
 
 def _fused(op, d):
-    if op == "dmd":
-        return lambda x: dmd_loss(x, d["a"], d["b"], weight=d["w"], backend="cpp")
-    if op == "denoising_v_min_snr":
-        return lambda x: denoising_loss(x, d["a"], d["b"], d["t"], SCHEDULE, prediction="v",
-                                        weighting="min_snr", backend="cpp")
-    if op.startswith("consistency"):
-        metric = "l2" if op.endswith("l2") else "pseudo_huber"
-        return lambda x: consistency_loss(x, d["a"], metric=metric, x_t=d["b"], c_skip=d["c_skip"],
-                                          c_out=d["c_out"], weight=d["w"], backend="cpp")
-    return lambda x: ddim_step(d["a"], x, d["ddim_t"], d["ddim_t_prev"], SCHEDULE, prediction="eps",
-                               guidance_scale=3.0, uncond=d["c"], backend="cpp")
+    return diffusion_fused_op(op, d, SCHEDULE)
 
 
 def _loss_fn(impl, op, shape, d):

@@ -615,6 +615,149 @@ def bench_dd(report: Report, *, per_class: int = 256, ipc: int = 10, batch: int 
     _ratios(report, rows, shape)
 
 
+# ----------------------------------------------------------------- diffusion (issue 17)
+
+DIFFUSION_OPS = ("dmd", "denoising_v_min_snr", "consistency_l2", "consistency_huber",
+                 "ddim_eps_cfg")
+
+
+def diffusion_inputs(shape, schedule):
+    """One batch of inputs for every diffusion op (float32, seeded)."""
+    g = torch.Generator().manual_seed(0)
+    B = shape[0]
+    t = torch.randint(0, schedule.num_steps, (B,), generator=g)
+    c_skip, c_out = schedule.consistency_scalings(t)
+    return dict(a=torch.randn(shape, generator=g), b=torch.randn(shape, generator=g),
+                c=torch.randn(shape, generator=g), t=t, c_skip=c_skip, c_out=c_out,
+                w=torch.rand(B, generator=g) + 0.5, alpha=schedule.alpha(t),
+                sigma=schedule.sigma(t), snr=schedule.snr(t),
+                # DDIM: one sampler step for the whole batch, t = 500 -> 450
+                ddim_t=500, ddim_t_prev=450,
+                ddim_coefs=[f(torch.full((B,), v)) for v in (500, 450)
+                            for f in (schedule.alpha, schedule.sigma)])
+
+
+def diffusion_reference_op(op, d):
+    """The op as the reference computes it: f(leaf) -> tensor."""
+    from .reference import diffusion as ref
+
+    if op == "dmd":
+        return lambda x: ref.dmd_loss(x, d["a"], d["b"], weight=d["w"])
+    if op == "denoising_v_min_snr":
+        return lambda x: ref.denoising_loss(x, d["a"], d["b"], d["alpha"], d["sigma"], d["snr"],
+                                            prediction="v", weighting="min_snr")
+    if op.startswith("consistency"):
+        metric = "l2" if op.endswith("l2") else "pseudo_huber"
+        return lambda x: ref.consistency_loss(x, d["a"], metric=metric, x_t=d["b"],
+                                              c_skip=d["c_skip"], c_out=d["c_out"], weight=d["w"])
+    return lambda x: ref.ddim_step(d["a"], x, *d["ddim_coefs"], prediction="eps",
+                                   guidance_scale=3.0, uncond=d["c"])
+
+
+def diffusion_fused_op(op, d, schedule, backend="cpp"):
+    """The same op through fastdistill.diffusion (one fused pass)."""
+    from .diffusion import consistency_loss, ddim_step, denoising_loss, dmd_loss
+
+    if op == "dmd":
+        return lambda x: dmd_loss(x, d["a"], d["b"], weight=d["w"], backend=backend)
+    if op == "denoising_v_min_snr":
+        return lambda x: denoising_loss(x, d["a"], d["b"], d["t"], schedule, prediction="v",
+                                        weighting="min_snr", backend=backend)
+    if op.startswith("consistency"):
+        metric = "l2" if op.endswith("l2") else "pseudo_huber"
+        return lambda x: consistency_loss(x, d["a"], metric=metric, x_t=d["b"], c_skip=d["c_skip"],
+                                          c_out=d["c_out"], weight=d["w"], backend=backend)
+    return lambda x: ddim_step(d["a"], x, d["ddim_t"], d["ddim_t_prev"], schedule,
+                               prediction="eps", guidance_scale=3.0, uncond=d["c"],
+                               backend=backend)
+
+
+def _fwd_bwd(fn, leaf, grad_out):
+    out = fn(leaf)
+    out.backward(grad_out if out.dim() else None)
+
+
+def bench_diffusion(report: Report, shapes=((64, 3, 64, 64), (64, 1, 28, 28)), *, repeat: int = 5,
+                    with_compile: bool = True, log=print) -> None:
+    """Each fused op fwd+bwd against the reference eager and torch.compile'd,
+    then one DMD2 iteration (digits UNet) with the reference ops and the fused ones."""
+    from .diffusion import NoiseSchedule
+
+    schedule = NoiseSchedule("cosine", 1000)
+    for shape in shapes:
+        d = diffusion_inputs(shape, schedule)
+        grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        tag = "x".join(map(str, shape))
+        for op in DIFFUSION_OPS:
+            impls = [("torch reference (eager)", diffusion_reference_op(op, d))]
+            if with_compile:
+                impls.append(("torch.compile(reference)",
+                              torch.compile(diffusion_reference_op(op, d), dynamic=False)))
+            impls.append(("fastdistill cpp (fused)", diffusion_fused_op(op, d, schedule)))
+            rows = []
+            for label, fn in impls:
+                src = d["b"] if op == "ddim_eps_cfg" else d["c"]
+                secs, extra = measure(lambda leaf: _fwd_bwd(fn, leaf, grad_out),
+                                      lambda: src.clone().requires_grad_(), repeat=repeat,
+                                      warmup=2)
+                rows.append(Row(op, tag, "float32", label, secs,
+                                None if extra is None else extra / MB))
+                log(f"  {op:22s} {tag:>12s} {label:28s} {secs * 1e3:9.3f} ms")
+            _ratios(report, rows, tag)
+    bench_dmd2_step(report, repeat=repeat, log=log)
+
+
+def bench_dmd2_step(report: Report, *, batch: int = 64, repeat: int = 5, log=print) -> None:
+    """One DMD2 iteration (5 fake-score updates + 1 generator update, digits
+    UNet on 8×8, batch 64) with the ops on the torch reference and fused, and
+    the share of the iteration the ops themselves take (their isolated
+    fwd+bwd at the iteration's shapes: 5 denoising_loss + 1 dmd_loss)."""
+    from .diffusion import DiffusionDistiller, DiffusionModel, DigitUNet, NoiseSchedule
+
+    schedule = NoiseSchedule("cosine", 1000)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        teacher = DiffusionModel(DigitUNet((1, 8, 8), 10), schedule, "v")
+    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(256) % 10
+    shape = (batch, 1, 8, 8)
+    d = diffusion_inputs(shape, schedule)
+    tag = f"{batch}x1x8x8 UNet"
+    rows = []
+    for label, backend in (("DMD2 step, ops on torch reference", "torch"),
+                           ("DMD2 step, fastdistill fused ops", "cpp")):
+        old = os.environ.get(_backend.ENV_BACKEND)
+        os.environ[_backend.ENV_BACKEND] = backend
+        try:
+            dist = DiffusionDistiller("dmd2", teacher, iterations=repeat + 2, batch_size=batch,
+                                      progress=False)
+            state = dist._prepare((x, y))
+            secs, _ = measure(lambda _: dist._step_dmd2(0, *state), lambda: None, repeat=repeat,
+                              warmup=2)
+        finally:
+            if old is None:
+                os.environ.pop(_backend.ENV_BACKEND)
+            else:
+                os.environ[_backend.ENV_BACKEND] = old
+        grad_out = torch.ones(())
+        if backend == "torch":
+            ops = [diffusion_reference_op("dmd", d)] + [diffusion_reference_op(
+                "denoising_v_min_snr", d)] * 5
+        else:
+            ops = [diffusion_fused_op("dmd", d, schedule)] + [diffusion_fused_op(
+                "denoising_v_min_snr", d, schedule)] * 5
+        op_secs, _ = measure(lambda leaf: [_fwd_bwd(f, leaf.clone(), grad_out) for f in ops],
+                             lambda: d["c"].clone().requires_grad_(), repeat=repeat, warmup=2)
+        rows.append(Row("dmd2_iteration", tag, "float32", label, secs, None,
+                        notes=f"ops {op_secs * 1e3:.2f} ms = {100 * op_secs / secs:.1f}% of it"))
+        log(f"  dmd2 iteration {tag:>16s} {label:36s} {secs * 1e3:9.2f} ms "
+            f"(ops {op_secs * 1e3:.2f} ms, {100 * op_secs / secs:.1f}%)")
+    eager = rows[0].seconds
+    for r in rows:
+        r.vs_eager = eager / r.seconds
+    report.rows.extend(rows)
+
+
 # ----------------------------------------------------------------- output
 
 def format_table(report: Report) -> str:
@@ -682,7 +825,7 @@ def environment() -> dict[str, str]:
     }
 
 
-CASES = ("kd", "fused_linear", "sparse", "softlabels", "ot", "dd")
+CASES = ("kd", "fused_linear", "sparse", "softlabels", "ot", "dd", "diffusion")
 QUICK_CASES = ("kd", "fused_linear", "sparse", "softlabels")  # `make demo`: no ot
 
 
@@ -762,6 +905,9 @@ def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergenc
         else:
             log("dataset distillation: DC step 10x256 real + 10x10 synthetic, per-sample norms of 256")
             bench_dd(report, repeat=repeat, log=log)
+    if "diffusion" in cases_to_run:
+        log("diffusion ops: fwd+bwd at 64x3x64x64 and 64x1x28x28; one DMD2 iteration")
+        bench_diffusion(report, repeat=repeat, with_compile=not quick, log=log)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(report)

@@ -1,4 +1,4 @@
-"""The ``fastdistill`` console script: doctor, build, bench, dd, kd, label, kd-demo."""
+"""The ``fastdistill`` console script: doctor, build, bench, dd, kd, label, kd-demo, diffusion."""
 from __future__ import annotations
 
 import argparse
@@ -134,6 +134,17 @@ def kd_demo(args) -> int:
     return 0
 
 
+def diffusion(args) -> int:
+    """Distill the digit teacher into few-step students; metrics next to the teacher's."""
+    from .diffusion import jobs
+
+    methods = args.method or list(jobs.METHODS)
+    jobs.run(args.data, methods, args.steps or [1, 4], out=args.out, iterations=args.iterations,
+             per_class=args.per_class, guidance_scale=args.guidance_scale,
+             teacher_steps=args.teacher_steps, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
 def _text_job_options(p, sequences: int, seq_len: int) -> None:
     p.add_argument("--teacher", default="smollm2",
                    help="'smollm2' (packaged) or a local HF model folder; several, comma-separated, "
@@ -159,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes (the demo); under 3 minutes")
     p.add_argument("--out", default="bench/out", help="folder for the table, JSON and PNG chart")
     p.add_argument("--divergence", action="append", help="limit the full run to these (repeatable)")
-    p.add_argument("--case", action="append", choices=("kd", "fused_linear", "sparse", "softlabels", "ot", "dd"),
+    p.add_argument("--case", action="append", choices=("kd", "fused_linear", "sparse", "softlabels", "ot", "dd", "diffusion"),
                    help="run only these cases (repeatable; default: all; --quick never runs ot)")
     p.add_argument("--malloc", default="pinned", choices=("pinned", "glibc"),
                    help="pinned: glibc returns every freed buffer over 128 KiB to the OS, so "
@@ -206,6 +217,21 @@ def main(argv=None) -> int:
                                        "student, held-out CE and KL")
     p.add_argument("--steps", type=int, default=60)
     p.set_defaults(func=kd_demo)
+    p = sub.add_parser("diffusion", help="distil a digit diffusion model into 1-4 step students "
+                                         "(dmd2, consistency, progressive), evaluated")
+    p.add_argument("--data", default="digits", choices=("digits", "mnist"))
+    p.add_argument("--method", action="append", choices=("dmd2", "consistency", "progressive"),
+                   help="repeatable; default: all three")
+    p.add_argument("--steps", type=int, action="append", choices=(1, 2, 4),
+                   help="student step counts, repeatable; default: 1 and 4")
+    p.add_argument("--iterations", type=int, help="distillation iterations (default: per method)")
+    p.add_argument("--per-class", type=int, default=100, help="samples per class evaluated")
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--teacher-steps", type=int, default=100, help="the teacher's full DDIM steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="diffusion_out", help="folder for results, PNG grid, checkpoints")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=diffusion)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -33,7 +33,7 @@ from .training import Checkpointed, as_data, ema_update, frozen_copy, positive_i
 
 METHODS = ("dmd2", "consistency", "progressive")
 STEPS = (1, 2, 4)
-DEFAULT_ITERATIONS = {"dmd2": 1000, "consistency": 1500, "progressive": 2000}
+DEFAULT_ITERATIONS = {"dmd2": 300, "consistency": 1000, "progressive": 1000}
 DEFAULT_LR = {"dmd2": 1e-4, "consistency": 1e-4, "progressive": 2e-4}
 
 
@@ -106,7 +106,8 @@ class DiffusionDistiller(Checkpointed):
         return torch.randint(int(low * T), int(high * T), (n,), generator=gen)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data) -> "DiffusionDistiller":
+    def _prepare(self, data):
+        """(x, labels, generator, modules, optimizers) of a fresh run."""
         x, y, _ = as_data("data", data)
         if tuple(x.shape[1:]) != self.teacher.image_shape:
             raise ValueError(f"data samples {tuple(x.shape[1:])} differ from the teacher's "
@@ -130,6 +131,14 @@ class DiffusionDistiller(Checkpointed):
             modules["target"] = frozen_copy(student)
         else:
             modules["previous"] = frozen_copy(self.teacher)
+        return x, y, gen, modules, optimizers
+
+    def fit(self, data) -> "DiffusionDistiller":
+        """Distill on ``data`` (see ``training.as_data``: real samples are used
+        by consistency and progressive distillation, labels by every method
+        of a class-conditional teacher); resumes from ``checkpoint``."""
+        x, y, gen, modules, optimizers = self._prepare(data)
+        student = modules["student"]
         state = self.load()
         start = 0
         if state is not None:

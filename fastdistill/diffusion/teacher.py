@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from .. import _checks
+from .._backend import cache_root
 from .._progress import Progress
 from ..reference.diffusion import PREDICTIONS, WEIGHTINGS
 from .model import DiffusionModel
@@ -21,10 +21,9 @@ from .training import Checkpointed, as_data, ema_update, frozen_copy, positive_i
 
 
 def cache_dir() -> Path:
-    """Where trained teachers and classifiers are kept: $FASTDISTILL_CACHE or
-    ~/.cache/fastdistill, then diffusion/."""
-    root = os.environ.get("FASTDISTILL_CACHE") or Path.home() / ".cache" / "fastdistill"
-    return Path(root) / "diffusion"
+    """Where trained teachers (and the metrics' classifiers) are kept:
+    ``_backend.cache_root()/diffusion`` ($FASTDISTILL_CACHE overrides the root)."""
+    return cache_root() / "diffusion"
 
 
 def build_net(image_shape, num_classes, num_steps: int, width: int):
