@@ -71,7 +71,7 @@ EIG_RTOL = 1e-9
 
 __all__ = ["DigitClassifier", "train_classifier", "evaluate_samples", "real_reference",
            "feature_stats", "frechet_distance", "kernel_inception_distance", "precision_recall",
-           "METRIC_DATASETS"]
+           "default_cache_dir", "METRIC_DATASETS"]
 
 
 # --------------------------------------------------------------------- classifier
