@@ -50,9 +50,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _backend, _checks
+from .. import _checks
 from .._progress import Progress
 from ..dd.data import ImageData, load_dataset
+from .training import cache_dir
 
 METRIC_DATASETS = ("digits", "mnist")
 SPLITS = ("test", "train")
@@ -166,9 +167,9 @@ def _digest(data: ImageData) -> str:
 
 
 def default_cache_dir() -> Path:
-    """Where ``train_classifier`` caches its weights by default:
-    ``cache_root()/diffusion`` (``$FASTDISTILL_CACHE`` overrides the root)."""
-    return _backend.cache_root() / "diffusion"
+    """Where ``train_classifier`` caches its weights by default: the diffusion
+    cache (``training.cache_dir()``, with the teachers)."""
+    return cache_dir()
 
 
 def _cache_path(data_name: str, seed: int, cache_dir) -> Path:

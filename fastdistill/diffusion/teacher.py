@@ -5,25 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from pathlib import Path
-
 import torch
 
 from .. import _checks
-from .._backend import cache_root
 from .._progress import Progress
 from ..reference.diffusion import PREDICTIONS, WEIGHTINGS
 from .model import DiffusionModel
 from .nets import DigitUNet, MLPDenoiser
 from .ops import denoising_loss
 from .schedule import KINDS, NoiseSchedule
-from .training import Checkpointed, as_data, ema_update, frozen_copy, positive_int, seeded
-
-
-def cache_dir() -> Path:
-    """Where trained teachers (and the metrics' classifiers) are kept:
-    ``_backend.cache_root()/diffusion`` ($FASTDISTILL_CACHE overrides the root)."""
-    return cache_root() / "diffusion"
+from .training import (Checkpointed, as_data, cache_dir, ema_update, frozen_copy, positive_int,
+                       seeded)
 
 
 def build_net(image_shape, num_classes, num_steps: int, width: int):

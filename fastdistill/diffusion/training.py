@@ -13,9 +13,16 @@ import torch
 from torch import nn
 
 from .. import _checkpoint, _checks
+from .._backend import cache_root
 
 CHECKPOINT_MAGIC = b"FDDFCKPT"
 CHECKPOINT_VERSION = 1
+def cache_dir() -> Path:
+    """Where trained teachers (and the metrics' classifiers) are kept:
+    ``_backend.cache_root()/diffusion`` ($FASTDISTILL_CACHE overrides the root)."""
+    return cache_root() / "diffusion"
+
+
 _STATE_TYPES = {"version": int, "kind": str, "settings": dict, "iteration": int, "modules": dict,
                 "optimizers": dict, "rng": torch.Tensor, "extra": dict}
 
