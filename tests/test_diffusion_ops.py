@@ -574,6 +574,8 @@ def _bad_calls():
         (lambda: consistency_loss(x, x, x_t=x, c_skip=w.detach(), c_out=torch.ones(3, requires_grad=True)),
          ValueError, r"c_out\.detach\(\)"),
         (lambda: consistency_loss(x, leaf), ValueError, r"target\.detach\(\)"),
+        (lambda: consistency_loss(x, x, x_t=leaf, c_skip=w.detach(), c_out=w.detach()), ValueError,
+         r"x_t\.detach\(\)"),
         (lambda: consistency_loss(x, x, weight=torch.ones(3, dtype=torch.int64)), TypeError, "weight must be a floating"),
         (lambda: ddim_step(x, x, t, t - 1, S, guidance_scale=2.0), ValueError, "guidance_scale and uncond go together"),
         (lambda: ddim_step(x, x, t, t - 1, S, uncond=x), ValueError, "guidance_scale and uncond"),

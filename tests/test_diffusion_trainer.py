@@ -165,3 +165,13 @@ def test_the_module_names():
     for name in ("dmd_loss", "denoising_loss", "consistency_loss", "ddim_step", "NoiseSchedule",
                  "train_teacher", "DiffusionDistiller", "DiffusionModel"):
         assert hasattr(fd.diffusion, name)
+
+
+def test_digit_unet_takes_both_digit_sizes():
+    for shape in ((1, 8, 8), (1, 28, 28)):
+        net = fd.diffusion.DigitUNet(shape, 10, width=8)
+        x = torch.randn(3, *shape)
+        out = net(x, torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10]))  # 10: the null class
+        assert out.shape == x.shape
+    with pytest.raises(ValueError, match="multiples of 4"):
+        fd.diffusion.DigitUNet((1, 10, 10))

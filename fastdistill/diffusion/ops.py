@@ -332,7 +332,8 @@ def consistency_loss(pred, target, *, metric="l2", c=None, x_t=None, c_skip=None
     _checks.same_device(pred=pred, target=target, x_t=x_t, c_skip=c_skip, c_out=c_out,
                         weight=weight)
     _checks.choice("reduction", reduction, REDUCTIONS)
-    _constants("consistency_loss", target=target, c_skip=c_skip, c_out=c_out, weight=weight)
+    _constants("consistency_loss", target=target, x_t=x_t, c_skip=c_skip, c_out=c_out,
+               weight=weight)
     reference = lambda v: ref.consistency_loss(  # noqa: E731
         v, target, metric=metric, c=c, x_t=x_t, c_skip=c_skip, c_out=c_out, weight=weight,
         reduction=reduction)
