@@ -763,12 +763,17 @@ def bench_dmd2_step(report: Report, *, batch: int = 64, repeat: int = 5, log=pri
 def format_table(report: Report) -> str:
     head = ("op", "shape", "dtype", "implementation", "fwd+bwd s", "extra peak MB",
             "x faster than eager", "x faster than compile", "x faster than peer", "x floor")
+    with_notes = any(r.notes for r in report.rows)
+    if with_notes:
+        head += ("notes",)
     lines = []
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for r in report.rows:
-        lines.append((r.op, r.shape, r.dtype, r.impl, fmt(r.seconds, ".3f"), fmt(r.extra_peak_mb, ".0f"),
-                      fmt(r.vs_eager, ".2f"), fmt(r.vs_compile, ".2f"), fmt(r.vs_peer, ".2f"),
-                      fmt(r.vs_floor, ".1f")))
+        # 4 significant digits: seconds for the large cases, still readable for millisecond ops
+        line = (r.op, r.shape, r.dtype, r.impl, fmt(r.seconds, ".4g"), fmt(r.extra_peak_mb, ".0f"),
+                fmt(r.vs_eager, ".2f"), fmt(r.vs_compile, ".2f"), fmt(r.vs_peer, ".2f"),
+                fmt(r.vs_floor, ".1f"))
+        lines.append(line + ((r.notes,) if with_notes else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
