@@ -308,10 +308,13 @@ class _Envelope(torch.autograd.Function):
 
     ``name``: the backend whose ``_DenseKernels`` run it; ``sched``: ε per
     round (a float, a list or a tensor of n_iters), ending at ``eps``;
-    ``symmetric``: the self-transport solve of a symmetric cost (a = b)."""
+    ``symmetric``: the self-transport solve of a symmetric cost, b = None
+    (it is a; torch.compile cannot trace one tensor given twice)."""
 
     @staticmethod
     def forward(ctx, C, a, b, eps, name, sched, n_iters, tol, symmetric, want_plan):
+        if symmetric:
+            b = a
         K = _dense_kernels(name)
         loga, logb = _log(a), _log(b)
         if symmetric:
@@ -322,7 +325,7 @@ class _Envelope(torch.autograd.Function):
         f, g = _center(f, g, a, b)
         value = K.value(C, f, g, loga, logb, eps)
         objective = (a * f).sum(-1) + (b * g).sum(-1)
-        ctx.eps, ctx.name = eps, name
+        ctx.eps, ctx.name, ctx.symmetric = eps, name, symmetric
         ctx.save_for_backward(C, a, b, f, g)  # P is recomputed: O(N + M) extra, not O(NM)
         plan = K.plan(C, f, g, loga, logb, eps, None, f.dtype) if want_plan else None
         if plan is not None:
@@ -346,7 +349,7 @@ class _Envelope(torch.autograd.Function):
             K = _dense_kernels(ctx.name)
             grad_C = K.plan(C, f, g, _log(a), _log(b), ctx.eps, scale.contiguous(), C.dtype)
         if ctx.needs_input_grad[1]:
-            grad_a = scale.unsqueeze(-1) * f
+            grad_a = scale.unsqueeze(-1) * (f + g if ctx.symmetric else f)  # a is both sides
         if ctx.needs_input_grad[2]:
             grad_b = scale.unsqueeze(-1) * g
         return grad_C, grad_a, grad_b, None, None, None, None, None, None, None
@@ -572,7 +575,7 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None
                                False, False)[1]
 
     def ot_self(u, wu):
-        return _Envelope.apply(_point_cost(u, u, p), wu, wu, eps, "torch", sched, n_iters, None,
+        return _Envelope.apply(_point_cost(u, u, p), wu, None, eps, "torch", sched, n_iters, None,
                                True, False)[1]
 
     out = ot_eps(x, y, a, b)

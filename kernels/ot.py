@@ -268,9 +268,9 @@ def _dense_plan_kernel(c_ptr, f_ptr, g_ptr, la_ptr, lb_ptr, scale_ptr, out_ptr, 
     off = b * N * M + rows[:, None].to(tl.int64) * M + cols[None, :]
     c = tl.load(c_ptr + off, mask=mask, other=0.0).to(tl.float32)
     f = tl.load(f_ptr + b * N + rows, mask=rmask, other=0.0)
-    la = tl.load(la_ptr + b * N + rows, mask=rmask, other=0.0)
+    la = tl.load(la_ptr + b * N + rows, mask=rmask, other=float("-inf"))  # lanes past N, M: P = 0
     g = tl.load(g_ptr + b * M + cols, mask=cmask, other=0.0)
-    lb = tl.load(lb_ptr + b * M + cols, mask=cmask, other=0.0)
+    lb = tl.load(lb_ptr + b * M + cols, mask=cmask, other=float("-inf"))
     p = tl.exp((f[:, None] + g[None, :] - c) / eps + la[:, None] + lb[None, :])
     if HAS_SCALE:
         p = p * tl.load(scale_ptr + b)
@@ -285,7 +285,7 @@ def _dense_value_kernel(c_ptr, f_ptr, g_ptr, la_ptr, lb_ptr, out_ptr, N, M, eps,
     b = tl.program_id(1).to(tl.int64)
     rmask = rows < N
     f = tl.load(f_ptr + b * N + rows, mask=rmask, other=0.0)
-    la = tl.load(la_ptr + b * N + rows, mask=rmask, other=0.0)
+    la = tl.load(la_ptr + b * N + rows, mask=rmask, other=float("-inf"))  # lanes past N, M: P = 0
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j0 in range(0, M, BLOCK_M):
         cols = j0 + tl.arange(0, BLOCK_M)
@@ -294,9 +294,9 @@ def _dense_value_kernel(c_ptr, f_ptr, g_ptr, la_ptr, lb_ptr, out_ptr, N, M, eps,
         c = tl.load(c_ptr + b * N * M + rows[:, None].to(tl.int64) * M + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         g = tl.load(g_ptr + b * M + cols, mask=cmask, other=0.0)
-        lb = tl.load(lb_ptr + b * M + cols, mask=cmask, other=0.0)
+        lb = tl.load(lb_ptr + b * M + cols, mask=cmask, other=float("-inf"))
         p = tl.exp((f[:, None] + g[None, :] - c) / eps + la[:, None] + lb[None, :])
-        acc += tl.sum(tl.where(mask, p * c, 0.0), axis=1)
+        acc += tl.sum(p * c, axis=1)
     tl.store(out_ptr + b * N + rows, acc, mask=rmask)
 
 
