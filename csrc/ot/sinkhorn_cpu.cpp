@@ -17,6 +17,10 @@
 //            from L1. Each task owns a slice of kSlice rows and its own (m, s);
 //            the slices are merged per column at the end. No transposed copy
 //            (measured: a row pass on a transposed copy is no faster).
+// From the second round on, each half-step is ONE sweep: the previous
+// potential gives the shift (−f_old/ε ≈ the new LSE), and the exact
+// max-shifted passes above only run where that shifted sum leaves [2⁻⁶⁰, 2⁶⁰]
+// (early rounds, ε-scaling jumps).
 // The whole loop runs in one op (sinkhorn_solve): no Python per half-step and
 // nothing for torch.compile to trace but one node. With tol > 0 each problem
 // stops (its f, g frozen) at the first round whose row-marginal L1 error
@@ -93,6 +97,61 @@ float row_lse(const T* c, const float* h, int64_t M, float inv_eps, float* e) {
   float s = hsum(s0 + s1);
   for (; j < M; ++j) s += std::exp(e[j] - m);
   return m + std::log(s);
+}
+
+// A shifted sum Σ exp(x − shift) is used as it is when it lands in [kLo, kHi]:
+// then no term overflowed, the largest terms are normal floats, and
+// LSE = shift + log(sum) exactly as with the max as shift; otherwise the pass
+// is redone with the max (two sweeps).
+constexpr float kLo = 0x1p-60f, kHi = 0x1p60f;
+inline bool in_range(float s) { return s >= kLo && s <= kHi; }  // NaN: false
+
+// Σ_j exp(h_j − c_j/ε − shift) over one row, one sweep.
+template <typename T>
+float row_sum_shifted(const T* c, const float* h, int64_t M, float inv_eps, float shift) {
+  const Vec ie(inv_eps), vsh(shift);
+  Vec s0(0.f), s1(0.f);
+  int64_t j = 0;
+  for (; j + 2 * kVec <= M; j += 2 * kVec) {
+    s0 = s0 + lse_exp(Vec::loadu(h + j) - at::vec::fmadd(load_f(c + j), ie, vsh));
+    s1 = s1 + lse_exp(Vec::loadu(h + j + kVec) - at::vec::fmadd(load_f(c + j + kVec), ie, vsh));
+  }
+  for (; j + kVec <= M; j += kVec) s0 = s0 + lse_exp(Vec::loadu(h + j) - at::vec::fmadd(load_f(c + j), ie, vsh));
+  float s = hsum(s0 + s1);
+  for (; j < M; ++j) s += std::exp(h[j] - (static_cast<float>(c[j]) * inv_eps + shift));
+  return s;
+}
+
+// The column pass with a fixed per-column shift sh (one sweep): s_j =
+// Σ_i exp(l_i − C_ij/ε − sh_j) over rows [r0, r1) of one problem.
+template <typename T>
+void col_sums_shifted(const T* C, const float* l, int64_t r0, int64_t r1, int64_t M, float inv_eps,
+                      const float* sh, float* s) {
+  std::fill(s, s + M, 0.f);
+  const Vec ie(inv_eps);
+  const T* cp[kR];
+  float lv[kR];
+  for (int64_t i0 = r0; i0 < r1; i0 += kR) {
+    int64_t k = 0;
+    for (int64_t i = i0; i < std::min(r1, i0 + kR); ++i) {
+      if (l[i] == -kInf) continue;
+      cp[k] = C + i * M;
+      lv[k++] = l[i];
+    }
+    if (k == 0) continue;
+    int64_t j = 0;
+    for (; j + kVec <= M; j += kVec) {
+      const Vec vsh = Vec::loadu(sh + j);
+      Vec acc = Vec::loadu(s + j);
+      for (int64_t q = 0; q < k; ++q) acc = acc + lse_exp(Vec(lv[q]) - at::vec::fmadd(load_f(cp[q] + j), ie, vsh));
+      acc.store(s + j);
+    }
+    for (; j < M; ++j) {
+      float acc = s[j];
+      for (int64_t q = 0; q < k; ++q) acc += std::exp(lv[q] - (static_cast<float>(cp[q][j]) * inv_eps + sh[j]));
+      s[j] = acc;
+    }
+  }
 }
 
 // The column pass over rows [r0, r1) of one problem: running per-column max
@@ -179,54 +238,104 @@ struct Solver {
   int64_t B, N, M;
   std::vector<char> live;  // problems still iterating
   std::vector<float> ms;   // column pass: (B, chunks, 2, M) running max and sum
+  std::vector<float> shv;  // column pass: (B, M) shifts of the one-sweep pass
   int64_t chunks = 1;
 
   Solver(const T* C_, int64_t B_, int64_t N_, int64_t M_) : C(C_), B(B_), N(N_), M(M_), live(B_, 1) {}
 
   // out_b,i = −ε LSE_j(h_b,j − C_b,ij/ε) for the live problems (h: (B, M)).
-  void rows(const float* h, double eps, float* out) const {
+  // prev (or null): the previous values of out, whose −prev/ε is the shift
+  // of a one-sweep sum (see kLo, kHi); rows where it fails take two sweeps.
+  void rows(const float* h, double eps, float* out, const float* prev) const {
     const float inv_eps = static_cast<float>(1.0 / eps);
     const int64_t grain = std::max<int64_t>(1, 16384 / M);
     at::parallel_for(0, B * N, grain, [&](int64_t t0, int64_t t1) {
-      std::vector<float> e(M);
+      std::vector<float> e;
       for (int64_t t = t0; t < t1; ++t) {
         if (!live[t / N]) continue;
-        out[t] = static_cast<float>(-eps * row_lse(C + t * M, h + (t / N) * M, M, inv_eps, e.data()));
+        const T* c = C + t * M;
+        const float* hb = h + (t / N) * M;
+        float lse;
+        const float sh = prev ? -prev[t] * inv_eps : 0.f;
+        const float sm = prev && std::isfinite(sh) ? row_sum_shifted(c, hb, M, inv_eps, sh) : 0.f;
+        if (in_range(sm)) {
+          lse = sh + std::log(sm);
+        } else {
+          e.resize(M);
+          lse = row_lse(c, hb, M, inv_eps, e.data());
+        }
+        out[t] = static_cast<float>(-eps * lse);
       }
     });
   }
 
   // out_b,j = −ε LSE_i(l_b,i − C_b,ij/ε) for the live problems (l: (B, N)).
-  void cols(const float* l, double eps, float* out) {
+  // prev (or null): the previous values of out (may be out itself), whose
+  // −prev/ε shifts a one-sweep pass; a problem with a column where that
+  // fails is redone with the running max (see col_lse_rows).
+  void cols(const float* l, double eps, float* out, const float* prev) {
     if (ms.empty()) {
       // slices of kSlice rows, whatever the batch and the thread count: the
       // sums (and so the results) are the same for a problem alone or in a batch
       chunks = (N + kSlice - 1) / kSlice;
       ms.resize(static_cast<size_t>(B * chunks * 2 * M));
+      shv.resize(static_cast<size_t>(B * M));
     }
     const float inv_eps = static_cast<float>(1.0 / eps);
-    const int64_t per = kSlice;
+    std::vector<char> exact(B, prev ? 0 : 1);
+    if (prev) {
+      for (int64_t b = 0; b < B; ++b) {
+        if (!live[b]) continue;
+        for (int64_t j = b * M; j < (b + 1) * M; ++j) {
+          shv[j] = -prev[j] * inv_eps;
+          if (!std::isfinite(shv[j])) exact[b] = 1;
+        }
+      }
+      at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / chunks, c = t % chunks;
+          if (!live[b] || exact[b]) continue;
+          const int64_t r0 = std::min(N, c * kSlice), r1 = std::min(N, (c + 1) * kSlice);
+          col_sums_shifted(C + b * N * M, l + b * N, r0, r1, M, inv_eps, shv.data() + b * M,
+                           ms.data() + t * 2 * M);
+        }
+      });
+      for (int64_t b = 0; b < B; ++b) {
+        if (!live[b] || exact[b]) continue;
+        const float* base = ms.data() + b * chunks * 2 * M;
+        float* ob = out + b * M;
+        for (int64_t j = 0; j < M && !exact[b]; ++j) {
+          float sm = 0.f;
+          for (int64_t c = 0; c < chunks; ++c) sm += base[c * 2 * M + j];
+          if (!in_range(sm)) exact[b] = 1;
+          ob[j] = sm;  // the sums for now; the potentials once every column passed
+        }
+        if (!exact[b]) {
+          for (int64_t j = 0; j < M; ++j) ob[j] = static_cast<float>(-eps * (shv[b * M + j] + std::log(ob[j])));
+        }
+      }
+    }
     at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / chunks, c = t % chunks;
-        if (!live[b]) continue;
+        if (!live[b] || !exact[b]) continue;
         float* m = ms.data() + t * 2 * M;
-        const int64_t r0 = std::min(N, c * per), r1 = std::min(N, (c + 1) * per);
+        const int64_t r0 = std::min(N, c * kSlice), r1 = std::min(N, (c + 1) * kSlice);
         col_lse_rows(C + b * N * M, l + b * N, r0, r1, M, inv_eps, m, m + M);
       }
     });
     // merge the slices of each problem, per column
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        if (!live[b]) continue;
+        if (!live[b] || !exact[b]) continue;
         const float* base = ms.data() + b * chunks * 2 * M;
         for (int64_t j = 0; j < M; ++j) {
           float mx = -kInf;
           for (int64_t c = 0; c < chunks; ++c) mx = nan_max(mx, base[c * 2 * M + j]);
           const float sh = mx == -kInf ? 0.f : mx;
-          float s = 0.f;
-          for (int64_t c = 0; c < chunks; ++c) s += base[c * 2 * M + M + j] * std::exp(base[c * 2 * M + j] - sh);
-          out[b * M + j] = static_cast<float>(-eps * (mx + std::log(s)));
+          float sm = 0.f;
+          for (int64_t c = 0; c < chunks; ++c) sm += base[c * 2 * M + M + j] * std::exp(base[c * 2 * M + j] - sh);
+          out[b * M + j] = static_cast<float>(-eps * (mx + std::log(sm)));
         }
       }
     });
@@ -251,14 +360,14 @@ void solve_impl(const T* C, const float* loga, const float* logb, const std::vec
   const int64_t R = static_cast<int64_t>(sched.size());
   std::fill(g, g + B * M, 0.f);
   shift(S.live, logb, g, sched[0], h.data(), B, M);
-  S.rows(h.data(), sched[0], f);
+  S.rows(h.data(), sched[0], f, nullptr);
   for (int64_t it = 0; it < R; ++it) {
     shift(S.live, loga, f, sched[it], l.data(), B, N);
-    S.cols(l.data(), sched[it], g);
+    S.cols(l.data(), sched[it], g, it == 0 ? nullptr : g);
     if (it == R - 1) break;
     const double e1 = sched[it + 1];
     shift(S.live, logb, g, e1, h.data(), B, M);
-    S.rows(h.data(), e1, fn.data());
+    S.rows(h.data(), e1, fn.data(), f);
     bool any = false;
     for (int64_t b = 0; b < B; ++b) {
       if (!S.live[b]) continue;
@@ -292,10 +401,10 @@ void solve_symmetric_impl(const T* C, const float* loga, const std::vector<doubl
   Solver<T> S(C, B, N, N);
   std::vector<float> h(B * N), t(B * N, 0.f);
   shift(S.live, loga, t.data(), sched[0], h.data(), B, N);
-  S.rows(h.data(), sched[0], f);
+  S.rows(h.data(), sched[0], f, nullptr);
   for (double e : sched) {
     shift(S.live, loga, f, e, h.data(), B, N);
-    S.rows(h.data(), e, t.data());
+    S.rows(h.data(), e, t.data(), f);  // T(f) ≈ f: its shift
     for (int64_t i = 0; i < B * N; ++i) f[i] = 0.5f * (f[i] + t[i]);
   }
 }
@@ -348,9 +457,9 @@ at::Tensor sinkhorn_softmin_cpu(const at::Tensor& cost, const at::Tensor& h, dou
     using scalar_t = decltype(tag);
     Solver<scalar_t> S(cost.data_ptr<scalar_t>(), B, N, M);
     if (dim == 2) {
-      S.rows(h.data_ptr<float>(), eps, out.data_ptr<float>());
+      S.rows(h.data_ptr<float>(), eps, out.data_ptr<float>(), nullptr);
     } else {
-      S.cols(h.data_ptr<float>(), eps, out.data_ptr<float>());
+      S.cols(h.data_ptr<float>(), eps, out.data_ptr<float>(), nullptr);
     }
   });
   return out;
