@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -46,7 +47,7 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
 constexpr int64_t kR = 16;       // rows per block of the column pass
-constexpr int64_t kSlice = 256;  // rows per (thread-owned) slice of the column pass
+constexpr int64_t kSlice = 256;  // rows per (task-owned) slice of the column pass
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // kVec costs from p as floats.
@@ -231,6 +232,22 @@ std::vector<double> schedule(const char* op, const at::Tensor& eps) {
   return out;
 }
 
+// fn(i) for i in [0, n), tasks handed out one by one to the threads (an
+// atomic counter): on a machine shared with other jobs a preempted thread
+// delays one small task, not a static half of the pass.
+template <typename F>
+void dynamic_for(int64_t n, F&& fn) {
+  const int64_t T = std::min<int64_t>(at::get_num_threads(), n);
+  if (T <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, T, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  });
+}
+
 // The solver state of one call: the cost and the per-problem work buffers.
 template <typename T>
 struct Solver {
@@ -248,10 +265,10 @@ struct Solver {
   // of a one-sweep sum (see kLo, kHi); rows where it fails take two sweeps.
   void rows(const float* h, double eps, float* out, const float* prev) const {
     const float inv_eps = static_cast<float>(1.0 / eps);
-    const int64_t grain = std::max<int64_t>(1, 16384 / M);
-    at::parallel_for(0, B * N, grain, [&](int64_t t0, int64_t t1) {
-      std::vector<float> e;
-      for (int64_t t = t0; t < t1; ++t) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / M);  // rows per task
+    dynamic_for((B * N + grain - 1) / grain, [&](int64_t task) {
+      thread_local std::vector<float> e;
+      for (int64_t t = task * grain; t < std::min(B * N, (task + 1) * grain); ++t) {
         if (!live[t / N]) continue;
         const T* c = C + t * M;
         const float* hb = h + (t / N) * M;
@@ -291,14 +308,11 @@ struct Solver {
           if (!std::isfinite(shv[j])) exact[b] = 1;
         }
       }
-      at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t b = t / chunks, c = t % chunks;
-          if (!live[b] || exact[b]) continue;
-          const int64_t r0 = std::min(N, c * kSlice), r1 = std::min(N, (c + 1) * kSlice);
-          col_sums_shifted(C + b * N * M, l + b * N, r0, r1, M, inv_eps, shv.data() + b * M,
-                           ms.data() + t * 2 * M);
-        }
+      dynamic_for(B * chunks, [&](int64_t t) {
+        const int64_t b = t / chunks, c = t % chunks;
+        if (!live[b] || exact[b]) return;
+        const int64_t r0 = std::min(N, c * kSlice), r1 = std::min(N, (c + 1) * kSlice);
+        col_sums_shifted(C + b * N * M, l + b * N, r0, r1, M, inv_eps, shv.data() + b * M, ms.data() + t * 2 * M);
       });
       for (int64_t b = 0; b < B; ++b) {
         if (!live[b] || exact[b]) continue;
@@ -315,14 +329,12 @@ struct Solver {
         }
       }
     }
-    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / chunks, c = t % chunks;
-        if (!live[b] || !exact[b]) continue;
-        float* m = ms.data() + t * 2 * M;
-        const int64_t r0 = std::min(N, c * kSlice), r1 = std::min(N, (c + 1) * kSlice);
-        col_lse_rows(C + b * N * M, l + b * N, r0, r1, M, inv_eps, m, m + M);
-      }
+    dynamic_for(B * chunks, [&](int64_t t) {
+      const int64_t b = t / chunks, c = t % chunks;
+      if (!live[b] || !exact[b]) return;
+      float* m = ms.data() + t * 2 * M;
+      const int64_t r0 = std::min(N, c * kSlice), r1 = std::min(N, (c + 1) * kSlice);
+      col_lse_rows(C + b * N * M, l + b * N, r0, r1, M, inv_eps, m, m + M);
     });
     // merge the slices of each problem, per column
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
