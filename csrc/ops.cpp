@@ -56,6 +56,28 @@ TORCH_LIBRARY(fastdistill, m) {
   // The envelope gradient: out (B, N, d) = sum_j P_ij * d C(x_i, y_j) / d x_i,
   // P_ij = exp(l_i + h_j - C_ij / eps), l (B, N) = f / eps + log a.
   m.def("ot_transport_grad(Tensor x, Tensor y, Tensor l, Tensor h, float eps, int p) -> Tensor");
+  // Log-domain Sinkhorn on a given cost (fastdistill/ot.py's sinkhorn and the
+  // tensorized sinkhorn_divergence): cost (B, N, M) contiguous float32,
+  // bfloat16 or float16 (read in its dtype, fp32 accumulation); loga (B, N),
+  // logb (B, M) float32 log-weights (-inf for a zero weight); eps (R,) the ε
+  // of each of the R rounds (a CPU tensor, float64). sinkhorn_solve: g = 0,
+  // f = row update at eps[0], then R rounds of (g update at eps[k], f update
+  // at eps[k + 1]) as ot._iterate; tol > 0 stops each problem at the first
+  // round whose row-marginal L1 error is below tol (tol <= 0: all R rounds).
+  // Returns (f (B, N), g (B, M)) float32. sinkhorn_solve_symmetric: the
+  // averaged self-transport update of a square cost (ot._iterate_symmetric),
+  // returns f (B, N).
+  m.def("sinkhorn_solve(Tensor cost, Tensor loga, Tensor logb, Tensor eps, float tol) -> (Tensor, Tensor)");
+  m.def("sinkhorn_solve_symmetric(Tensor cost, Tensor loga, Tensor eps) -> Tensor");
+  // One half-step: dim = 2: out (B, N) = -eps * LSE_j(h_j - C_ij / eps), h (B, M);
+  // dim = 1: out (B, M) = -eps * LSE_i(h_i - C_ij / eps), h (B, N).
+  m.def("sinkhorn_softmin(Tensor cost, Tensor h, float eps, int dim) -> Tensor");
+  // The plan P_ij = scale_b * exp((f_i + g_j - C_ij) / eps + loga_i + logb_j)
+  // (B, N, M) in dtype (scale: (B,) float32, None = 1), and the value
+  // (B,) = sum_ij P_ij C_ij (scale 1) without storing P.
+  m.def("sinkhorn_plan(Tensor cost, Tensor f, Tensor g, Tensor loga, Tensor logb, float eps, Tensor? scale, "
+        "ScalarType dtype) -> Tensor");
+  m.def("sinkhorn_value(Tensor cost, Tensor f, Tensor g, Tensor loga, Tensor logb, float eps) -> Tensor");
   // SinKD's L1 cost from float32 logits, student (Bq, V) and teacher (Bp, V):
   // q = softmax(student / T), p = softmax(teacher / T), W (Bq, Bp) =
   // sum_v |q_iv - p_jv|; returns (W, q, p). The backward takes q, p and

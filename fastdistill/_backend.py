@@ -28,7 +28,8 @@ EXT_NAME = "fastdistill_C"
 # Sources of the one extension, relative to csrc/. CUDA sources join only
 # when a CUDA toolkit and a CUDA torch are present.
 CPU_SOURCES = ("ops.cpp", "common/memory.cpp", "kd/kd_cpu.cpp", "sparse/sparse_cpu.cpp",
-               "softlabels/softlabels_cpu.cpp", "ot/ot_cpu.cpp", "ot/sinkd_cpu.cpp", "dd/dd_cpu.cpp",
+               "softlabels/softlabels_cpu.cpp", "ot/ot_cpu.cpp", "ot/sinkhorn_cpu.cpp",
+               "ot/sinkd_cpu.cpp", "dd/dd_cpu.cpp",
                "diffusion/diffusion_cpu.cpp")
 CUDA_SOURCES: tuple[str, ...] = ("softlabels/softlabels_cuda.cu",)
 

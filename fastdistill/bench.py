@@ -147,6 +147,7 @@ PEERS = {
     "softlabel_kd": "decode to dense + kd_loss",
     # issue 5's target is "3x faster than both": the ratio is to the faster peer
     "sinkhorn_divergence": ("POT", "GeomLoss"),
+    "sinkhorn[": ("POT", "GeomLoss"),
     "sinkhorn_kd": "torch eager (SinKD reference port)",
     "dc_outer_step": "per-class loop",
     "per_sample_grad_norms": "torch.func",
@@ -470,14 +471,108 @@ def _ot_divergence_impls(epsilon: float, n_iters: int, log=print):
         gl = SamplesLoss("sinkhorn", p=2, blur=blur, diameter=diameter, scaling=scaling,
                          debias=True, backend="tensorized")
         impls.append((f"GeomLoss SamplesLoss tensorized ({n_iters} it at ε)", gl))
-    for backend, what in (("torch", "dense cost"), ("cpp", "cost tiles on the fly")):
+    for backend, mode, what in (("torch", "auto", "dense cost"),
+                                ("cpp", "online", "online: cost tiles rebuilt every half-step"),
+                                ("cpp", "auto", "auto: tensorized, the 3 costs built once")):
         if backend != "torch" and not _backend.backends().get(backend):
             log(f"  skipped fastdistill {backend}: unavailable (fastdistill doctor says why)")
             continue
         impls.append((f"fastdistill sinkhorn_divergence {backend} ({what})",
-                      lambda x, y, backend=backend: sinkhorn_divergence(
-                          x, y, epsilon=epsilon, p=2, n_iters=n_iters, backend=backend)))
+                      lambda x, y, backend=backend, mode=mode: sinkhorn_divergence(
+                          x, y, epsilon=epsilon, p=2, n_iters=n_iters, mode=mode, backend=backend)))
     return impls
+
+
+def _geomloss_loop():
+    """GeomLoss's Sinkhorn loop and its dense softmin (0.3's _legacy modules,
+    0.2's top-level ones), or None."""
+    for mod in ("geomloss._legacy", "geomloss"):
+        try:
+            import importlib
+
+            loop = importlib.import_module(f"{mod}.sinkhorn_divergence").sinkhorn_loop
+            softmin = importlib.import_module(f"{mod}.sinkhorn_samples").softmin_tensorized
+            return loop, softmin
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _ot_sinkhorn_impls(epsilon: float, n_iters: int, log=print):
+    """(label, value(C, a, b)) for entropic OT on a given cost: ⟨P, C⟩ after
+    n_iters (row, column) log-domain updates, forward only (a cost given as
+    such has no upstream graph in POT's or GeomLoss's own usage)."""
+    import warnings
+
+    from .ot import sinkhorn
+
+    impls = []
+    try:
+        import ot as pot
+    except ImportError as e:
+        log(f"  skipped POT: {e} (pip install pot)")
+    else:
+        def pot_fn(C, a, b):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "did not converge": tol 0 runs every iteration
+                P = pot.bregman.sinkhorn_log(a, b, C, epsilon, numItermax=n_iters, stopThr=0.0)
+            return (P * C).sum()
+
+        impls.append((f"POT ot.bregman.sinkhorn_log ({n_iters} it)", pot_fn))
+    gl = _geomloss_loop()
+    if gl is None:
+        log("  skipped GeomLoss: not installed (pip install --no-deps geomloss)")
+    else:
+        loop, softmin = gl
+
+        def gl_fn(C, a, b):
+            # the loop runs 1 + len(eps_list) + 1 (extrapolation) symmetric updates
+            la, lb = a.log()[None], b.log()[None]
+            _, _, g_ab, f_ba = loop(softmin, [la], [lb], [None], [None], [C[None]], [C.T[None]],
+                                    [epsilon] * (n_iters - 2), None, debias=False)
+            P = torch.exp((f_ba[0][:, None] + g_ab[0][None, :] - C) / epsilon + la[0][:, None] + lb[0][None, :])
+            return (P * C).sum()
+
+        impls.append((f"GeomLoss sinkhorn_loop softmin_tensorized ({n_iters} it)", gl_fn))
+    for backend, dtype in (("torch", torch.float32), ("cpp", torch.float32), ("cpp", torch.bfloat16)):
+        if backend != "torch" and not _backend.backends().get(backend):
+            log(f"  skipped fastdistill {backend}: unavailable (fastdistill doctor says why)")
+            continue
+        what = "reference" if backend == "torch" else "one op" + (", cost in bf16" if dtype != torch.float32 else "")
+        impls.append((f"fastdistill sinkhorn {backend} ({what})",
+                      lambda C, a, b, backend=backend, dtype=dtype: sinkhorn(
+                          C.to(dtype), a, b, epsilon=epsilon, n_iters=n_iters, backend=backend).value))
+    return impls
+
+
+def bench_ot_sinkhorn(report: Report, n: int, *, epsilon: float = 0.05, n_iters: int = 100,
+                      repeat: int = 1, warmup: int = 0, log=print) -> None:
+    """``sinkhorn`` on a given n×n fp32 cost C = ½|x − y|² ~ O(1) (the clouds of
+    bench_ot_divergence with d = 64), forward: solve + ⟨P, C⟩."""
+    g = torch.Generator().manual_seed(0)
+    d = 64
+    x = torch.randn(n, d, generator=g) / d**0.5
+    y = torch.randn(n, d, generator=g) / d**0.5 * 0.8 + 0.5 / d**0.5
+    C = (0.5 * torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist") ** 2).contiguous()
+    a = torch.full((n,), 1.0 / n)
+    b = torch.full((n,), 1.0 / n)
+    C16 = C.to(torch.bfloat16)
+    shape = f"{n}x{n}"
+    rows = []
+    for label, fn in _ot_sinkhorn_impls(epsilon, n_iters, log):
+        value = []
+        cost = C16 if "bf16" in label else C  # the conversion is not timed
+
+        def run(_state, fn=fn, cost=cost):
+            value.append(float(fn(cost, a, b)))
+
+        secs, extra = measure(run, lambda: None, repeat=repeat, warmup=warmup)
+        row = Row(f"sinkhorn[given cost, eps={epsilon} {n_iters} it, fwd]", shape,
+                  "bfloat16" if "bf16" in label else "float32", label, secs,
+                  None if extra is None else extra / MB, notes=f"<P, C> = {value[-1]:.6f}")
+        rows.append(row)
+        log(f"  {row.op:36s} {shape:>12s} {label:52s} {secs:8.3f} s  <P,C>={value[-1]:.6f}")
+    _ratios(report, rows, shape)
 
 
 def bench_ot_divergence(report: Report, n: int, d: int, *, epsilon: float = 0.05, n_iters: int = 100,
@@ -899,6 +994,8 @@ def run(quick: bool = False, out_dir: str | os.PathLike = "bench/out", divergenc
     if "ot" in cases_to_run and quick:
         log("ot: not part of --quick (each point-cloud run takes tens of seconds); skipped")
     if "ot" in cases_to_run and not quick:
+        log("Sinkhorn on a given 4096x4096 cost: eps=0.05, 100 iterations, forward (one timed run each)")
+        bench_ot_sinkhorn(report, 4096, epsilon=0.05, n_iters=100, log=log)
         log("Sinkhorn divergence: N=M=4096, d=64, eps=0.05, 100 iterations (one timed run each)")
         bench_ot_divergence(report, 4096, 64, epsilon=0.05, n_iters=100, log=log)
         log("SinKD: B=128, V=32000, T=2, eps=0.1, 20 iterations")

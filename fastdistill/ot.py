@@ -31,9 +31,22 @@ from ._backend import resolve
 
 KD_COSTS = ("l1", "sqeuclidean", "cosine")
 KD_GRADIENTS = ("envelope", "unrolled")
+DIVERGENCE_MODES = ("auto", "online", "tensorized")
+
+# Rounds between two early-exit checks of ``tol`` (a host read of "has every
+# problem stopped?"); between them nothing leaves the device, and under
+# torch.compile there is no check at all (all n_iters rounds run, the stopped
+# problems frozen): the results are the same either way.
+TOL_CHECK_EVERY = 10
+
+# sinkhorn_divergence(mode="auto") stores the costs (tensorized) when all of
+# them together, float32, take at most this many bytes (as GeomLoss picks its
+# tensorized backend); above it the cost is rebuilt in every half-step (online).
+TENSORIZED_BUDGET_BYTES = 256 * 1024 * 1024
 
 __all__ = ["SinkhornResult", "sinkhorn", "sinkhorn_divergence", "sinkhorn_kd_loss",
-           "KD_COSTS", "KD_GRADIENTS"]
+           "KD_COSTS", "KD_GRADIENTS", "DIVERGENCE_MODES", "TENSORIZED_BUDGET_BYTES",
+           "TOL_CHECK_EVERY"]
 
 
 class SinkhornResult(NamedTuple):
@@ -121,7 +134,7 @@ def _weights(name: str, w, shape: torch.Size, device: torch.device,
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(w.shape)}")
     if w.device != device:
         raise ValueError(f"{name} is on {w.device} but cost is on {device}")
-    if w.numel():
+    if w.numel() and not torch.compiler.is_compiling():  # value checks read the data: eager only
         if not torch.isfinite(w).all():
             raise ValueError(f"{name} must be finite")
         if (w < 0).any():
@@ -161,49 +174,59 @@ def _lse_cols(C, f, loga, eps):
     return -eps * torch.logsumexp((f.unsqueeze(-1) - C) / eps + loga.unsqueeze(-1), dim=-2)
 
 
-def _iterate(C, loga, logb, eps, n_iters, tol):
+def _iterate(C, loga, logb, eps, n_iters, tol, rows=_lse_rows, cols=_lse_cols):
     """Log-domain Sinkhorn: n_iters rounds of (f update, g update), from g = 0.
 
-    ``eps`` is one float or a schedule of n_iters floats (ε-scaling): round k
-    updates f, then g, at eps[k]. After each g update the column marginals
-    are exact; the row marginals are off by a_i (exp((f_i − f_new_i)/ε) − 1),
-    which the next f update gives for free. With ``tol`` the loop stops as
-    soon as that L1 error per problem, maximized over the batch, is below
-    tol, keeping the (f, g) it was measured on. Plain torch ops: under
-    autograd this is the unrolled graph.
+    ``eps`` is one float or a schedule of n_iters values (ε-scaling; a list
+    of floats or a 1-d tensor): round k updates f, then g, at eps[k]. After
+    each g update the column marginals are exact; the row marginals are off
+    by a_i (exp((f_i − f_new_i)/ε) − 1), which the next f update gives for
+    free. With ``tol`` each problem of the batch stops at the first round
+    whose L1 error is below tol, keeping the (f, g) it was measured on: its
+    potentials are frozen from then on (no host sync); every
+    ``TOL_CHECK_EVERY`` rounds, in eager mode, the loop ends once every
+    problem has stopped. Plain torch ops (``rows``/``cols``: the half-steps,
+    torch's or a kernel's): under autograd this is the unrolled graph.
     """
     sched = _schedule_list(eps, n_iters)
     g = torch.zeros_like(logb)
-    f = _lse_rows(C, g, logb, sched[0])
+    f = rows(C, g, logb, sched[0])
+    done = None
     for it in range(n_iters):
-        g = _lse_cols(C, f, loga, sched[it])
+        g_new = cols(C, f, loga, sched[it])
+        g = g_new if done is None else torch.where(done.unsqueeze(-1), g, g_new)
         if it == n_iters - 1:
             break
-        f_new = _lse_rows(C, g, logb, sched[it + 1])
-        if tol is not None:
-            row_mass = torch.exp(loga + (f - f_new) / sched[it + 1])
-            err = (row_mass - loga.exp()).abs().sum(-1)
-            if err.numel() == 0 or err.max().item() < tol:
-                break
-        f = f_new
+        f_new = rows(C, g, logb, sched[it + 1])
+        if tol is None:
+            f = f_new
+            continue
+        row_mass = torch.exp(loga + (f - f_new) / sched[it + 1])
+        stop = (row_mass - loga.exp()).abs().sum(-1) < tol  # NaN never stops
+        done = stop if done is None else done | stop
+        f = torch.where(done.unsqueeze(-1), f, f_new)
+        if ((it + 1) % TOL_CHECK_EVERY == 0 and not torch.compiler.is_compiling()
+                and bool(done.all())):
+            break
     return f, g
 
 
-def _iterate_symmetric(C, loga, eps, n_iters):
+def _iterate_symmetric(C, loga, eps, n_iters, rows=_lse_rows):
     """The self-transport OT_ε(a, a) of a symmetric cost (debiasing terms):
     its potentials are equal (f = g), and the averaged update
     f ← ½(f + T(f)), T(f)_i = −ε LSE_j((f_j − C_ij)/ε + log a_j), from
     f = T(0), converges in a few steps (Feydy et al. 2019), where the
     alternating one oscillates. n_iters + 1 half-steps, round k at eps[k]."""
     sched = _schedule_list(eps, n_iters)
-    f = _lse_rows(C, torch.zeros_like(loga), loga, sched[0])
+    f = rows(C, torch.zeros_like(loga), loga, sched[0])
     for it in range(n_iters):
-        f = 0.5 * (f + _lse_rows(C, f, loga, sched[it]))
+        f = 0.5 * (f + rows(C, f, loga, sched[it]))
     return f
 
 
-def _schedule_list(eps, n_iters) -> list[float]:
-    return [eps] * n_iters if isinstance(eps, float) else list(eps)
+def _schedule_list(eps, n_iters):
+    """ε per round: a list of floats, or the schedule tensor as it is."""
+    return [eps] * n_iters if isinstance(eps, float) else eps
 
 
 def _plan(C, f, g, loga, logb, eps):
@@ -219,22 +242,92 @@ def _center(f, g, a, b):
     return f + c.unsqueeze(-1), g - c.unsqueeze(-1)
 
 
+def _torch_plan(C, f, g, loga, logb, eps, scale, dtype):
+    P = _plan(C, f, g, loga, logb, eps)
+    return (P if scale is None else scale[..., None, None] * P).to(dtype)
+
+
+def _torch_value(C, f, g, loga, logb, eps):
+    return (_plan(C, f, g, loga, logb, eps) * C).sum((-2, -1))
+
+
+class _DenseKernels(NamedTuple):
+    """One backend's kernels on a given cost: the torch reference takes any
+    (..., N, M) in the work dtype; cpp and triton a contiguous (B, N, M) cost
+    in its own dtype (float32/bf16/fp16) and (B, ·) float32 weights."""
+
+    solve: object            # (C, loga, logb, sched, n_iters, tol) -> (f, g)
+    solve_symmetric: object  # (C, loga, sched, n_iters) -> f
+    plan: object             # (C, f, g, loga, logb, eps, scale | None, dtype) -> scale·P in dtype
+    value: object            # (C, f, g, loga, logb, eps) -> ⟨P, C⟩
+
+
+def _eps_tensor(sched, n_iters: int) -> torch.Tensor:
+    """The ε of each round as the float64 CPU tensor the cpp ops take."""
+    if isinstance(sched, float):
+        return torch.full((n_iters,), sched, dtype=torch.float64)
+    if isinstance(sched, torch.Tensor):
+        return sched.to(device="cpu", dtype=torch.float64)
+    return torch.tensor(list(sched), dtype=torch.float64)
+
+
+def _cpp_kernels() -> _DenseKernels:
+    ops = torch.ops.fastdistill
+    return _DenseKernels(
+        lambda C, la, lb, sched, n, tol: ops.sinkhorn_solve(C, la, lb, _eps_tensor(sched, n),
+                                                            -1.0 if tol is None else tol),
+        lambda C, la, sched, n: ops.sinkhorn_solve_symmetric(C, la, _eps_tensor(sched, n)),
+        ops.sinkhorn_plan, ops.sinkhorn_value)
+
+
+def _triton_kernels() -> _DenseKernels:
+    from fastdistill.kernels import ot as triton_ot  # CUDA only; imported on demand
+
+    rows, cols = triton_ot.dense_softmin_rows, triton_ot.dense_softmin_cols
+    return _DenseKernels(
+        lambda C, la, lb, sched, n, tol: _iterate(C, la, lb, sched, n, tol, rows=rows, cols=cols),
+        lambda C, la, sched, n: _iterate_symmetric(C, la, sched, n, rows=rows),
+        triton_ot.dense_plan, triton_ot.dense_value)
+
+
+_TORCH_KERNELS = _DenseKernels(
+    lambda C, la, lb, sched, n, tol: _iterate(C, la, lb, sched, n, tol),
+    lambda C, la, sched, n: _iterate_symmetric(C, la, sched, n),
+    _torch_plan, _torch_value)
+
+
+def _dense_kernels(name: str) -> _DenseKernels:
+    if name == "torch":
+        return _TORCH_KERNELS
+    return _cpp_kernels() if name == "cpp" else _triton_kernels()
+
+
 class _Envelope(torch.autograd.Function):
     """Forward: solve, return ⟨P, C⟩, OT_ε, f, g (and P). Backward: the envelope
-    gradient of OT_ε for both scalar outputs (P, f, g); f, g, P carry none."""
+    gradient of OT_ε for both scalar outputs (P, f, g); f, g, P carry none.
+
+    ``name``: the backend whose ``_DenseKernels`` run it; ``sched``: ε per
+    round (a float, a list or a tensor of n_iters), ending at ``eps``;
+    ``symmetric``: the self-transport solve of a symmetric cost, b = None
+    (it is a; torch.compile cannot trace one tensor given twice)."""
 
     @staticmethod
-    def forward(ctx, C, a, b, eps, solve, want_plan):
-        """solve(C, loga, logb) -> (f, g), converged at the final ε ``eps``."""
+    def forward(ctx, C, a, b, eps, name, sched, n_iters, tol, symmetric, want_plan):
+        if symmetric:
+            b = a
+        K = _dense_kernels(name)
         loga, logb = _log(a), _log(b)
-        f, g = solve(C, loga, logb)
+        if symmetric:
+            f = K.solve_symmetric(C, loga, sched, n_iters)
+            g = f
+        else:
+            f, g = K.solve(C, loga, logb, sched, n_iters, tol)
         f, g = _center(f, g, a, b)
-        P = _plan(C, f, g, loga, logb, eps)
-        value = (P * C).sum((-2, -1))
+        value = K.value(C, f, g, loga, logb, eps)
         objective = (a * f).sum(-1) + (b * g).sum(-1)
-        ctx.eps = eps
+        ctx.eps, ctx.name, ctx.symmetric = eps, name, symmetric
         ctx.save_for_backward(C, a, b, f, g)  # P is recomputed: O(N + M) extra, not O(NM)
-        plan = P if want_plan else None
+        plan = K.plan(C, f, g, loga, logb, eps, None, f.dtype) if want_plan else None
         if plan is not None:
             ctx.mark_non_differentiable(f, g, plan)
         else:
@@ -253,13 +346,13 @@ class _Envelope(torch.autograd.Function):
             scale = scale + d_objective
         grad_C = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            P = _plan(C, f, g, _log(a), _log(b), ctx.eps)
-            grad_C = scale[..., None, None] * P
+            K = _dense_kernels(ctx.name)
+            grad_C = K.plan(C, f, g, _log(a), _log(b), ctx.eps, scale.contiguous(), C.dtype)
         if ctx.needs_input_grad[1]:
-            grad_a = scale.unsqueeze(-1) * f
+            grad_a = scale.unsqueeze(-1) * (f + g if ctx.symmetric else f)  # a is both sides
         if ctx.needs_input_grad[2]:
             grad_b = scale.unsqueeze(-1) * g
-        return grad_C, grad_a, grad_b, None, None, None
+        return grad_C, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 def _check_cost(cost) -> None:
@@ -268,38 +361,53 @@ def _check_cost(cost) -> None:
         raise ValueError(f"cost must have shape (..., N, M), got {tuple(cost.shape)}")
     if cost.shape[-1] == 0 or cost.shape[-2] == 0:
         raise ValueError(f"cost must have at least one row and one column, got {tuple(cost.shape)}")
-    if cost.numel() and not torch.isfinite(cost).all():
-        raise ValueError("cost must be finite (give a zero weight instead of an infinite cost)")
+    if cost.numel() and not torch.compiler.is_compiling():
+        # min and max are finite iff every entry is (NaN propagates through both): one
+        # reduction, where isfinite(cost).all() would allocate ~112 MB at 4096×4096
+        lo, hi = torch.aminmax(cost)
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise ValueError("cost must be finite (give a zero weight instead of an infinite cost)")
 
 
-def _solve(cost, a, b, eps, n_iters, tol, want_plan):
-    """Checked inputs in, (value, OT_ε, f, g, plan) out, in the work dtype."""
+def _solve(cost, a, b, eps, n_iters, tol, want_plan, name="torch"):
+    """Checked inputs in, (value, OT_ε, f, g, plan) out, in the work dtype
+    (the cost itself stays in its dtype on cpp and triton)."""
     wd = _work_dtype(cost)
-    C = cost.to(wd)
     a = _weights("a", a, cost.shape[:-1], cost.device, wd)
     b = _weights("b", b, cost.shape[:-2] + cost.shape[-1:], cost.device, wd)
-    return _Envelope.apply(C, a, b, eps, lambda C, la, lb: _iterate(C, la, lb, eps, n_iters, tol),
-                           want_plan)
+    if name == "torch":
+        return _Envelope.apply(cost.to(wd), a, b, eps, name, eps, n_iters, tol, False, want_plan)
+    batch, (N, M) = cost.shape[:-2], cost.shape[-2:]
+    value, obj, f, g, plan = _Envelope.apply(
+        cost.reshape(-1, N, M).contiguous(), a.reshape(-1, N).contiguous(),
+        b.reshape(-1, M).contiguous(), eps, name, eps, n_iters, tol, False, want_plan)
+    return (value.reshape(batch), obj.reshape(batch), f.reshape(batch + (N,)),
+            g.reshape(batch + (M,)), None if plan is None else plan.reshape(batch + (N, M)))
 
 
 def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
              *, epsilon: float, n_iters: int = 100, tol: float | None = None,
-             return_plan: bool = False) -> SinkhornResult:
+             return_plan: bool = False, backend: str = "auto") -> SinkhornResult:
     """Entropic OT between weights a and b with cost C, log-domain, batched.
 
     cost: (..., N, M), any leading batch shape (many problems in one call);
     a: (..., N) and b: (..., M), non-negative and summing to 1 per problem
     (default uniform). Zero weights are allowed. Used as given: nothing is
     renormalized or broadcast. The work is done in float32 (float64 stays
-    float64; fp16/bf16 costs are upcast) and the results come back in that
+    float64 and runs on backend="torch"; fp16/bf16 costs are read in their
+    dtype and accumulated in float32) and the results come back in that
     dtype; the gradient w.r.t. cost comes back in cost's dtype. The log
     domain never underflows, but float32 potentials carry rounding of
     ~|f|·2⁻²⁴, which the plan sees magnified by 1/ε (relative ~1e-3 at
     ε = 1e-4 with costs ~1): use float64 for tiny ε where that matters.
 
-    n_iters rounds of (f update, g update), or fewer with ``tol``: stop once
-    the L1 error of the row marginals, Σ_i |Σ_j P_ij − a_i| (the columns are
-    exact after each round), is below tol for every problem of the batch.
+    n_iters rounds of (f update, g update), or fewer with ``tol``: each
+    problem of the batch stops (its f, g kept from then on) at the first
+    round where the L1 error of its row marginals, Σ_i |Σ_j P_ij − a_i| (the
+    columns are exact after each round), is below tol. Nothing is read back
+    to the host per round: every ``TOL_CHECK_EVERY`` rounds the loop ends if
+    every problem has stopped (under torch.compile it runs all n_iters
+    rounds, with the same results).
 
     Returns ``SinkhornResult(value, f, g, plan)``: value = ⟨P, C⟩ as POT's
     ``sinkhorn2`` reports it; f, g centered so that ⟨a, f⟩ = ⟨b, g⟩ =
@@ -312,11 +420,20 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
     simplex only their differences matter, since Σ δa = Σ δb = 0). The two
     differ by the gradient of ε·KL(P ‖ a⊗b), which is O(ε). f, g and plan
     are returned without gradient.
+
+    backend="torch" is the readable reference; "cpp" (CPU) runs the whole
+    loop in one op (one row-wise sweep of the cost per half-step, the plan
+    and the value fused, never a second N×M buffer), "triton" (CUDA) one
+    kernel per half-step; "auto" picks per ``fastdistill.backends()``.
     """
     _check_cost(cost)
     eps, n_iters, tol = _options(epsilon, n_iters, tol)
     _checks.flag("return_plan", return_plan)
-    value, _, f, g, plan = _solve(cost, a, b, eps, n_iters, tol, return_plan)
+    name = resolve(backend, cost.device, _work_dtype(cost))
+    if name != "torch" and cost.dtype == torch.float64:
+        raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 costs; "
+                        "float64 runs on backend='torch'")
+    value, _, f, g, plan = _solve(cost, a, b, eps, n_iters, tol, return_plan, name)
     return SinkhornResult(value, f, g, plan)
 
 
@@ -336,31 +453,56 @@ def _point_cost(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
     return torch.where(live, torch.where(live, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
-def _eps_schedule(eps: float, n_iters: int, scaling, x: torch.Tensor, y: torch.Tensor,
-                  p: int) -> list[float]:
-    """ε per round: constant, or with ε-scaling ε_k = max(ε, ε₀·scaling^k) from
-    ε₀ = diameter^p / p, the largest cost the clouds can have (diameter: the
-    diagonal of the box holding every point of x and y, over the batch)."""
+def _eps_schedule(eps: float, n_iters: int, scaling, x: torch.Tensor, y: torch.Tensor, p: int):
+    """ε per round: constant (a list of floats), or with ε-scaling
+    ε_k = max(ε, ε₀·scaling^k) from ε₀ = diameter^p / p, the largest cost the
+    clouds can have (diameter: the diagonal of the box holding every point of
+    x and y, over the batch), as a float64 tensor on the clouds' device,
+    computed there (no host sync). The schedule must reach ε within n_iters
+    rounds: checked in eager mode (one read of ε₀ per call); under
+    torch.compile, which cannot raise on data, the last round is at ε
+    whatever ε₀ was."""
     if scaling is None:
         return [eps] * n_iters
     scaling = _checks.real("scaling", scaling, low=0.0, high=1.0, low_open=True, high_open=True)
     pts = torch.cat([x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])])
-    diameter = (pts.amax(0) - pts.amin(0)).norm().item()
+    diameter = (pts.amax(0) - pts.amin(0)).norm().double()
     eps0 = diameter ** p / p
-    if eps0 <= eps:
-        return [eps] * n_iters
-    needed = math.ceil(math.log(eps / eps0) / math.log(scaling)) + 1
-    if needed > n_iters:
-        raise ValueError(f"scaling={scaling} anneals ε from {eps0:.4g} (diameter^p/p) to epsilon="
-                         f"{eps} in {needed} rounds, more than n_iters={n_iters}: raise n_iters "
-                         "or lower scaling")
-    return [max(eps, eps0 * scaling ** k) for k in range(n_iters)]
+    k = torch.arange(n_iters, dtype=torch.float64, device=x.device)
+    sched = torch.clamp_min(eps0 * scaling ** k, eps)
+    sched[-1] = eps
+    if not torch.compiler.is_compiling():
+        e0 = float(eps0)
+        needed = math.ceil(math.log(eps / e0) / math.log(scaling)) + 1 if e0 > eps else 1
+        if needed > n_iters:
+            raise ValueError(f"scaling={scaling} anneals ε from {e0:.4g} (diameter^p/p) to epsilon="
+                             f"{eps} in {needed} rounds, more than n_iters={n_iters}: raise n_iters "
+                             "or lower scaling")
+    return sched
+
+
+def _tensorized_bytes(batch: int, N: int, M: int, debias: bool) -> int:
+    """float32 bytes of the costs the tensorized divergence stores."""
+    return 4 * batch * (N * M + (N * N + M * M if debias else 0))
+
+
+def _dense_point_cost(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
+    """|x_i − y_j|^p / p, (B, N, M) float32, no graph: for p = 2 one batched
+    GEMM into the only N×M buffer (½|x|² + ½|y|² − x·y, clamped at 0, the
+    norms accumulated in float64 as the tiled kernels do), for p = 1 exact
+    differences (torch.cdist without its GEMM shortcut)."""
+    if p == 2:
+        hx = (0.5 * x.double().pow(2).sum(-1)).float()
+        hy = (0.5 * y.double().pow(2).sum(-1)).float()
+        C = torch.baddbmm(hy.unsqueeze(-2), x, y.transpose(-1, -2), alpha=-1.0)
+        return C.add_(hx.unsqueeze(-1)).clamp_min_(0)
+    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None = None,
                         b: torch.Tensor | None = None, *, epsilon: float, p: int = 2,
                         debias: bool = True, n_iters: int = 100, scaling: float | None = None,
-                        backend: str = "auto") -> torch.Tensor:
+                        mode: str = "auto", backend: str = "auto") -> torch.Tensor:
     """Sinkhorn divergence between point clouds x (..., N, d) and y (..., M, d).
 
     Cost |x_i − y_j|^p / p (Euclidean norm, p in {1, 2}); weights a (..., N),
@@ -379,10 +521,16 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None
     Gradients w.r.t. x, y, a, b: the envelope gradient of each solve.
     backend="torch" is the readable reference: it builds the dense cost
     (O(NM) memory, O(NMd) for p = 1) and lets autograd take the gradient
-    through it. "cpp" (CPU) and "triton" (CUDA) never store the cost: they
-    rebuild it tile by tile in every half-step (extra memory O(N + M)) and
-    take the gradient in the same tiled way; "auto" picks per
-    ``fastdistill.backends()``.
+    through it. On "cpp" (CPU) and "triton" (CUDA), ``mode`` says how:
+    "online" never stores a cost: it rebuilds it tile by tile in every
+    half-step (extra memory O(N + M)); "tensorized" computes each cost once
+    (one GEMM, float32, one at a time: N×M, then N×N and M×M for the
+    debiasing terms) and iterates on it with ``sinkhorn``'s kernels, several
+    times faster; "auto" is tensorized when those costs together take at
+    most ``TENSORIZED_BUDGET_BYTES`` (256 MiB), else online. Both take the
+    gradient the same tiled way (no cost is kept for the backward).
+    backend="auto" picks per ``fastdistill.backends()``; backend="torch"
+    takes mode "auto" or "tensorized" (it is dense).
     """
     _checks.tensor("x", x, floating=True)
     _checks.tensor("y", y, floating=True)
@@ -400,34 +548,39 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None
     if isinstance(p, bool) or p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     _checks.flag("debias", debias)
+    _checks.choice("mode", mode, DIVERGENCE_MODES)
     eps, n_iters, _ = _options(epsilon, n_iters)
     wd = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
     name = resolve(backend, x.device, wd)
     if name != "torch" and wd == torch.float64:
         raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 points; "
                         "float64 runs on backend='torch'")
+    if name == "torch" and mode == "online":
+        raise ValueError("mode='online' needs backend 'cpp' (CPU) or 'triton' (CUDA): the torch "
+                         "reference always builds the dense cost (mode 'auto' or 'tensorized')")
     x, y = x.to(wd), y.to(wd)
-    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+    if not torch.compiler.is_compiling() and not (torch.isfinite(x).all() and torch.isfinite(y).all()):
         raise ValueError("x and y must be finite")
     a = _weights("a", a, x.shape[:-1], x.device, wd)
     b = _weights("b", b, y.shape[:-1], y.device, wd)
     sched = _eps_schedule(eps, n_iters, scaling, x.detach(), y.detach(), p)
 
     if name != "torch":
-        ops = _point_ops(name)
         batch = x.shape[:-2]
         flat = [t.reshape((-1,) + t.shape[len(batch):]) for t in (x, y, a, b)]
-        return _TiledDivergence.apply(*flat, sched, p, debias, ops).reshape(batch)
+        if mode == "auto":
+            size = _tensorized_bytes(flat[0].shape[0], x.shape[-2], y.shape[-2], debias)
+            mode = "tensorized" if size <= TENSORIZED_BUDGET_BYTES else "online"
+        return _TiledDivergence.apply(*flat, eps, sched, p, debias, name,
+                                      mode == "tensorized").reshape(batch)
 
     def ot_eps(u, v, wu, wv):
-        solve = lambda C, la, lb: _iterate(C, la, lb, sched, n_iters, None)  # noqa: E731
-        return _Envelope.apply(_point_cost(u, v, p), wu, wv, eps, solve, False)[1]
+        return _Envelope.apply(_point_cost(u, v, p), wu, wv, eps, "torch", sched, n_iters, None,
+                               False, False)[1]
 
     def ot_self(u, wu):
-        def solve(C, la, _lb):
-            f = _iterate_symmetric(C, la, sched, n_iters)
-            return f, f
-        return _Envelope.apply(_point_cost(u, u, p), wu, wu, eps, solve, False)[1]
+        return _Envelope.apply(_point_cost(u, u, p), wu, None, eps, "torch", sched, n_iters, None,
+                               True, False)[1]
 
     out = ot_eps(x, y, a, b)
     if debias:
@@ -470,25 +623,47 @@ def _tiled_solve_symmetric(ops, x, loga, sched, p):
     return f
 
 
+def _divergence_potentials(x, y, loga, logb, sched, p, debias, name, tensorized):
+    """(f, g, f_x, f_y) of OT_ε(a, b) and, with debias, of the self terms
+    (None without): online with the tiled kernels (the ε of each round as
+    floats: a scaling schedule is read back once), or tensorized on each
+    cost in turn, built once and freed after its solve."""
+    n = len(sched)
+    if not tensorized:
+        ops = _point_ops(name)
+        if isinstance(sched, torch.Tensor):
+            sched = sched.tolist()
+        f, g = _tiled_solve(ops, x, y, loga, logb, sched, p)
+        if not debias:
+            return f, g, None, None
+        return f, g, _tiled_solve_symmetric(ops, x, loga, sched, p), _tiled_solve_symmetric(ops, y, logb, sched, p)
+    K = _dense_kernels(name)
+    f, g = K.solve(_dense_point_cost(x, y, p), loga, logb, sched, n, None)
+    if not debias:
+        return f, g, None, None
+    fx = K.solve_symmetric(_dense_point_cost(x, x, p), loga, sched, n)
+    fy = K.solve_symmetric(_dense_point_cost(y, y, p), logb, sched, n)
+    return f, g, fx, fy
+
+
 class _TiledDivergence(torch.autograd.Function):
     """``sinkhorn_divergence`` on flattened (B, N, d) float32 clouds with the
-    tiled kernels; backward: the envelope gradient of each solve,
+    cpp/triton kernels, the solves online or tensorized; backward (the same
+    for both): the envelope gradient of each solve by the tiled kernels,
     ∂OT_ε(a, b)/∂x_i = Σ_j P_ij ∇_x C(x_i, y_j) (the self terms count twice,
     once per argument of the symmetric cost, halved by the ½ of S_ε),
     ∂OT_ε/∂a = f, ∂OT_ε/∂b = g."""
 
     @staticmethod
-    def forward(ctx, x, y, a, b, sched, p, debias, ops):
+    def forward(ctx, x, y, a, b, eps, sched, p, debias, name, tensorized):
         x, y = x.contiguous(), y.contiguous()
-        loga, logb = _log(a), _log(b)
-        f, g = _center(*_tiled_solve(ops, x, y, loga, logb, sched, p), a, b)
+        loga, logb = _log(a).contiguous(), _log(b).contiguous()
+        f, g, fx, fy = _divergence_potentials(x, y, loga, logb, sched, p, debias, name, tensorized)
+        f, g = _center(f, g, a, b)
         out = (a * f).sum(-1) + (b * g).sum(-1)
-        fx = fy = None
         if debias:
-            fx = _tiled_solve_symmetric(ops, x, loga, sched, p)
-            fy = _tiled_solve_symmetric(ops, y, logb, sched, p)
             out = out - (a * fx).sum(-1) - (b * fy).sum(-1)  # ½ OT_ε(a, a) = ⟨a, f_x⟩
-        ctx.eps, ctx.p, ctx.ops, ctx.debias = sched[-1], p, ops, debias
+        ctx.eps, ctx.p, ctx.name, ctx.debias = eps, p, name, debias
         ctx.save_for_backward(x, y, a, b, f, g, fx if debias else f, fy if debias else g)
         return out
 
@@ -497,9 +672,9 @@ class _TiledDivergence(torch.autograd.Function):
                       "backend='torch' is first-order too)")
     def backward(ctx, d_out):
         x, y, a, b, f, g, fx, fy = ctx.saved_tensors
-        eps, p, ops = ctx.eps, ctx.p, ctx.ops
+        eps, p, ops = ctx.eps, ctx.p, _point_ops(ctx.name)
         lf, lg = (_log(a) + f / eps).contiguous(), (_log(b) + g / eps).contiguous()
-        grad = [None] * 8
+        grad = [None] * 10
         scale = d_out.unsqueeze(-1)
 
         def cloud_grad(u, v, lu, lv, w, fu):
@@ -656,8 +831,7 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError("the logits must be finite (their softmax gave a non-finite cost)")
     w = torch.full((B,), 1.0 / B, dtype=wd, device=s.device)
     if gradient == "envelope":
-        return _Envelope.apply(W, w, w, eps, lambda C, la, lb: _iterate(C, la, lb, eps, n_iters, None),
-                               False)[0]
+        return _Envelope.apply(W, w, w, eps, "torch", eps, n_iters, None, False, False)[0]
     logw = _log(w)
     f, g = _iterate(W, logw, logw, eps, n_iters, None)
     return (_plan(W, f, g, logw, logw, eps) * W).sum()

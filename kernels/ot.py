@@ -16,6 +16,16 @@ the tiles. ``transport_grad``: out_i = Σ_j W_ij (x_i − y_j) with
 W_ij = P_ij (p = 2) or P_ij / C_ij (p = 1, 0 where x_i = y_j) and
 P_ij = exp(l_i + h_j − C_ij/ε); each program owns one ``BLOCK_D`` slice of
 the output coordinates (the cost tile is rebuilt per slice).
+
+On a given (materialized) cost C (B, N, M), contiguous, float32/bf16/fp16 read
+in its dtype (fastdistill/ot.py's ``sinkhorn`` and the tensorized divergence;
+the torch half-steps ``ot._lse_rows``/``ot._lse_cols`` are the spec):
+``dense_softmin_rows`` f_i = −ε LSE_j((g_j − C_ij)/ε + log b_j) and
+``dense_softmin_cols`` g_j = −ε LSE_i((f_i − C_ij)/ε + log a_i), one program
+per block of rows (columns) walking the other side in tiles with an online
+log-sum-exp; ε is read from a device tensor (an ε-scaling schedule never
+leaves the device). ``dense_plan`` and ``dense_value`` give
+scale·P and ⟨P, C⟩ (P never stored for the value).
 """
 from __future__ import annotations
 
@@ -181,6 +191,185 @@ def transport_grad(x: torch.Tensor, y: torch.Tensor, l: torch.Tensor, h: torch.T
                                  1.0 / float(eps), P=p, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
                                  BLOCK_K=_block_k(D, p), BLOCK_D=bd)
     return out
+
+
+# --------------------------------------------------------------------- a given cost
+DENSE_BLOCK_N = 32
+DENSE_BLOCK_M = 64
+
+
+@triton.jit
+def _dense_rows_kernel(c_ptr, v_ptr, lw_ptr, eps_ptr, out_ptr, N, M,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out_b,i = −ε LSE_j((v_b,j − C_b,ij)/ε + lw_b,j) for BLOCK_N rows."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    eps = tl.load(eps_ptr).to(tl.float32)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    base = c_ptr + b * N * M
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j0 in range(0, M, BLOCK_M):
+        cols = j0 + tl.arange(0, BLOCK_M)
+        cmask = cols < M
+        mask = rmask[:, None] & cmask[None, :]
+        c = tl.load(base + rows[:, None].to(tl.int64) * M + cols[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + b * M + cols, mask=cmask, other=0.0)
+        lw = tl.load(lw_ptr + b * M + cols, mask=cmask, other=float("-inf"))
+        e = (v[None, :] - c.to(tl.float32)) / eps + lw[None, :]
+        e = tl.where(mask, e, float("-inf"))
+        m_new = tl.maximum(m, tl.max(e, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(e - m_safe[:, None]), axis=1)
+        m = m_new
+    s = tl.where(rmask, s, 1.0)  # rows past N: no log(0)
+    tl.store(out_ptr + b * N + rows, -eps * (m + tl.log(s)), mask=rmask)
+
+
+@triton.jit
+def _dense_cols_kernel(c_ptr, v_ptr, lw_ptr, eps_ptr, out_ptr, N, M,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out_b,j = −ε LSE_i((v_b,i − C_b,ij)/ε + lw_b,i) for BLOCK_M columns."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    eps = tl.load(eps_ptr).to(tl.float32)
+    cols = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cmask = cols < M
+    base = c_ptr + b * N * M
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK_N):
+        rows = i0 + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        mask = rmask[:, None] & cmask[None, :]
+        c = tl.load(base + rows[:, None].to(tl.int64) * M + cols[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + b * N + rows, mask=rmask, other=0.0)
+        lw = tl.load(lw_ptr + b * N + rows, mask=rmask, other=float("-inf"))
+        e = (v[:, None] - c.to(tl.float32)) / eps + lw[:, None]
+        e = tl.where(mask, e, float("-inf"))
+        m_new = tl.maximum(m, tl.max(e, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(e - m_safe[None, :]), axis=0)
+        m = m_new
+    s = tl.where(cmask, s, 1.0)  # columns past M: no log(0)
+    tl.store(out_ptr + b * M + cols, -eps * (m + tl.log(s)), mask=cmask)
+
+
+@triton.jit
+def _dense_plan_kernel(c_ptr, f_ptr, g_ptr, la_ptr, lb_ptr, scale_ptr, out_ptr, N, M, eps,
+                       HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out = scale_b · exp((f_i + g_j − C_ij)/ε + log a_i + log b_j), one tile."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = tl.program_id(2).to(tl.int64)
+    rmask, cmask = rows < N, cols < M
+    mask = rmask[:, None] & cmask[None, :]
+    off = b * N * M + rows[:, None].to(tl.int64) * M + cols[None, :]
+    c = tl.load(c_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    f = tl.load(f_ptr + b * N + rows, mask=rmask, other=0.0)
+    la = tl.load(la_ptr + b * N + rows, mask=rmask, other=float("-inf"))  # lanes past N, M: P = 0
+    g = tl.load(g_ptr + b * M + cols, mask=cmask, other=0.0)
+    lb = tl.load(lb_ptr + b * M + cols, mask=cmask, other=float("-inf"))
+    p = tl.exp((f[:, None] + g[None, :] - c) / eps + la[:, None] + lb[None, :])
+    if HAS_SCALE:
+        p = p * tl.load(scale_ptr + b)
+    tl.store(out_ptr + off, p.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dense_value_kernel(c_ptr, f_ptr, g_ptr, la_ptr, lb_ptr, out_ptr, N, M, eps,
+                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out_b,i = Σ_j P_ij C_ij for BLOCK_N rows (P never stored)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.program_id(1).to(tl.int64)
+    rmask = rows < N
+    f = tl.load(f_ptr + b * N + rows, mask=rmask, other=0.0)
+    la = tl.load(la_ptr + b * N + rows, mask=rmask, other=float("-inf"))  # lanes past N, M: P = 0
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j0 in range(0, M, BLOCK_M):
+        cols = j0 + tl.arange(0, BLOCK_M)
+        cmask = cols < M
+        mask = rmask[:, None] & cmask[None, :]
+        c = tl.load(c_ptr + b * N * M + rows[:, None].to(tl.int64) * M + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + b * M + cols, mask=cmask, other=0.0)
+        lb = tl.load(lb_ptr + b * M + cols, mask=cmask, other=float("-inf"))
+        p = tl.exp((f[:, None] + g[None, :] - c) / eps + la[:, None] + lb[None, :])
+        acc += tl.sum(p * c, axis=1)
+    tl.store(out_ptr + b * N + rows, acc, mask=rmask)
+
+
+def _check_dense(op: str, C: torch.Tensor) -> None:
+    if C.dim() != 3:
+        raise ValueError(f"{op}: cost must be (B, N, M), got {tuple(C.shape)}")
+    if C.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{op}: cost must be float32, bfloat16 or float16, got {C.dtype}")
+
+
+def _eps_on(eps, device: torch.device) -> torch.Tensor:
+    """ε as a one-element float32 tensor on the device (no host read of a tensor ε)."""
+    if isinstance(eps, torch.Tensor):
+        return eps.reshape(1).to(device=device, dtype=torch.float32)
+    return torch.full((1,), float(eps), dtype=torch.float32, device=device)
+
+
+def _dense_softmin(C, v, lw, eps, over_rows: bool):
+    _check_dense("dense_softmin", C)
+    C = C.contiguous()
+    B, N, M = C.shape
+    n = N if over_rows else M
+    out = torch.empty((B, n), dtype=torch.float32, device=C.device)
+    if out.numel() == 0:
+        return out
+    v, lw = v.float().contiguous(), lw.float().contiguous()
+    e = _eps_on(eps, C.device)
+    if over_rows:
+        grid = (triton.cdiv(N, DENSE_BLOCK_N), B)
+        _dense_rows_kernel[grid](C, v, lw, e, out, N, M, BLOCK_N=DENSE_BLOCK_N, BLOCK_M=DENSE_BLOCK_M)
+    else:
+        grid = (triton.cdiv(M, DENSE_BLOCK_M), B)
+        _dense_cols_kernel[grid](C, v, lw, e, out, N, M, BLOCK_N=DENSE_BLOCK_N, BLOCK_M=DENSE_BLOCK_M)
+    return out
+
+
+def dense_softmin_rows(C: torch.Tensor, g: torch.Tensor, logb: torch.Tensor, eps) -> torch.Tensor:
+    """f (B, N) = −ε LSE_j((g_j − C_ij)/ε + log b_j): ``ot._lse_rows`` on (B, N, M)."""
+    return _dense_softmin(C, g, logb, eps, True)
+
+
+def dense_softmin_cols(C: torch.Tensor, f: torch.Tensor, loga: torch.Tensor, eps) -> torch.Tensor:
+    """g (B, M) = −ε LSE_i((f_i − C_ij)/ε + log a_i): ``ot._lse_cols`` on (B, N, M)."""
+    return _dense_softmin(C, f, loga, eps, False)
+
+
+def dense_plan(C, f, g, loga, logb, eps: float, scale, dtype) -> torch.Tensor:
+    """scale_b · P (B, N, M) in dtype (contract of fastdistill::sinkhorn_plan)."""
+    _check_dense("dense_plan", C)
+    C = C.contiguous()
+    B, N, M = C.shape
+    out = torch.empty((B, N, M), dtype=dtype, device=C.device)
+    if out.numel() == 0:
+        return out
+    sc = scale.float().contiguous() if scale is not None else f
+    grid = (triton.cdiv(N, DENSE_BLOCK_N), triton.cdiv(M, DENSE_BLOCK_M), B)
+    _dense_plan_kernel[grid](C, f.contiguous(), g.contiguous(), loga.contiguous(), logb.contiguous(), sc,
+                             out, N, M, float(eps), HAS_SCALE=scale is not None,
+                             BLOCK_N=DENSE_BLOCK_N, BLOCK_M=DENSE_BLOCK_M)
+    return out
+
+
+def dense_value(C, f, g, loga, logb, eps: float) -> torch.Tensor:
+    """(B,) Σ_ij P_ij C_ij (contract of fastdistill::sinkhorn_value)."""
+    _check_dense("dense_value", C)
+    C = C.contiguous()
+    B, N, M = C.shape
+    rows = torch.zeros((B, N), dtype=torch.float32, device=C.device)
+    if rows.numel() and M:
+        grid = (triton.cdiv(N, DENSE_BLOCK_N), B)
+        _dense_value_kernel[grid](C, f.contiguous(), g.contiguous(), loga.contiguous(), logb.contiguous(),
+                                  rows, N, M, float(eps), BLOCK_N=DENSE_BLOCK_N, BLOCK_M=DENSE_BLOCK_M)
+    return rows.sum(-1)
 
 
 # --------------------------------------------------------------------- SinKD's L1 cost

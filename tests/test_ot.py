@@ -300,7 +300,7 @@ def test_eps_scaling_schedule():
     assert sched[0] == 12.5 and sched[1] == 6.25 and sched[-1] == 0.1 and len(sched) == 20
     assert ot._eps_schedule(0.1, 20, 0.5, x, y, 1)[0] == 5.0
     assert ot._eps_schedule(0.1, 5, None, x, y, 2) == [0.1] * 5
-    assert ot._eps_schedule(50.0, 3, 0.5, x, y, 2) == [50.0] * 3  # ε₀ below ε: no annealing
+    assert ot._eps_schedule(50.0, 3, 0.5, x, y, 2).tolist() == [50.0] * 3  # ε₀ below ε: no annealing
     with pytest.raises(ValueError, match="n_iters"):
         ot._eps_schedule(0.1, 5, 0.5, x, y, 2)
     # annealed and plain runs converge to the same divergence
