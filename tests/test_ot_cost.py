@@ -75,6 +75,19 @@ def test_kernels_match_the_float64_reference(backend, batch):
     assert (got[3][..., a == 0, :] == 0).all() if not batch else (got[3][a == 0] == 0).all()
 
 
+@pytest.mark.parametrize("backend", [p for p in fused_backends() if p.values[0] == "cpp"])
+def test_cpp_column_pass_over_several_row_slices(backend):
+    """The cpp column pass sums each fixed slice of 256 rows in its own task
+    and combines them: N = 600 is two full slices and a partial one (the other
+    tests stay inside one slice)."""
+    torch.manual_seed(3)
+    C = torch.rand(600, 45) * 2
+    a, b = simplex(600, zeros=5), simplex(45, zeros=1)
+    want = reference(C, a, b, 0.05, 40)
+    got = run(backend, C, a, b, 0.05, 40)
+    assert_matches(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", fused_backends())
 def test_tiny_epsilon(backend):
     """ε = 1e-3 with costs in [0, 2]: the linear-domain kernel exp(−C/ε) would
