@@ -163,7 +163,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
 def test_the_module_names():
     assert distiller_mod.METHODS == ("dmd2", "consistency", "progressive")
     for name in ("dmd_loss", "denoising_loss", "consistency_loss", "ddim_step", "NoiseSchedule",
-                 "train_teacher", "DiffusionDistiller", "DiffusionModel"):
+                 "train_teacher", "DiffusionDistiller", "DiffusionModel", "metrics"):
         assert hasattr(fd.diffusion, name)
 
 

@@ -224,11 +224,7 @@ class DiffusionDistiller(Checkpointed):
             out = self.teacher.output(x_t, t, labels, self.guidance_scale)
             x_prev = ddim_step(x_t, out, t, t_prev, sched, prediction=self.teacher.prediction)
             target = target_model.x0(x_prev, t_prev, labels)
-        shape = (-1,) + (1,) * (x_t.dim() - 1)
-        a, s = sched.alpha(t).view(shape), sched.sigma(t).view(shape)
-        from ..reference.diffusion import to_x0
-
-        net_x0 = to_x0(x_t, student.output(x_t, t, labels), a, s, student.prediction)
+        net_x0 = student.net_x0(x_t, t, labels)  # the boundary is folded into the loss
         c_skip, c_out = sched.consistency_scalings(t)
         loss = consistency_loss(net_x0, target, metric="pseudo_huber", x_t=x_t, c_skip=c_skip,
                                 c_out=c_out)

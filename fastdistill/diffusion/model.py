@@ -42,11 +42,15 @@ class DiffusionModel(nn.Module):
         uncond = self.net(x_t, t, None)
         return uncond + guidance_scale * (out - uncond)
 
-    def x0(self, x_t, t, labels=None, guidance_scale=None):
-        """x̂0(x_t, t): the parameterization undone (and the consistency
-        boundary applied)."""
+    def net_x0(self, x_t, t, labels=None, guidance_scale=None):
+        """The network's x̂0: its output with the parameterization undone (no
+        consistency boundary)."""
         a, s = self._coef(t, x_t)
-        x0 = to_x0(x_t, self.output(x_t, t, labels, guidance_scale), a, s, self.prediction)
+        return to_x0(x_t, self.output(x_t, t, labels, guidance_scale), a, s, self.prediction)
+
+    def x0(self, x_t, t, labels=None, guidance_scale=None):
+        """x̂0(x_t, t): ``net_x0`` with the consistency boundary applied."""
+        x0 = self.net_x0(x_t, t, labels, guidance_scale)
         if self.boundary:
             shape = (-1,) + (1,) * (x_t.dim() - 1)
             c_skip, c_out = (c.to(x_t.device).view(shape)
