@@ -603,36 +603,46 @@ def _point_ops(name: str) -> _PointOps:
     return _PointOps(triton_ot.softmin, triton_ot.transport_grad)
 
 
+def _softmin_at(ops, x, y, h, eps, p):
+    """The tiled c-transform at ε given as a float, or as a 0-dim device
+    tensor (a round of an ε-scaling schedule) without reading it back: the
+    cost is homogeneous, C(x/s, y/s) = C(x, y)/s^p, so at s = ε^(1/p) the
+    kernel runs at ε = 1 on the rescaled clouds and its output is scaled
+    by ε (O((N+M)d) extra work per half-step, no host sync, traceable)."""
+    if not isinstance(eps, torch.Tensor):
+        return ops.softmin(x, y, h, eps, p)
+    s = (eps if p == 1 else eps.sqrt()).to(x.dtype)
+    return ops.softmin((x / s).contiguous(), (y / s).contiguous(), h, 1.0, p) * eps.to(torch.float32)
+
+
 def _tiled_solve(ops, x, y, loga, logb, sched, p):
     """``_iterate`` (fixed rounds, no tol) with the tiled c-transforms."""
     n = len(sched)
     g = torch.zeros_like(logb)
-    f = ops.softmin(x, y, (logb + g / sched[0]).contiguous(), sched[0], p)
+    f = _softmin_at(ops, x, y, (logb + g / sched[0]).contiguous(), sched[0], p)
     for it in range(n):
-        g = ops.softmin(y, x, (loga + f / sched[it]).contiguous(), sched[it], p)
+        g = _softmin_at(ops, y, x, (loga + f / sched[it]).contiguous(), sched[it], p)
         if it < n - 1:
-            f = ops.softmin(x, y, (logb + g / sched[it + 1]).contiguous(), sched[it + 1], p)
+            f = _softmin_at(ops, x, y, (logb + g / sched[it + 1]).contiguous(), sched[it + 1], p)
     return f, g
 
 
 def _tiled_solve_symmetric(ops, x, loga, sched, p):
     """``_iterate_symmetric`` with the tiled c-transform."""
-    f = ops.softmin(x, x, loga.contiguous(), sched[0], p)
+    f = _softmin_at(ops, x, x, loga.contiguous(), sched[0], p)
     for e in sched:
-        f = 0.5 * (f + ops.softmin(x, x, (loga + f / e).contiguous(), e, p))
+        f = 0.5 * (f + _softmin_at(ops, x, x, (loga + f / e).contiguous(), e, p))
     return f
 
 
 def _divergence_potentials(x, y, loga, logb, sched, p, debias, name, tensorized):
     """(f, g, f_x, f_y) of OT_ε(a, b) and, with debias, of the self terms
-    (None without): online with the tiled kernels (the ε of each round as
-    floats: a scaling schedule is read back once), or tensorized on each
-    cost in turn, built once and freed after its solve."""
+    (None without): online with the tiled kernels (an ε-scaling schedule
+    stays on the device, see ``_softmin_at``), or tensorized on each cost in
+    turn, built once and freed after its solve."""
     n = len(sched)
     if not tensorized:
         ops = _point_ops(name)
-        if isinstance(sched, torch.Tensor):
-            sched = sched.tolist()
         f, g = _tiled_solve(ops, x, y, loga, logb, sched, p)
         if not debias:
             return f, g, None, None

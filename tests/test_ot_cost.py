@@ -273,7 +273,8 @@ def test_scaling_schedule_stays_on_device():
 @pytest.mark.parametrize("backend", ["torch"] + fused_backends()[:1])
 def test_fullgraph_compile_of_a_step(backend):
     """A training step through sinkhorn (with tol: frozen on device, no early
-    exit under compile) and sinkhorn_divergence compiles with fullgraph=True
+    exit under compile) and sinkhorn_divergence (with ε-scaling too: the
+    schedule never leaves the device) compiles with fullgraph=True
     (cpp: registered ops with Meta kernels) and matches eager."""
     torch.manual_seed(9)
     C0 = torch.rand(2, 12, 10)
@@ -282,7 +283,10 @@ def test_fullgraph_compile_of_a_step(backend):
     def loss_fn(C, x, y):
         r = ot.sinkhorn(C, epsilon=0.1, n_iters=6, tol=1e-3, backend=backend)
         s = ot.sinkhorn_divergence(x, y, epsilon=0.2, n_iters=5, backend=backend)
-        return r.value.sum() + s
+        # ε-scaling from the clouds' diameter, on device (online: the tiled kernels)
+        s2 = ot.sinkhorn_divergence(x, y, epsilon=0.2, n_iters=12, scaling=0.5, backend=backend,
+                                    mode="auto" if backend == "torch" else "online")
+        return r.value.sum() + s + s2
 
     outs = []
     # aot_eager: the whole capture (dynamo with fake tensors through the ops' Meta
