@@ -14,24 +14,27 @@ and ``backends()`` to see what runs here.
 """
 import importlib.util as _ilu
 import sys as _sys
+import types as _types
 from pathlib import Path as _Path
 
 
 def _source_tree_kernels() -> None:
-    """kernels/ is installed as ``fastdistill.kernels`` (a wheel, or the
-    editable finder); a bare checkout on sys.path has neither, so bind the
-    sibling kernels/ folder under that name, or the triton backend's imports
-    fail."""
+    """kernels/ (the Triton kernels, one module per op family) is installed as
+    ``fastdistill.kernels`` (a wheel, or the editable finder); a bare checkout
+    on sys.path has neither, so bind the sibling kernels/ folder under that
+    name, or the triton backend's imports fail. The folder has no
+    ``__init__.py`` on purpose: a checkout's root on sys.path (``python -m``
+    from it) must not shadow another distribution's top-level ``kernels``
+    (Hugging Face's, which transformers ≥ 5.25 imports)."""
     if _ilu.find_spec(__name__ + ".kernels") is not None:
         return
     root = _Path(__file__).resolve().parent.parent / "kernels"
-    if not (root / "__init__.py").is_file():
+    if not root.is_dir():
         return
-    spec = _ilu.spec_from_file_location(__name__ + ".kernels", root / "__init__.py",
-                                        submodule_search_locations=[str(root)])
-    module = _ilu.module_from_spec(spec)
-    _sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = _types.ModuleType(__name__ + ".kernels", "fastdistill's Triton kernels (kernels/)")
+    module.__path__ = [str(root)]
+    module.__package__ = module.__name__
+    _sys.modules[module.__name__] = module
 
 
 _source_tree_kernels()

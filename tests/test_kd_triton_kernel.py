@@ -8,19 +8,12 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import kernels.kd as kd  # noqa: E402
+import fastdistill.kernels.kd as kd  # noqa: E402
 from fastdistill.reference.kd import DIVERGENCES, kd_loss_rows  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():

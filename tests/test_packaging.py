@@ -48,9 +48,10 @@ def _fresh_venv(tmp_path: Path, wheel: Path) -> Path:
 CHECK = r"""
 import os, sys, torch
 import fastdistill as fd, fastdistill._backend as b
-from fastdistill import dd, softlabels, reference, kernels
+from fastdistill import dd, softlabels, reference
+from fastdistill.kernels import kd as triton_kd  # kernels/ has no __init__.py (a namespace package)
 venv = sys.argv[1]
-for mod in (fd, dd, softlabels, reference, kernels):
+for mod in (fd, dd, softlabels, reference, triton_kd):
     assert mod.__file__.startswith(venv), (mod.__name__, mod.__file__)
 assert str(b.csrc_dir()).startswith(venv), b.csrc_dir()
 assert hasattr(dd, "DatasetDistiller")
@@ -148,6 +149,23 @@ def test_bare_checkout_on_sys_path_finds_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, env=_clean_env(PYTHONPATH=f"{ROOT}{os.pathsep}{TORCH_SITE}"),
                          timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_checkout_root_on_sys_path_does_not_shadow_a_top_level_kernels(tmp_path):
+    """``python -m ...`` from the checkout puts its root first on sys.path:
+    the kernels/ folder (no ``__init__.py``) must not hide another
+    distribution's top-level ``kernels`` package (transformers ≥ 5.25 imports
+    Hugging Face's), and fastdistill.kernels still resolves to the folder."""
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("WHO = 'the other distribution'\n")
+    code = ("import kernels, fastdistill.kernels.kd as k; "
+            "assert getattr(kernels, 'WHO', None) == 'the other distribution', kernels; "
+            "assert k.__file__.startswith(%r), k.__file__; print('ok')") % str(ROOT / "kernels")
+    env = _clean_env(PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, ''); " + code],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
 

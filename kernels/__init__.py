@@ -1,1 +1,0 @@
-"""Triton kernels of fastdistill's fused ops (one module per op family)."""
