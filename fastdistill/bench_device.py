@@ -382,12 +382,6 @@ def case_kd(ctx: _Ctx, report: Report, n: int, v: int, dtype: torch.dtype, diver
     def view(fn):  # the logits a loss sees: a view of the leaf, not the leaf
         return _loss_and_grads(lambda leaf: fn(leaf.view(n, v)))
 
-    def truth():
-        x = base.to(torch.float32, copy=True).requires_grad_()  # a copy, also when base is fp32
-        loss = ref.kd_loss(x, teacher.float(), **kw)
-        loss.backward()
-        return loss.detach(), x.grad
-
     impls = [Impl("torch eager (reference)", view(reference), True)]
     if with_compile:
         compiled = torch.compile(reference, backend=ctx.plan.compile_backend)
@@ -417,8 +411,9 @@ def case_kd(ctx: _Ctx, report: Report, n: int, v: int, dtype: torch.dtype, diver
             notes=f"beta={beta} weights the teacher in M = beta·p + (1-beta)·q, as kd_loss's does"))
     shape = f"{n}x{v}"
     _run_case(ctx, report, f"kd_loss[{divergence}]", shape, _dtype_name(dtype),
-              lambda: base.clone().requires_grad_(), impls, {"ref": truth}, TOLERANCE[dtype],
-              "torch eager (reference)")
+              lambda: base.clone().requires_grad_(), impls,
+              {"ref": _truth_of(base, lambda x: ref.kd_loss(x, teacher.float(), **kw))},
+              TOLERANCE[dtype], "torch eager (reference)")
 
 
 def case_fused_linear(ctx: _Ctx, report: Report, n: int, h: int, v: int, dtype: torch.dtype,
@@ -481,6 +476,17 @@ def _student_view(n, v, fn):
     return _loss_and_grads(lambda leaf: fn(leaf.view(n, v)))
 
 
+def _truth_of(base: torch.Tensor, fn):
+    """A truth: fn on a float32 leaf copy of ``base`` (a copy also when base is
+    float32: it must not touch the inputs), (loss, its gradient)."""
+    def compute():
+        x = base.to(torch.float32, copy=True).requires_grad_()
+        loss = fn(x)
+        loss.backward()
+        return loss.detach(), x.grad
+    return compute
+
+
 def case_sparse(ctx: _Ctx, report: Report, n: int, v: int, k: int) -> None:
     """Forward KL against a top-k teacher with its tail bucket: the sparse
     reference, densifying the teacher for the dense kd_loss (what users do
@@ -497,14 +503,6 @@ def case_sparse(ctx: _Ctx, report: Report, n: int, v: int, k: int) -> None:
     def densify():
         return torch.full((n, v), float("-inf"), device=dev).scatter_(1, ids, lp)
 
-    def truth_of(fn):
-        def compute():
-            x = base.clone().requires_grad_()
-            loss = fn(x)
-            loss.backward()
-            return loss.detach(), x.grad
-        return compute
-
     dense_note = "checked against kd_loss's reference on the densified teacher (top-k renormalized)"
     impls = [
         Impl("torch eager (sparse reference)",
@@ -520,8 +518,8 @@ def case_sparse(ctx: _Ctx, report: Report, n: int, v: int, k: int) -> None:
              _student_view(n, v, lambda s: sparse_kd_loss(s, ids, lp, backend="triton",
                                                           inplace_backward=True)), True),
     ]
-    truths = {"ref": truth_of(lambda x: ref_sparse.sparse_kd_loss(x, ids, lp)),
-              "dense": truth_of(lambda x: ref.kd_loss(x, densify()))}
+    truths = {"ref": _truth_of(base, lambda x: ref_sparse.sparse_kd_loss(x, ids, lp)),
+              "dense": _truth_of(base, lambda x: ref.kd_loss(x, densify()))}
     _run_case(ctx, report, f"sparse_kd[forward_kl top-{k}]", f"{n}x{v}", "float32",
               lambda: base.clone().requires_grad_(), impls, truths, TOLERANCE[torch.float32],
               "torch eager (sparse reference)")
@@ -541,14 +539,6 @@ def case_softlabels(ctx: _Ctx, report: Report, n: int, v: int, k: int) -> None:
     base = _randn((n, v), g, dev, 2.0)
     labels = encode(_randn((n, v), g, dev, 2.0), k=k, value_bits=8)
 
-    def truth_of(fn):
-        def compute():
-            x = base.clone().requires_grad_()
-            loss = fn(x)
-            loss.backward()
-            return loss.detach(), x.grad
-        return compute
-
     dense_note = "checked against kd_loss's reference on the decoded dense teacher"
     impls = [
         Impl("torch eager (decode + sparse reference)",
@@ -566,8 +556,8 @@ def case_softlabels(ctx: _Ctx, report: Report, n: int, v: int, k: int) -> None:
              _student_view(n, v, lambda s: packed_kd_loss(s, labels, backend="triton",
                                                           inplace_backward=True)), True),
     ]
-    truths = {"ref": truth_of(lambda x: packed_kd_loss(x, labels, backend="torch")),
-              "dense": truth_of(lambda x: ref.kd_loss(x, labels.to_dense()))}
+    truths = {"ref": _truth_of(base, lambda x: packed_kd_loss(x, labels, backend="torch")),
+              "dense": _truth_of(base, lambda x: ref.kd_loss(x, labels.to_dense()))}
     _run_case(ctx, report, f"softlabel_kd[top-{k} 8-bit]", f"{n}x{v}", "float32",
               lambda: base.clone().requires_grad_(), impls, truths, TOLERANCE[torch.float32],
               "torch eager (decode + sparse reference)")
@@ -650,14 +640,6 @@ def case_sinkd(ctx: _Ctx, report: Report, b: int, v: int, n_iters: int, temperat
     def port(s):
         return sinkd_reference(s, teacher, temperature, epsilon, n_iters) / b
 
-    def truth_of(fn):
-        def compute():
-            x = base.clone().requires_grad_()
-            loss = fn(x)
-            loss.backward()
-            return loss.detach(), x.grad
-        return compute
-
     reference = "torch eager (SinKD reference port)"
     impls = [Impl(reference, _student_view(b, v, port), True, truth="unrolled")]
     for name in ("torch", "triton"):
@@ -666,8 +648,8 @@ def case_sinkd(ctx: _Ctx, report: Report, b: int, v: int, n_iters: int, temperat
                               _student_view(b, v, lambda s, name=name, mode=mode: sinkhorn_kd_loss(
                                   s, teacher, gradient=mode, backend=name, **kw)),
                               True, truth=mode))
-    truths = {"unrolled": truth_of(port),
-              "envelope": truth_of(lambda x: sinkhorn_kd_loss(x, teacher, gradient="envelope",
+    truths = {"unrolled": _truth_of(base, port),
+              "envelope": _truth_of(base, lambda x: sinkhorn_kd_loss(x, teacher, gradient="envelope",
                                                               backend="torch", **kw))}
     _run_case(ctx, report, f"sinkhorn_kd[l1 T={temperature:g} eps={epsilon:g} {n_iters} it]",
               f"{b}x{v}", "float32", lambda: base.clone().requires_grad_(), impls, truths,
