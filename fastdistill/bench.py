@@ -123,14 +123,22 @@ class Report:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def streaming_floor(n: int, v: int, repeat: int) -> float:
+def _sync(device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall time means device time."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def streaming_floor(n: int, v: int, repeat: int, device="cpu") -> float:
     """Best time of c = a + b over (n, v) fp32: reads two N×V tensors, writes one."""
-    a, b = torch.randn(n, v), torch.randn(n, v)
+    a, b = torch.randn(n, v, device=device), torch.randn(n, v, device=device)
     c = torch.empty_like(a)
     best = float("inf")
     for _ in range(repeat + 1):
+        _sync(device)
         t0 = time.perf_counter()
         torch.add(a, b, out=c)
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -200,17 +208,21 @@ def bench_kd(report: Report, n: int, v: int, dtype: torch.dtype, divergence: str
     _ratios(report, rows, shape)
 
 
-def gemm_floor(n: int, h: int, v: int, repeat: int, *, reuse_outputs: bool = False) -> float:
+def gemm_floor(n: int, h: int, v: int, repeat: int, *, reuse_outputs: bool = False,
+               device="cpu", dtype: torch.dtype = torch.float32) -> float:
     """Best time of the four GEMMs every fused-linear KD step needs: student and
-    teacher logits, grad_hidden and grad_weight (fp32). Each into a fresh output
-    (what a step allocates), or with ``reuse_outputs`` into outputs written by
-    the warm-up already (the GEMMs' arithmetic alone, no page faults)."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    teacher logits, grad_hidden and grad_weight (fp32 unless ``dtype``). Each into
+    a fresh output (what a step allocates), or with ``reuse_outputs`` into outputs
+    written by the warm-up already (the GEMMs' arithmetic alone, no page faults)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, h, generator=g, device=device).to(dtype)
+    w = torch.randn(v, h, generator=g, device=device).to(dtype)
     if reuse_outputs:
-        outs = (torch.empty(n, v), torch.empty(n, v), torch.empty(n, h), torch.empty(v, h))
+        outs = tuple(torch.empty(shape, device=device, dtype=dtype)
+                     for shape in ((n, v), (n, v), (n, h), (v, h)))
     best = float("inf")
     for _ in range(repeat + 1):
+        _sync(device)
         t0 = time.perf_counter()
         if reuse_outputs:
             z, t, gh, gw = outs
@@ -223,6 +235,7 @@ def gemm_floor(n: int, h: int, v: int, repeat: int, *, reuse_outputs: bool = Fal
             t = x @ w.t()
             _ = z @ w
             _ = t.t() @ x
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
         del z, t
     return best
@@ -374,23 +387,31 @@ def bench_softlabels(report: Report, n: int, v: int, k: int, *, repeat: int,
                           log=log)
 
 
-def _ratios(report: Report, rows: list[Row], shape: str) -> None:
-    """Fill in each row's ratio to eager, to torch.compile, to the floor and to
-    its peer (of the same in-place mode when the peer has one)."""
-    eager = next((r.seconds for r in rows if "eager" in r.impl), None)
-    comp = next((r.seconds for r in rows if "compile" in r.impl), None)
+def _ratios(report: Report, rows: list[Row], shape: str, *, peers: dict | None = None,
+            reference: str | None = None) -> None:
+    """Fill in each row's ratio to eager (or to the row labelled ``reference``),
+    to torch.compile, to the floor and to its peer (``peers``, default PEERS: of
+    the same in-place mode when the peer has one, else the fastest peer). Rows
+    without a time (a peer not installed, a crash) get no ratios."""
+    timed = [r for r in rows if r.seconds]
+    if reference is None:
+        eager = next((r.seconds for r in timed if "eager" in r.impl), None)
+    else:
+        eager = next((r.seconds for r in timed if r.impl == reference), None)
+    comp = next((r.seconds for r in timed if "compile" in r.impl), None)
     floor = report.floor_seconds.get(shape)
-    peer_label = next((v for k, v in PEERS.items() if rows and rows[0].op.startswith(k)), None)
+    table = PEERS if peers is None else peers
+    peer_label = next((v for k, v in table.items() if rows and rows[0].op.startswith(k)), None)
     if isinstance(peer_label, str):
         peer_label = (peer_label,)
-    peers = sorted((r for r in rows if peer_label and r.impl.startswith(peer_label)),
+    found = sorted((r for r in timed if peer_label and r.impl.startswith(peer_label)),
                    key=lambda r: r.seconds)  # the fastest peer first
-    for r in rows:
+    for r in timed:
         r.vs_eager = eager / r.seconds if eager else None
         r.vs_compile = comp / r.seconds if comp else None
         r.vs_floor = r.seconds / floor if floor else None
         inplace = "inplace" in r.impl
-        peer = next((p for p in peers if ("inplace" in p.impl) == inplace), None)
+        peer = next((p for p in found if ("inplace" in p.impl) == inplace), found[0] if found else None)
         if peer is not None and peer is not r and "fastdistill" in r.impl:
             r.vs_peer = peer.seconds / r.seconds
     report.rows.extend(rows)
@@ -436,8 +457,18 @@ def geomloss_fixed_eps(n_iters: int, epsilon: float, p: int = 2, spread: float =
     return blur, diameter, scaling
 
 
-def _ot_divergence_impls(epsilon: float, n_iters: int, log=print):
-    """(label, loss(x, y)) for the point-cloud Sinkhorn divergence, cost |x − y|²/2."""
+def _fast_available(backend: str, log=print) -> bool:
+    """Whether fastdistill's ``backend`` runs here (triton without loading the
+    C++ extension: a GPU machine need not build it for the triton rows)."""
+    ok = _backend._triton_status()[0] if backend == "triton" else _backend.backends().get(backend)
+    if not ok:
+        log(f"  skipped fastdistill {backend}: unavailable (fastdistill doctor says why)")
+    return bool(ok)
+
+
+def _ot_divergence_impls(epsilon: float, n_iters: int, log=print, fast: str = "cpp"):
+    """(label, loss(x, y)) for the point-cloud Sinkhorn divergence, cost |x − y|²/2;
+    ``fast`` is the fastdistill backend of the online and auto rows."""
     from .ot import sinkhorn_divergence
 
     impls = []
@@ -472,10 +503,9 @@ def _ot_divergence_impls(epsilon: float, n_iters: int, log=print):
                          debias=True, backend="tensorized")
         impls.append((f"GeomLoss SamplesLoss tensorized ({n_iters} it at ε)", gl))
     for backend, mode, what in (("torch", "auto", "dense cost"),
-                                ("cpp", "online", "online: cost tiles rebuilt every half-step"),
-                                ("cpp", "auto", "auto: tensorized, the 3 costs built once")):
-        if backend != "torch" and not _backend.backends().get(backend):
-            log(f"  skipped fastdistill {backend}: unavailable (fastdistill doctor says why)")
+                                (fast, "online", "online: cost tiles rebuilt every half-step"),
+                                (fast, "auto", "auto: tensorized, the 3 costs built once")):
+        if backend != "torch" and not _fast_available(backend, log):
             continue
         impls.append((f"fastdistill sinkhorn_divergence {backend} ({what})",
                       lambda x, y, backend=backend, mode=mode: sinkhorn_divergence(
@@ -498,10 +528,11 @@ def _geomloss_loop():
     return None
 
 
-def _ot_sinkhorn_impls(epsilon: float, n_iters: int, log=print):
+def _ot_sinkhorn_impls(epsilon: float, n_iters: int, log=print, fast: str = "cpp"):
     """(label, value(C, a, b)) for entropic OT on a given cost: ⟨P, C⟩ after
     n_iters (row, column) log-domain updates, forward only (a cost given as
-    such has no upstream graph in POT's or GeomLoss's own usage)."""
+    such has no upstream graph in POT's or GeomLoss's own usage); ``fast`` is
+    the fastdistill backend of the fp32 and bf16 rows."""
     import warnings
 
     from .ot import sinkhorn
@@ -534,11 +565,11 @@ def _ot_sinkhorn_impls(epsilon: float, n_iters: int, log=print):
             return (P * C).sum()
 
         impls.append((f"GeomLoss sinkhorn_loop softmin_tensorized ({n_iters} it)", gl_fn))
-    for backend, dtype in (("torch", torch.float32), ("cpp", torch.float32), ("cpp", torch.bfloat16)):
-        if backend != "torch" and not _backend.backends().get(backend):
-            log(f"  skipped fastdistill {backend}: unavailable (fastdistill doctor says why)")
+    how = {"cpp": "one op", "triton": "one kernel per half-step"}.get(fast, fast)
+    for backend, dtype in (("torch", torch.float32), (fast, torch.float32), (fast, torch.bfloat16)):
+        if backend != "torch" and not _fast_available(backend, log):
             continue
-        what = "reference" if backend == "torch" else "one op" + (", cost in bf16" if dtype != torch.float32 else "")
+        what = "reference" if backend == "torch" else how + (", cost in bf16" if dtype != torch.float32 else "")
         impls.append((f"fastdistill sinkhorn {backend} ({what})",
                       lambda C, a, b, backend=backend, dtype=dtype: sinkhorn(
                           C.to(dtype), a, b, epsilon=epsilon, n_iters=n_iters, backend=backend).value))
@@ -633,10 +664,10 @@ def _dd_loss(outputs, targets):
     return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
-def dc_step_per_class_loop(net, real, real_y, syn, syn_y, classes):
+def dc_step_per_class_loop(net, real, real_y, syn, syn_y, classes, backend="auto"):
     """The reference DC outer step: per class, the real gradient and the
     synthetic one (create_graph) by sequential autograd.grad, then the
-    per-layer distance; backward into the synthetic images."""
+    per-layer distance; backward into the synthetic images. Returns the loss."""
     from .dd import gradient_match_loss
 
     params = list(net.parameters())
@@ -647,18 +678,21 @@ def dc_step_per_class_loop(net, real, real_y, syn, syn_y, classes):
         gr = [g.detach() for g in gr]
         gs = torch.autograd.grad(_dd_loss(net(syn[syn_y == c]), syn_y[syn_y == c]).sum(), params,
                                  create_graph=True)
-        total = total + gradient_match_loss([gr], [list(gs)], "dc")
+        total = total + gradient_match_loss([gr], [list(gs)], "dc", backend=backend)
     total.backward()
+    return total.detach()
 
 
-def dc_step_grouped(net, real, real_y, syn, syn_y, classes):
+def dc_step_grouped(net, real, real_y, syn, syn_y, classes, backend="auto"):
     """The same step with fd.dd.grouped_gradients (one pass per side) and one
-    gradient_match_loss over all classes and layers."""
+    gradient_match_loss over all classes and layers. Returns the loss."""
     from .dd import gradient_match_loss, grouped_gradients
 
     gr = grouped_gradients(net, _dd_loss, real, real_y, real_y, num_groups=classes)
     gs = grouped_gradients(net, _dd_loss, syn, syn_y, syn_y, create_graph=True, num_groups=classes)
-    gradient_match_loss(gr, gs, "dc").backward()
+    total = gradient_match_loss(gr, gs, "dc", backend=backend)
+    total.backward()
+    return total.detach()
 
 
 def bench_dd(report: Report, *, per_class: int = 256, ipc: int = 10, batch: int = 256,
@@ -855,9 +889,17 @@ def bench_dmd2_step(report: Report, *, batch: int = 64, repeat: int = 5, log=pri
 
 # ----------------------------------------------------------------- output
 
-def format_table(report: Report) -> str:
-    head = ("op", "shape", "dtype", "implementation", "fwd+bwd s", "extra peak MB",
-            "x faster than eager", "x faster than compile", "x faster than peer", "x floor")
+def format_table(report: Report, *, peers: dict | None = None, unit: str = "s",
+                 reference: str = "eager") -> str:
+    """The markdown table, its floors, peers and environment; times in ``unit``
+    ("s" or "ms"); the ratio column "x faster than <reference>"; a "check"
+    column when the rows carry one (the device report's correctness checks)."""
+    scale = {"s": 1.0, "ms": 1e3}[unit]
+    head = ("op", "shape", "dtype", "implementation", f"fwd+bwd {unit}", "extra peak MB",
+            f"x faster than {reference}", "x faster than compile", "x faster than peer", "x floor")
+    with_check = any(getattr(r, "check", "") for r in report.rows)
+    if with_check:
+        head += ("check",)
     with_notes = any(r.notes for r in report.rows)
     if with_notes:
         head += ("notes",)
@@ -865,21 +907,25 @@ def format_table(report: Report) -> str:
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for r in report.rows:
         # 4 significant digits: seconds for the large cases, still readable for millisecond ops
-        line = (r.op, r.shape, r.dtype, r.impl, fmt(r.seconds, ".4g"), fmt(r.extra_peak_mb, ".0f"),
+        line = (r.op, r.shape, r.dtype, r.impl,
+                fmt(None if r.seconds is None else r.seconds * scale, ".4g"),
+                fmt(r.extra_peak_mb, ".0f"),
                 fmt(r.vs_eager, ".2f"), fmt(r.vs_compile, ".2f"), fmt(r.vs_peer, ".2f"),
                 fmt(r.vs_floor, ".1f"))
+        line += (getattr(r, "check", "") or "-",) if with_check else ()
         lines.append(line + ((r.notes,) if with_notes else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(line, widths)) + " |" for line in lines]
-    floors = ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in report.floor_seconds.items())
+    places = 1 if unit == "s" else 3  # a GPU's floors are fractions of a millisecond
+    floors = ", ".join(f"{k}: {v * 1e3:.{places}f} ms" for k, v in report.floor_seconds.items())
     out.append(f"floors (NxV: one streaming pass reading two N×V fp32 tensors and writing one; "
                f"NxHxV: the four GEMMs of a fused-linear step): {floors}")
     out.append("peer (what a user would pick instead; the same inplace_backward mode; "
                "the faster of several): "
                + "; ".join(f"{k} → {v if isinstance(v, str) else ' / '.join(v)}"
-                           for k, v in PEERS.items()))
+                           for k, v in (PEERS if peers is None else peers).items()))
     out.append("environment: " + ", ".join(f"{k}={v}" for k, v in report.env.items()))
     return "\n".join(out)
 

@@ -47,12 +47,45 @@ def build(args) -> int:
 
 
 def bench(args) -> int:
+    if args.device == "cuda" or args.interpret:
+        return bench_device(args)
     from . import bench as report
 
     report.run(quick=args.quick, out_dir=args.out, divergences=args.divergence,
                cases_to_run=args.case or (report.QUICK_CASES if args.quick else report.CASES),
                malloc=args.malloc)
     return 0
+
+
+def bench_device(args) -> int:
+    """The device report (fastdistill.bench_device): 1 when any fastdistill row is
+    wrong or crashed, 2 when it cannot run here at all."""
+    import os
+
+    if args.quick:
+        print("error: --quick sizes the CPU report; the device report has one size per device",
+              file=sys.stderr)
+        return 2
+    if args.interpret:
+        if args.device != "cpu":
+            print("error: --interpret runs the triton kernels on CPU tensors: use it with "
+                  "--device cpu", file=sys.stderr)
+            return 2
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            print("error: --interpret needs TRITON_INTERPRET=1 before triton is imported, and "
+                  "triton is imported already: run it in a fresh process", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels' modules are imported
+    from . import bench_device as report
+
+    try:
+        _, failures = report.run(args.device, interpret=args.interpret, out_dir=args.out,
+                                 cases=args.case or report.DEVICE_CASES,
+                                 divergences=args.divergence)
+    except report.DeviceUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1 if failures else 0
 
 
 def dd(args) -> int:
@@ -175,7 +208,17 @@ def main(argv=None) -> int:
     p.add_argument("--malloc", default="pinned", choices=("pinned", "glibc"),
                    help="pinned: glibc returns every freed buffer over 128 KiB to the OS, so "
                         "each allocation is fresh memory and shows in the extra-peak column; "
-                        "glibc: the allocator as a normal process has it (no memory column)")
+                        "glibc: the allocator as a normal process has it (no memory column); "
+                        "CPU report only")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: the device report (triton kernels next to the reference, "
+                        "torch.compile and Liger/POT/GeomLoss, each row checked against the "
+                        "float32 reference; exit 1 if a fastdistill row is wrong); "
+                        "cpu (default): the CPU report")
+    p.add_argument("--interpret", action="store_true",
+                   help="with --device cpu: the device report on CPU tensors through "
+                        "TRITON_INTERPRET=1 at tiny shapes (the code path and the checks; "
+                        "the times mean nothing)")
     p.set_defaults(func=bench)
     p = sub.add_parser("dd", help="dataset distillation on offline data, evaluated against a "
                                   "random real subset")
