@@ -3,7 +3,10 @@ same code path on CPU tensors through TRITON_INTERPRET=1 at tiny shapes
 (conftest sets it before triton is imported), its checks and its exit code."""
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +179,23 @@ def test_bad_flag_combinations(tmp_path, capsys):
         bench_device.run("cpu", interpret=True, out_dir=tmp_path, cases=("nope",))
     with pytest.raises(ValueError, match="pass interpret=True"):
         bench_device.run("cpu", out_dir=tmp_path)
+
+
+def test_gpu_check_script_fails_loudly_without_a_gpu(tmp_path):
+    """bench/gpu_check.sh (``make gpu-check``) on a machine with no CUDA device:
+    every step runs, each says it failed, the log and the junit XML are
+    written, and the script exits non-zero with a FAILED line."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, GPU_PY=sys.executable, GPU_OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text[-3000:]
+    assert "gpu-check: FAILED" in text
+    for step in ("doctor", "tests", "bench"):
+        assert f"== gpu-check: {step} took" in text, step
+    assert "torch sees no CUDA device" in text
+    assert "no CUDA device is available here" in text
+    assert (tmp_path / "gpu-check.log").stat().st_size > 0
+    assert (tmp_path / "gpu-check-tests.xml").is_file()

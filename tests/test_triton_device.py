@@ -30,6 +30,14 @@ ON_GPU = DEVICE.type == "cuda"
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _requested_device_present():
+    """Every case fails at once (not after a slow CUDA initialisation each)
+    where the requested device is missing."""
+    if ON_GPU and not torch.cuda.is_available():
+        pytest.fail("FASTDISTILL_TEST_DEVICE=cuda but torch sees no CUDA device")
+
+
 def test_the_requested_device_is_usable():
     """``make gpu-check`` must never pass by running nothing: a requested CUDA
     device that is missing, or Triton unavailable there, is a failure."""
