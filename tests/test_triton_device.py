@@ -257,20 +257,29 @@ def test_packed_soft_labels(method, enc):
           dict(divergence="forward_kl", labels=on_device(row_labels(KD_ROWS, VOCAB, 15))))
 
 
-def test_cuda_soft_label_decode_matches_the_cpu_decode():
-    """The hand-written CUDA decode (the `cuda` backend) against the CPU one,
-    bit for bit; on CPU the check has nothing to run."""
+def test_cuda_soft_label_decode_matches_the_readable_decoder():
+    """The hand-written CUDA unpack (``fastdistill::softlabel_decode``, the
+    `cuda` backend; what the losses call on CUDA rows) against the codec's
+    readable decoder on the CPU, bit for bit (ids where the probability is
+    not 0); on CPU the check has nothing to run."""
     if not ON_GPU:
         pytest.skip("the CUDA decode runs on a CUDA device only")
     status = fd._backend.backend_status()
     assert status["cuda"][0], f"the cuda backend is unavailable: {status['cuda'][1]}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastdistill::softlabel_decode", "CUDA")
     t = torch.randn(KD_ROWS, VOCAB, generator=_gen(16)) * 3
-    for bits in (8, 16):
-        labels = sl.encode(t, k=TOPK, value_bits=bits)
+    for method, enc in (("topk", dict(k=TOPK, value_bits=8)), ("topk", dict(k=TOPK, value_bits=16)),
+                        ("sampled", dict(n_samples=TOPK, seed=3))):
+        labels = sl.encode(t, method=method, **enc)
         want_ids, want_lp = labels.decode()
-        got_ids, got_lp = labels.to(DEVICE).decode()
-        assert got_ids.is_cuda
-        assert torch.equal(got_ids.cpu(), want_ids) and torch.equal(got_lp.cpu(), want_lp)
+        keep = want_lp > -math.inf
+        rows, layout = labels.rows().to(DEVICE), list(labels.codec.layout())
+        ids, lp = torch.ops.fastdistill.softlabel_decode(rows, layout)
+        assert ids.is_cuda and lp.is_cuda
+        assert torch.equal(lp.cpu(), want_lp), method
+        assert torch.equal(ids.cpu()[keep], want_ids[keep]), method
+        ids2, lp2, _ = fd.kd.sparse.decode_packed(rows, layout)  # the losses' path
+        assert torch.equal(lp2.cpu(), want_lp) and torch.equal(ids2.cpu()[keep], want_ids[keep])
 
 
 # ----------------------------------------------------------------- optimal transport
