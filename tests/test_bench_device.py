@@ -183,19 +183,21 @@ def test_bad_flag_combinations(tmp_path, capsys):
 
 def test_gpu_check_script_fails_loudly_without_a_gpu(tmp_path):
     """bench/gpu_check.sh (``make gpu-check``) on a machine with no CUDA device:
-    every step runs, each says it failed, the log and the junit XML are
-    written, and the script exits non-zero with a FAILED line."""
+    every step runs (the build in the background, here only the CPU sources,
+    from the cache), the log, build log and junit XML are written, and the
+    script exits non-zero with a FAILED line."""
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, GPU_PY=sys.executable, GPU_OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, GPU_PY=sys.executable, GPU_OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+               GPU_WHEELS_DIR=str(tmp_path / "no-wheels"))
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     text = out.stdout + out.stderr
     assert out.returncode != 0, text[-3000:]
     assert "gpu-check: FAILED" in text
-    for step in ("doctor", "tests", "bench"):
+    for step in ("tests", "bench", "build", "doctor", "cuda"):
         assert f"== gpu-check: {step} took" in text, step
     assert "torch sees no CUDA device" in text
     assert "no CUDA device is available here" in text
     assert (tmp_path / "gpu-check.log").stat().st_size > 0
-    assert (tmp_path / "gpu-check-tests.xml").is_file()
+    assert (tmp_path / "gpu-check-tests.xml").is_file() and (tmp_path / "build.log").is_file()
