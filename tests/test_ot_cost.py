@@ -209,7 +209,7 @@ def test_cpp_half_steps_match_the_formulas():
 
 @pytest.mark.parametrize("backend", fused_backends())
 @pytest.mark.parametrize("p,debias,scaling", [(2, True, None), (1, True, None), (2, False, None),
-                                              (2, True, 0.6)])
+                                              (2, True, 0.6), (1, True, 0.6)])
 def test_tensorized_divergence_equals_online(backend, p, debias, scaling):
     torch.manual_seed(7)
     shape = (2,)

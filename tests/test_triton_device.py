@@ -195,6 +195,32 @@ def test_kd_loss_infinite_teacher_entries_and_nan_propagation():
     assert torch.isnan(out[1]).item() and torch.isfinite(out[0]).item()
 
 
+@pytest.mark.parametrize("op", ["kd", "sparse"])
+def test_second_backward_is_the_reference(op):
+    """create_graph=True through the triton kernels: a Hessian-vector product
+    equal to the float64 reference's; with inplace_backward (the logits are
+    gone) a clear error instead."""
+    s, t = logits_pair(KD_ROWS, VOCAB, 33)
+    ids, lp = topk_teacher(KD_ROWS, VOCAB, TOPK, 34)
+    u = torch.randn(KD_ROWS, VOCAB, generator=_gen(35))
+
+    def loss(x, backend, **kw):
+        if op == "kd":
+            return fd.kd_loss(x, on_device(t).to(x.dtype), divergence="jsd", backend=backend, **kw)
+        return fd.sparse_kd_loss(x, on_device(ids), on_device(lp).to(x.dtype), backend=backend, **kw)
+
+    hvps = []
+    for backend, dtype in (("triton", torch.float32), ("torch", F64)):
+        x = on_device(s).to(dtype).requires_grad_()
+        (g,) = torch.autograd.grad(loss(x, backend), x, create_graph=True)
+        (hvp,) = torch.autograd.grad((g * on_device(u).to(dtype)).sum(), x)
+        hvps.append(hvp)
+    assert_close_rel(hvps[0], hvps[1], 2e-4, "hessian-vector product")
+    x = on_device(s).clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        torch.autograd.grad(loss(x * 1.0, "triton", inplace_backward=True), x, create_graph=True)
+
+
 # ----------------------------------------------------------------- fused linear
 
 @pytest.mark.parametrize("div", ["forward_kl", "jsd", "reverse_kl"])
@@ -338,9 +364,13 @@ def test_sinkhorn_divergence(mode, p, batch):
           dict(epsilon=0.1, p=p, n_iters=OT_ROUNDS, mode=mode), ref_kw=dict(mode="auto"))
 
 
-def test_sinkhorn_divergence_scaling_and_not_debiased():
+@pytest.mark.parametrize("mode", ["online", "tensorized"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_sinkhorn_divergence_scaling_and_not_debiased(mode, p):
+    """ε-scaling from the clouds' diameter, the schedule on the device (online:
+    each half-step on clouds rescaled by ε^(1/p))."""
     check(fd.ot.sinkhorn_divergence, cloud_case((), 27), ("x", "y"),
-          dict(epsilon=0.05, n_iters=max(OT_ROUNDS, 14), scaling=0.5, debias=False, mode="tensorized"),
+          dict(epsilon=0.05, p=p, n_iters=max(OT_ROUNDS, 14), scaling=0.5, debias=False, mode=mode),
           ref_kw=dict(mode="auto"))
 
 
