@@ -612,7 +612,9 @@ def _softmin_at(ops, x, y, h, eps, p):
     if not isinstance(eps, torch.Tensor):
         return ops.softmin(x, y, h, eps, p)
     s = (eps if p == 1 else eps.sqrt()).to(x.dtype)
-    return ops.softmin((x / s).contiguous(), (y / s).contiguous(), h, 1.0, p) * eps.to(torch.float32)
+    xs = (x / s).contiguous()
+    ys = xs if y is x else (y / s).contiguous()  # the symmetric solves rescale one cloud once
+    return ops.softmin(xs, ys, h, 1.0, p) * eps.to(torch.float32)
 
 
 def _tiled_solve(ops, x, y, loga, logb, sched, p):
