@@ -495,3 +495,28 @@ def test_reference_ignored_row_with_infinite_loss_gives_no_nan():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     assert torch.count_nonzero(s.grad[1]) == 0
+
+
+@pytest.mark.parametrize("key,value,exc", [
+    ("t_start", 1.4, ValueError), ("t_start", math.nan, ValueError),
+    ("total_steps", 0, ValueError), ("total_steps", 2.5, ValueError),
+    ("t_end", 0.1, ValueError),  # below t_start
+    ("alpha", -1.0, ValueError), ("momentum_decay", 1.0, ValueError),
+    ("t", 1.5, ValueError), ("num_steps", -1, ValueError), ("num_steps", True, ValueError),
+    ("momentum", math.inf, ValueError), ("prev_loss", math.nan, ValueError),
+    ("t_start", "0.4", TypeError),
+])
+def test_taid_load_state_dict_applies_the_constructor_checks(key, value, exc):
+    good = fd.TAIDSchedule(10)
+    good.step(1.0)
+    state = good.state_dict()
+    sched = fd.TAIDSchedule(10)
+    before = sched.state_dict()
+    with pytest.raises(exc, match=f"^{key} must"):
+        sched.load_state_dict(dict(state, **{key: value}))
+    assert sched.state_dict() == before  # a refused state changes nothing
+    with pytest.raises(ValueError, match="unknown keys"):
+        sched.load_state_dict(dict(state, step=3))
+    sched.load_state_dict(state)  # and a good one round-trips
+    assert sched.state_dict() == state
+    assert sched.step(0.5) == good.step(0.5)

@@ -7,10 +7,24 @@ loss is still dropping quickly (momentum of its relative decrease).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .. import _checks
+
+
+def _settings(total_steps, t_start, t_end, alpha, momentum, *, momentum_name="momentum"):
+    """The checked settings of a schedule (the constructor's and ``load_state_dict``'s):
+    (total_steps, t_start, t_end, alpha, momentum decay)."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) \
+            or total_steps <= 0:
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    t_start = _checks.real("t_start", t_start, low=0.0, high=1.0)
+    t_end = _checks.real("t_end", t_end, low=t_start, high=1.0)
+    alpha = _checks.real("alpha", alpha, low=0.0)
+    decay = _checks.real(momentum_name, momentum, low=0.0, high=1.0, high_open=True)
+    return int(total_steps), t_start, t_end, alpha, decay
 
 
 class TAIDSchedule:
@@ -19,13 +33,8 @@ class TAIDSchedule:
 
     def __init__(self, total_steps: int, *, t_start: float = 0.4, t_end: float = 1.0,
                  alpha: float = 5e-4, momentum: float = 0.99):
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-        self.total_steps = total_steps
-        self.t_start = _checks.real("t_start", t_start, low=0.0, high=1.0)
-        self.t_end = _checks.real("t_end", t_end, low=self.t_start, high=1.0)
-        self.alpha = _checks.real("alpha", alpha, low=0.0)
-        self.momentum_decay = _checks.real("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        (self.total_steps, self.t_start, self.t_end, self.alpha,
+         self.momentum_decay) = _settings(total_steps, t_start, t_end, alpha, momentum)
         self.t = self.t_start
         self.num_steps = 0
         self.momentum = 0.0
@@ -56,11 +65,32 @@ class TAIDSchedule:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        missing = set(self.state_dict()) - set(state)
+        """Restore a ``state_dict()``. The settings get the constructor's checks and
+        the running state its own (t in [t_start, t_end], num_steps an int >= 0,
+        momentum finite, prev_loss finite or None); a bad state raises ValueError or
+        TypeError naming the key and leaves the schedule unchanged."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict (a TAIDSchedule.state_dict()), got "
+                            f"{type(state).__name__}")
+        keys = set(self.state_dict())
+        missing, extra = keys - set(state), set(state) - keys
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
-        for k, v in state.items():
-            setattr(self, k, v)
+        if extra:
+            raise ValueError(f"state has unknown keys {sorted(extra)} (expected {sorted(keys)})")
+        total, t_start, t_end, alpha, decay = _settings(
+            state["total_steps"], state["t_start"], state["t_end"], state["alpha"],
+            state["momentum_decay"], momentum_name="momentum_decay")
+        t = _checks.real("t", state["t"], low=t_start, high=t_end)
+        num = state["num_steps"]
+        if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num < 0:
+            raise ValueError(f"num_steps must be an int >= 0, got {num!r}")
+        momentum = _checks.real("momentum", state["momentum"])
+        prev = state["prev_loss"]
+        prev = None if prev is None else _checks.real("prev_loss", prev)
+        self.total_steps, self.t_start, self.t_end, self.alpha, self.momentum_decay = (
+            total, t_start, t_end, alpha, decay)
+        self.t, self.num_steps, self.momentum, self.prev_loss = t, int(num), momentum, prev
 
     def __repr__(self) -> str:
         return f"TAIDSchedule(t={self.t:.4f}, step={self.num_steps}/{self.total_steps})"
