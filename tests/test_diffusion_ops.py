@@ -586,6 +586,22 @@ def _bad_calls():
         (lambda: ddim_step(x, x, -1, -1, S), ValueError, "t must be in"),
         (lambda: ddim_step(x, x, t, t - 1, S, prediction="sample"), ValueError, "prediction must be one of"),
         (lambda: ddim_step(x, x, t, t - 1, S, backend="nope"), ValueError, "backend"),
+        # timesteps beyond int64 (python ints, uint64 tensors) are range errors, not overflows
+        (lambda: denoising_loss(x, x, x, 2**70, S), ValueError,
+         r"t must be in \[0, 1000\), got 1180591620717411303424"),
+        (lambda: denoising_loss(x, x, x, -2**70, S), ValueError, r"t must be in \[0, 1000\)"),
+        (lambda: denoising_loss(x, x, x, torch.full((3,), 2**63 + 5, dtype=torch.uint64), S),
+         ValueError, "t must be in .*uint64 values of 2\\*\\*63"),
+        (lambda: ddim_step(x, x, 2**70, 0, S), ValueError, r"t must be in \[0, 1000\), got 1180"),
+        (lambda: ddim_step(x, x, 5, -2**70, S), ValueError, r"t_prev must be -1 \(clean\) or in"),
+        (lambda: ddim_step(x, x, 5, 2**64, S), ValueError, r"t_prev must be .*got 18446744073709551616"),
+        (lambda: ddim_step(x, x, 5.0, 4, S), TypeError, "t must be an int or an integer tensor"),
+        (lambda: S.add_noise(x, x, 2**70), ValueError, r"t must be in \[0, 1000\)"),
+        (lambda: S.consistency_scalings(torch.tensor([3, 1000])), ValueError,
+         r"t must be -1 \(clean\) or in \[0, 1000\)"),
+        (lambda: S.consistency_scalings(torch.tensor([2.5])), TypeError, "t must hold integer"),
+        (lambda: S.consistency_scalings(2**70), ValueError, "t must be -1"),
+        (lambda: S.consistency_scalings(t, sigma_data=0.0), ValueError, "sigma_data"),
     ]
 
 
@@ -657,3 +673,16 @@ def test_fullgraph_compile_of_a_step(backend):
         loss.backward()
         outs.append((loss.detach(), x.grad))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_timesteps_of_every_integer_kind_agree():
+    """python and numpy ints and integer tensors of any integer dtype give the same
+    timesteps (the range is checked on the value, before any wrap)."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(3, 4)
+    want = denoising_loss(x, x * 0.5, x * 0.25, 7, SCHEDULE)
+    for t in (np.int64(7), torch.tensor(7), torch.full((3,), 7, dtype=torch.uint8),
+              torch.full((3,), 7, dtype=torch.uint64), torch.full((3,), 7, dtype=torch.int16)):
+        torch.testing.assert_close(denoising_loss(x, x * 0.5, x * 0.25, t, SCHEDULE), want)
+    c_skip, c_out = SCHEDULE.consistency_scalings(torch.tensor([[-1, 7]]))
+    assert c_skip.shape == (1, 2) and c_skip[0, 0] == 1 and c_out[0, 0] == 0

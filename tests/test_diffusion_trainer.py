@@ -129,6 +129,9 @@ def test_bad_input_is_a_clear_error(tmp_path):
         DiffusionDistiller("lcm", teacher)
     with pytest.raises(ValueError, match="steps"):
         DiffusionDistiller("dmd2", teacher, steps=3)
+    for steps in (True, 2.0):  # equal to 1 and 2, but not the documented ints
+        with pytest.raises(TypeError, match=r"steps must be an int, one of \(1, 2, 4\)"):
+            DiffusionDistiller("dmd2", teacher, steps=steps)
     with pytest.raises(TypeError, match="teacher"):
         DiffusionDistiller("dmd2", teacher.net)
     with pytest.raises(ValueError, match="progressive_start"):

@@ -21,6 +21,7 @@ fastdistill's fused ops, with resumable atomic checkpoints.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -59,9 +60,7 @@ class DiffusionDistiller(Checkpointed):
         if teacher.boundary:
             raise ValueError("teacher must be a diffusion model, not a consistency model")
         self.teacher = frozen_copy(teacher)
-        if steps not in STEPS:
-            raise ValueError(f"steps must be one of {STEPS}, got {steps!r}")
-        self.steps = steps
+        self.steps = _steps(steps)
         self.iterations = (DEFAULT_ITERATIONS[method] if iterations is None
                            else positive_int("iterations", iterations))
         self.batch_size = positive_int("batch_size", batch_size)
@@ -297,6 +296,17 @@ class DiffusionDistiller(Checkpointed):
         if self.method == "progressive":
             return self.student.sample_ddim(labels, steps, noise=noise)
         return self.student.sample_renoise(labels, steps, generator=generator, noise=noise)
+
+
+def _steps(steps) -> int:
+    """The student's sampling steps: an int in ``STEPS`` (not a bool or a float
+    that compares equal to one)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, one of {STEPS}, got {type(steps).__name__} "
+                        f"{steps!r}")
+    if int(steps) not in STEPS:
+        raise ValueError(f"steps must be one of {STEPS}, got {steps!r}")
+    return int(steps)
 
 
 def _apply(opt, loss):

@@ -8,6 +8,7 @@ are kept in float64 and handed to the ops in float32 per sample.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -48,32 +49,44 @@ class NoiseSchedule:
     def __repr__(self) -> str:
         return f"NoiseSchedule({self.kind!r}, num_steps={self.num_steps})"
 
-    def check_timesteps(self, name: str, t, batch: int, *, allow_clean: bool = False) -> torch.Tensor:
-        """``t`` as an int64 tensor (batch,): an int or integer tensor of shape
-        () or (batch,) with values in [0, T) (or -1, the clean end, where
-        ``allow_clean``). A bad value is an error, never clamped."""
+    def check_timesteps(self, name: str, t, batch: int | None, *,
+                        allow_clean: bool = False) -> torch.Tensor:
+        """``t`` as an int64 tensor (batch,): an int (python or numpy) or an integer
+        tensor of shape () or (batch,) with values in [0, T) (or -1, the clean end,
+        where ``allow_clean``); ``batch=None`` keeps a tensor's own shape (an int
+        gives shape ()). A bad value is an error naming ``name``, never clamped
+        or wrapped."""
+        low = -1 if allow_clean else 0
+
+        def refuse(got: str):
+            what = "-1 (clean) or " if allow_clean else ""
+            raise ValueError(f"{name} must be {what}in [0, {self.num_steps}), got {got}")
+
         if isinstance(t, bool):
             raise TypeError(f"{name} must be an int or an integer tensor, got bool")
-        if isinstance(t, int):
-            t = torch.full((batch,), t, dtype=torch.int64)
-        elif isinstance(t, torch.Tensor):
-            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-                raise TypeError(f"{name} must hold integer timesteps, got {t.dtype}")
+        if isinstance(t, numbers.Integral):
+            v = int(t)
+            if not low <= v < self.num_steps:
+                refuse(str(v))
+            return torch.full(() if batch is None else (batch,), v, dtype=torch.int64)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer timesteps, got {t.dtype}")
+        if batch is not None:
             if t.dim() == 0:
                 t = t.expand(batch)
             if tuple(t.shape) != (batch,):
                 raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample) or "
                                  f"(), got {tuple(t.shape)}")
-            t = t.to(torch.int64)
-        else:
-            raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
-        low = -1 if allow_clean else 0
+        source = t.dtype
+        t = t.to(torch.int64)  # exact for every integer dtype but uint64 (2**63 and up wrap)
         if t.numel() and not torch.compiler.is_compiling():
             lo, hi = int(t.min()), int(t.max())
+            if source == torch.uint64 and lo < 0:
+                refuse("uint64 values of 2**63 or more")
             if lo < low or hi >= self.num_steps:
-                what = "-1 (clean) or " if allow_clean else ""
-                raise ValueError(f"{name} must be {what}in [0, {self.num_steps}), got values in "
-                                 f"[{lo}, {hi}]")
+                refuse(f"values in [{lo}, {hi}]")
         return t
 
     def _abar(self, t: torch.Tensor) -> torch.Tensor:
@@ -118,7 +131,12 @@ class NoiseSchedule:
         """(c_skip, c_out) of a consistency model's boundary condition
         f = c_skip·x_t + c_out·x̂0 (LCM's choice for discrete schedules):
         c_skip = σ_d²/(u² + σ_d²), c_out = u/√(u² + σ_d²) with u = t·scaling,
-        so f(x, t) = x at t = -1 (u set to 0 there) and f ≈ x̂0 at large t."""
+        so f(x, t) = x at t = -1 (u set to 0 there) and f ≈ x̂0 at large t.
+        ``t``: timesteps in [-1, T) (an int or an integer tensor of any shape)."""
+        t = self.check_timesteps("t", t, None, allow_clean=True)
+        sigma_data = _checks.real("sigma_data", sigma_data, low=0.0, low_open=True)
+        timestep_scaling = _checks.real("timestep_scaling", timestep_scaling, low=0.0,
+                                        low_open=True)
         u = (t.to(torch.float64) * timestep_scaling).clamp(min=0)  # t = -1: the clean boundary
         sd2 = sigma_data ** 2
         c_skip = sd2 / (u * u + sd2)
