@@ -30,6 +30,8 @@ from . import _checks
 from ._backend import resolve
 
 KD_COSTS = ("l1", "sqeuclidean", "cosine")
+# The largest W_ij of each SinKD cost between probability rows (sinkhorn_kd_loss's epsilon floor).
+_KD_COST_MAX = {"l1": 2.0, "sqeuclidean": 2.0, "cosine": 1.0}
 KD_GRADIENTS = ("envelope", "unrolled")
 DIVERGENCE_MODES = ("auto", "online", "tensorized")
 
@@ -155,6 +157,28 @@ def _options(epsilon, n_iters, tol=None) -> tuple[float, int, float | None]:
     if tol is not None:
         tol = _checks.real("tol", tol, low=0.0, low_open=True)
     return eps, n, tol
+
+
+def _check_epsilon(eps: float, dtype: torch.dtype, max_cost: float | None) -> None:
+    """Refuse an ε the work dtype cannot carry. Always (a check on a python float,
+    free under torch.compile): ε must be a normal number of ``dtype`` (below,
+    C/ε is inf or NaN). With ``max_cost`` (an upper bound of |C|, known in eager
+    mode): ε >= max_cost·eps(dtype). The potentials are of the size of the costs
+    and carry a rounding of max|C|·eps(dtype), which every exp((f + g − C)/ε)
+    magnifies by 1/ε: below that floor one rounding step moves a plan entry by
+    more than a factor e, and some 90 times below it the plan overflows to inf."""
+    info = torch.finfo(dtype)
+    if eps < info.tiny:
+        raise ValueError(f"epsilon={eps:g} is below the smallest normal {dtype} "
+                         f"({info.tiny:g}): C/epsilon is not representable")
+    if max_cost is not None and eps < max_cost * info.eps:
+        limit = max_cost * info.eps
+        raise ValueError(
+            f"epsilon={eps:g} is below what {dtype} resolves for costs up to {max_cost:g}: "
+            f"epsilon must be >= max|cost|·eps({dtype}) = {limit:.3g} (the potentials' rounding, "
+            "magnified by 1/epsilon in the plan)"
+            + ("" if dtype == torch.float64 else "; use float64 (backend='torch') for a smaller "
+               "epsilon"))
 
 
 def _log(w: torch.Tensor) -> torch.Tensor:
@@ -355,7 +379,9 @@ class _Envelope(torch.autograd.Function):
         return grad_C, grad_a, grad_b, None, None, None, None, None, None, None
 
 
-def _check_cost(cost) -> None:
+def _check_cost(cost) -> float | None:
+    """Checks the cost; returns max|C| in eager mode (None under torch.compile or
+    for an empty batch)."""
     _checks.tensor("cost", cost, floating=True)
     if cost.dim() < 2:
         raise ValueError(f"cost must have shape (..., N, M), got {tuple(cost.shape)}")
@@ -363,10 +389,12 @@ def _check_cost(cost) -> None:
         raise ValueError(f"cost must have at least one row and one column, got {tuple(cost.shape)}")
     if cost.numel() and not torch.compiler.is_compiling():
         # min and max are finite iff every entry is (NaN propagates through both): one
-        # reduction, where isfinite(cost).all() would allocate ~112 MB at 4096×4096
-        lo, hi = torch.aminmax(cost)
-        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+        # reduction and one read, where isfinite(cost).all() would allocate ~112 MB at 4096×4096
+        lo, hi = torch.stack(torch.aminmax(cost)).tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("cost must be finite (give a zero weight instead of an infinite cost)")
+        return max(abs(lo), abs(hi))
+    return None
 
 
 def _solve(cost, a, b, eps, n_iters, tol, want_plan, name="torch"):
@@ -399,7 +427,11 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
     dtype; the gradient w.r.t. cost comes back in cost's dtype. The log
     domain never underflows, but float32 potentials carry rounding of
     ~|f|·2⁻²⁴, which the plan sees magnified by 1/ε (relative ~1e-3 at
-    ε = 1e-4 with costs ~1): use float64 for tiny ε where that matters.
+    ε = 1e-4 with costs ~1): use float64 for tiny ε where that matters. An
+    ε below max|C|·eps(work dtype) (1.2e-7·max|C| in float32), where that
+    rounding moves the plan's entries by more than a factor e, is refused
+    (in eager mode; under torch.compile only ε below the dtype's smallest
+    normal number is, the cost's range being data).
 
     n_iters rounds of (f update, g update), or fewer with ``tol``: each
     problem of the batch stops (its f, g kept from then on) at the first
@@ -426,8 +458,9 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
     and the value fused, never a second N×M buffer), "triton" (CUDA) one
     kernel per half-step; "auto" picks per ``fastdistill.backends()``.
     """
-    _check_cost(cost)
+    max_cost = _check_cost(cost)
     eps, n_iters, tol = _options(epsilon, n_iters, tol)
+    _check_epsilon(eps, _work_dtype(cost), max_cost)
     _checks.flag("return_plan", return_plan)
     name = resolve(backend, cost.device, _work_dtype(cost))
     if name != "torch" and cost.dtype == torch.float64:
@@ -453,6 +486,13 @@ def _point_cost(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
     return torch.where(live, torch.where(live, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
+def _diameter(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The diagonal of the box holding every point of x and y (over the batch), a
+    float64 scalar tensor on their device: |x_i − y_j| never exceeds it."""
+    pts = torch.cat([x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])])
+    return (pts.amax(0) - pts.amin(0)).double().norm()
+
+
 def _eps_schedule(eps: float, n_iters: int, scaling, x: torch.Tensor, y: torch.Tensor, p: int):
     """ε per round: constant (a list of floats), or with ε-scaling
     ε_k = max(ε, ε₀·scaling^k) from ε₀ = diameter^p / p, the largest cost the
@@ -465,9 +505,7 @@ def _eps_schedule(eps: float, n_iters: int, scaling, x: torch.Tensor, y: torch.T
     if scaling is None:
         return [eps] * n_iters
     scaling = _checks.real("scaling", scaling, low=0.0, high=1.0, low_open=True, high_open=True)
-    pts = torch.cat([x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])])
-    diameter = (pts.amax(0) - pts.amin(0)).norm().double()
-    eps0 = diameter ** p / p
+    eps0 = _diameter(x, y) ** p / p
     k = torch.arange(n_iters, dtype=torch.float64, device=x.device)
     sched = torch.clamp_min(eps0 * scaling ** k, eps)
     sched[-1] = eps
@@ -516,7 +554,8 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None
     self term OT_ε(a, a) n_iters averaged symmetric updates (its two
     potentials are equal). ``scaling`` in (0, 1) anneals ε (ε-scaling): round
     k runs at max(ε, ε₀·scaling^k), ε₀ = diameter^p/p; the schedule must reach
-    ε within n_iters.
+    ε within n_iters. ε below diameter^p/p·eps(work dtype) (the costs' bound,
+    as ``sinkhorn`` bounds ε by max|C|) is refused in eager mode.
 
     Gradients w.r.t. x, y, a, b: the envelope gradient of each solve.
     backend="torch" is the readable reference: it builds the dense cost
@@ -559,8 +598,12 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None
         raise ValueError("mode='online' needs backend 'cpp' (CPU) or 'triton' (CUDA): the torch "
                          "reference always builds the dense cost (mode 'auto' or 'tensorized')")
     x, y = x.to(wd), y.to(wd)
-    if not torch.compiler.is_compiling() and not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-        raise ValueError("x and y must be finite")
+    max_cost = None
+    if not torch.compiler.is_compiling():
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            raise ValueError("x and y must be finite")
+        max_cost = float(_diameter(x.detach(), y.detach())) ** p / p  # the largest cost
+    _check_epsilon(eps, wd, max_cost)
     a = _weights("a", a, x.shape[:-1], x.device, wd)
     b = _weights("b", b, y.shape[:-1], y.device, wd)
     sched = _eps_schedule(eps, n_iters, scaling, x.detach(), y.detach(), p)
@@ -785,7 +828,9 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     float32, or float64 for float64 logits) after n_iters rounds of (row,
     column) updates from the Gibbs kernel exp(−W/ε): the reference's sum
     Σ P_ref·W divided by B (its 0.001 factor is the user's loss weight).
-    An all-ignored batch gives 0.
+    An all-ignored batch gives 0. W is at most 2 ("l1", "sqeuclidean") or 1
+    ("cosine"), so epsilon must be >= that bound times eps(work dtype)
+    (2.4e-7 for "l1" in float32), like ``sinkhorn``'s floor.
 
     gradient="envelope" (cheap): ∂/∂W = P, the envelope gradient of OT_ε,
     which differs from the exact gradient of ⟨P, W⟩ by O(ε) terms;
@@ -825,6 +870,7 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if name != "torch" and wd == torch.float64:
         raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 logits; "
                         "float64 runs on backend='torch'")
+    _check_epsilon(eps, wd, _KD_COST_MAX[cost])  # W is bounded by its kind: no data read
     V = s.shape[-1]
     s2, t2 = s.reshape(-1, V), t.reshape(-1, V)
     if labels is not None:

@@ -617,3 +617,60 @@ L0 = torch.randn(4, 8)
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# --------------------------------------------------------------------------- ε floor
+
+@pytest.mark.parametrize("backend", ["torch"] + fused_backends())
+def test_sinkhorn_refuses_an_epsilon_the_dtype_cannot_carry(backend):
+    """ε below max|C|·eps(work dtype) gave inf (cpp) or a silently wrong value
+    (torch) in float32, and NaN below the smallest normal: now a ValueError
+    naming epsilon, the dtype and the floor; just above the floor it is finite."""
+    torch.manual_seed(0)
+    C = torch.rand(2, 5, 6)
+    cmax = float(C.abs().max())
+    floor = cmax * torch.finfo(torch.float32).eps
+    for eps, match in ((1e-30, r"epsilon=1e-30 .*torch\.float32.*max\|cost\|"),
+                       (1e-40, r"epsilon=1e-40 .*smallest normal torch\.float32"),
+                       (0.9 * floor, f"epsilon must be >= .* = {floor:.3g}")):
+        with pytest.raises(ValueError, match=match):
+            ot.sinkhorn(C, epsilon=eps, n_iters=20, backend=backend)
+    # the floor scales with the costs: fine at costs ~1, refused at costs ~1000
+    ot.sinkhorn(C, epsilon=1e-5, n_iters=5, backend=backend)
+    with pytest.raises(ValueError, match="costs up to 9"):
+        ot.sinkhorn(C * 1000, epsilon=1e-5, n_iters=5, backend=backend)
+    r = ot.sinkhorn(C, epsilon=1.01 * floor, n_iters=50, return_plan=True, backend=backend)
+    for t in (r.value, r.f, r.g, r.plan):
+        assert torch.isfinite(t).all()
+    # a non-finite cost is still the cost's error, an all-zero cost takes any normal ε
+    with pytest.raises(ValueError, match="cost must be finite"):
+        ot.sinkhorn(torch.full((3, 4), math.nan), epsilon=1e-3, backend=backend)
+    z = ot.sinkhorn(torch.zeros(3, 4), epsilon=1e-30, backend=backend)
+    assert z.value.abs().max() == 0
+
+
+def test_float64_has_its_own_epsilon_floor():
+    C = torch.rand(4, 5, dtype=F64)
+    with pytest.raises(ValueError, match="torch.float64"):
+        ot.sinkhorn(C, epsilon=1e-30, n_iters=5)
+    r = ot.sinkhorn(C, epsilon=1e-12, n_iters=50, return_plan=True)  # float32 would refuse it
+    assert torch.isfinite(r.value) and torch.isfinite(r.plan).all()
+    with pytest.raises(ValueError, match="below what torch.float32 resolves"):
+        ot.sinkhorn(C.float(), epsilon=1e-12, n_iters=5)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + fused_backends())
+def test_divergence_and_sinkd_refuse_an_epsilon_the_dtype_cannot_carry(backend):
+    x, y = torch.randn(5, 2), torch.randn(6, 2)
+    for eps in (1e-30, 1e-40):
+        with pytest.raises(ValueError, match="epsilon"):
+            ot.sinkhorn_divergence(x, y, epsilon=eps, backend=backend)
+        with pytest.raises(ValueError, match="epsilon"):
+            ot.sinkhorn_divergence(x, y, epsilon=eps, scaling=0.5, n_iters=200, backend=backend)
+        with pytest.raises(ValueError, match="epsilon"):
+            ot.sinkhorn_kd_loss(L0, L0, epsilon=eps, backend=backend)
+    # the divergence's floor is diameter^p/p·eps: here ~1e-6 (p = 2); SinKD's 2·eps(float32)
+    assert torch.isfinite(ot.sinkhorn_divergence(x, y, epsilon=1e-4, n_iters=5, backend=backend))
+    with pytest.raises(ValueError, match=r"epsilon must be >= max\|cost\|·eps\(torch.float32\) = 2.38e-07"):
+        ot.sinkhorn_kd_loss(L0, L0, epsilon=1e-7, backend=backend)
+    assert torch.isfinite(ot.sinkhorn_kd_loss(L0, L0, epsilon=1e-6, n_iters=5, backend=backend))
