@@ -146,7 +146,7 @@ def test_save_image_grid_writes_a_valid_png(tmp_path):
     x = torch.zeros(3, 1, 4, 5)
     x[1] = 1.0
     p = tmp_path / "g.png"
-    save_image_grid(x, p, nrow=2)
+    save_image_grid(x, p, nrow=2, scale=1)  # scale 1: the images' own pixels
     raw = p.read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
     w, h = struct.unpack(">II", raw[16:24])
@@ -156,6 +156,87 @@ def test_save_image_grid_writes_a_valid_png(tmp_path):
     pix = zlib.decompress(raw[idat + 4:idat + 4 + n])
     rows = [pix[i * (w + 1) + 1:(i + 1) * (w + 1)] for i in range(h)]
     assert rows[2][2] == 0 and rows[2][2 + 5 + 2] == 255 and rows[0][0] == 255  # image 0, image 1, padding
+
+
+def _png_size(path):
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", raw[16:24])  # (width, height)
+
+
+def test_save_image_grid_upscales_small_images_by_default(tmp_path):
+    """10 8×8 digits in a row were a 102×12 PNG: now every digit is at least
+    64 px, each pixel an 8×8 block (nearest neighbour)."""
+    x = torch.rand(10, 1, 8, 8)
+    p = tmp_path / "g.png"
+    save_image_grid(x, p, nrow=10)  # the signature callers used before
+    w, h = _png_size(p)
+    assert w >= 10 * 64 and h >= 64
+    assert (w, h) == (10 * 64 + 11 * 16, 64 + 2 * 16)
+    raw = p.read_bytes()
+    idat = raw.index(b"IDAT")
+    n = struct.unpack(">I", raw[idat - 4:idat])[0]
+    pix = torch.frombuffer(bytearray(zlib.decompress(raw[idat + 4:idat + 4 + n])), dtype=torch.uint8)
+    pix = pix.view(h, w + 1)[:, 1:]
+    tile = pix[16:16 + 64, 16:16 + 64].float()
+    expect = (x[0, 0] * 255 + 0.5).floor().repeat_interleave(8, 0).repeat_interleave(8, 1)
+    assert torch.equal(tile, expect)
+    save_image_grid(torch.rand(4, 1, 28, 28), p, nrow=2)  # MNIST: 3× → 84 px
+    assert _png_size(p) == (2 * 84 + 3 * 6, 2 * 84 + 3 * 6)
+
+
+def test_save_class_grid_labels_rows_and_columns(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastdistill.dd.trainer import save_class_grid
+
+    p = tmp_path / "one.png"
+    save_class_grid(torch.rand(10, 1, 8, 8), torch.arange(10), p, title="digits dc IPC 1")
+    w, h = _png_size(p)
+    assert w >= 10 * 64 + 11 * 16 and h > 64 + 2 * 16  # the grid, plus the labels and title
+    p3 = tmp_path / "three.png"
+    save_class_grid(torch.rand(30, 1, 8, 8), torch.arange(10).repeat_interleave(3), p3)
+    w3, h3 = _png_size(p3)
+    assert w3 > 3 * 64 + 4 * 16 and h3 > 10 * 64 + 11 * 16  # row labels on the left: wider
+    with pytest.raises(ValueError, match="row_labels"):
+        save_image_grid(torch.rand(4, 1, 8, 8), p, nrow=2, row_labels=["a"])
+
+
+def test_run_warnings_when_below_the_baseline_or_the_loss_rose():
+    dist = DatasetDistiller("dc", ipc=1, iterations=5, progress=False)
+    dist.losses = [0.1, 0.2, 0.3, 0.4, 0.5]
+    below, rose = dist.run_warnings({"mean": 17.0}, {"mean": 48.0})
+    assert "below" in below and "17.00 %" in below and "48.00 %" in below
+    assert "too short" in below and "--iterations 5" in below and "--iterations 1000" in below
+    assert "rose" in rose and "4 of 4 steps" in rose
+    dist.losses = [0.5, 0.4, 0.3, 0.2, 0.1]
+    assert dist.run_warnings({"mean": 60.0}, {"mean": 48.0}) == []
+
+
+def test_cli_dd_warns_when_the_distilled_set_loses_to_random_real(tmp_path, capsys, monkeypatch):
+    """The short run of the issue (digits, dc, ipc 1, 5 iterations) printed 17 %
+    against 48 % with no word of warning; the evaluation is stubbed here."""
+    pytest.importorskip("sklearn")
+    from fastdistill.dd import trainer
+
+    descs = []
+
+    def fake_evaluate(self, images, labels, test, *, desc=None, **kw):
+        descs.append(desc)
+        return {"mean": 48.0 if desc and "random real" in desc else 17.0, "std": 0.0,
+                "accs": [0.0]}
+
+    monkeypatch.setattr(trainer.DatasetDistiller, "evaluate", fake_evaluate)
+    monkeypatch.setattr(trainer.DatasetDistiller, "_step_dc",
+                        lambda self, *a: 0.1 * (len(self.losses) + 1))  # a loss that rises
+    rc = cli.main(["dd", "--data", "digits", "--method", "dc", "--ipc", "1", "--iterations", "5",
+                   "--width", "8", "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "random real subset: 48.00" in out
+    assert "warning: the distilled set scores 17.00 %, below the 48.00 %" in out
+    assert "too short" in out and "--iterations 1000" in out
+    assert "warning: the DC matching loss rose over the run" in out
+    assert descs == [None, "evaluate random real baseline ipc=1"]
 
 
 def test_cli_dd_writes_the_set_grid_and_results(tmp_path, capsys):
@@ -170,6 +251,8 @@ def test_cli_dd_writes_the_set_grid_and_results(tmp_path, capsys):
         assert (tmp_path / f"digits-dm-ipc1.{ext}").exists()
     saved = torch.load(tmp_path / "digits-dm-ipc1.pt")
     assert saved["images"].shape == (10, 1, 8, 8)
+    w, h = _png_size(tmp_path / "digits-dm-ipc1.png")
+    assert w >= 10 * 64 and h >= 64  # was 102×12
 
 
 def test_evaluate_reports_progress_like_fit_and_returns_percent(monkeypatch):
@@ -201,6 +284,8 @@ def test_evaluate_reports_progress_like_fit_and_returns_percent(monkeypatch):
     assert bar.postfix["model"] == "2/2"
     dist.evaluate(images, labels, (x, y), n_models=1, epochs=1, progress=False)
     assert not made[-1].shown
+    dist.evaluate_random_real((x, y), (x, y), n_models=1, epochs=1)
+    assert made[-1].desc == "evaluate random real baseline ipc=1"
     assert "percent" in DatasetDistiller.evaluate.__doc__.lower()
     with pytest.raises(TypeError, match="progress must be a bool"):
         dist.evaluate(images, labels, (x, y), progress="yes")

@@ -37,8 +37,12 @@ CHECKPOINT_MAGIC = b"FDDDCKPT"
 LR_IMG = {"dc": 0.1, "dsa": 0.1, "dm": 1.0, "datadam": 1.0, "mtt": 100.0}
 # MTT learns its student's learning rate as log(lr), with SGD at this rate
 LR_LR = 0.01
+# the outer iterations of the DC/DSA papers (Zhao et al. 2021), the command's default
+PAPER_ITERATIONS = 1000
+# save_image_grid upscales (nearest neighbour) until each image is at least this many pixels
+MIN_TILE_PIXELS = 64
 
-__all__ = ["DatasetDistiller", "METHODS", "save_image_grid", "load_checkpoint"]
+__all__ = ["DatasetDistiller", "METHODS", "save_image_grid", "save_class_grid", "load_checkpoint"]
 
 
 _STATE_TYPES = {"version": int, "settings": dict, "iteration": int, "images": torch.Tensor,
@@ -147,12 +151,14 @@ class DatasetDistiller:
         self.lr_lr = _checks.real("lr_lr", lr_lr, low=0.0, low_open=True)
         self.datadam_mmd_weight = _checks.real("datadam_mmd_weight", datadam_mmd_weight, low=0.0)
         self.syn_lr = None  # MTT's learned student learning rate, after fit
+        self.losses: list[float] = []  # the matching loss of each iteration of the last fit
 
     # ------------------------------------------------------------- settings
     def settings(self) -> dict:
         """What a checkpoint must agree on to be resumed (iterations may grow)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()
-                if k not in ("iterations", "checkpoint", "checkpoint_every", "progress", "syn_lr")}
+                if k not in ("iterations", "checkpoint", "checkpoint_every", "progress", "syn_lr",
+                             "losses")}
 
     def _net(self, gen: torch.Generator, channels: int, classes: int, size) -> ConvNet:
         with torch.random.fork_rng(devices=[]):
@@ -238,10 +244,12 @@ class DatasetDistiller:
         bar = Progress(self.progress, self.iterations, f"{self.method} ipc={self.ipc}", "iteration",
                        initial=min(start, self.iterations))
         step = getattr(self, f"_step_{self.method}" if self.method != "dsa" else "_step_dc")
+        self.losses = []
         try:
             for it in range(start, self.iterations):
                 loss = step(x, y, by_class, syn, syn_y, classes, gen, opt, extra,
                             syn_lr if self.method == "mtt" else None)
+                self.losses.append(float(loss))
                 bar.update(1, loss=f"{loss:.4f}")
                 if (it + 1) % self.checkpoint_every == 0 and it + 1 < self.iterations:
                     self._save(snapshot(it + 1))
@@ -374,7 +382,7 @@ class DatasetDistiller:
     # ------------------------------------------------------------- evaluation
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor, test, *, n_models: int = 5,
                  epochs: int = 300, lr: float = 0.01, batch_size: int = 256,
-                 seed: int = 1, progress: bool | None = None) -> dict:
+                 seed: int = 1, progress: bool | None = None, desc: str | None = None) -> dict:
         """The DC protocol: ``n_models`` fresh ConvNets (this distiller's width and
         depth) trained on (images, labels) with SGD (momentum 0.9, weight decay
         5e-4, lr halved at half of ``epochs``; DSA augmentation for dsa/dm/datadam),
@@ -383,7 +391,8 @@ class DatasetDistiller:
         Returns {"mean", "std", "accs"} as test accuracies in PERCENT (0-100, not
         fractions): "accs" one per model, "mean" and "std" (population) over them.
         ``progress`` (None: the distiller's own setting, as ``fit``) shows one
-        bar over the n_models × epochs training epochs, with each model's accuracy."""
+        bar over the n_models × epochs training epochs, with each model's accuracy,
+        labelled ``desc`` (default "evaluate <method> ipc=<ipc>")."""
         xs, ys = _as_pair("images/labels", (images, labels))
         xt, yt = _as_pair("test", test)
         n_models, epochs = _int("n_models", n_models), _int("epochs", epochs)
@@ -393,7 +402,11 @@ class DatasetDistiller:
         classes = int(max(ys.max(), yt.max())) + 1
         gen = torch.Generator().manual_seed(_int("seed", seed, 0))
         accs = []
-        bar = Progress(progress, n_models * epochs, f"evaluate {self.method} ipc={self.ipc}", "epoch")
+        if desc is None:
+            desc = f"evaluate {self.method} ipc={self.ipc}"
+        elif not isinstance(desc, str):
+            raise TypeError(f"desc must be a str or None, got {type(desc).__name__}")
+        bar = Progress(progress, n_models * epochs, desc, "epoch")
         try:
             for m in range(n_models):
                 accs.append(self._train_and_test(xs, ys, xt, yt, classes, gen, epochs, lr, batch_size,
@@ -426,6 +439,38 @@ class DatasetDistiller:
                           for i in range(0, len(xt), 1000))
         return 100.0 * correct / len(xt)
 
+    def evaluate_random_real(self, real, test, *, seed: int = 2, **evaluate_keywords) -> dict:
+        """``evaluate`` of ``random_real_subset(real, seed=seed)``: the baseline a
+        distilled set of this IPC has to beat, its progress bar labelled so."""
+        evaluate_keywords.setdefault("desc", f"evaluate random real baseline ipc={self.ipc}")
+        return self.evaluate(*self.random_real_subset(real, seed=seed), test, **evaluate_keywords)
+
+    def run_warnings(self, result: dict, baseline: dict) -> list[str]:
+        """Plain-language warnings about the last ``fit`` given its evaluation
+        (``result``) and the random real baseline's (``baseline``): a distilled
+        set that scores below the baseline, and a matching loss that rose over
+        the run. Empty when neither holds."""
+        out = []
+        if result["mean"] < baseline["mean"]:
+            out.append(
+                f"warning: the distilled set scores {result['mean']:.2f} %, below the "
+                f"{baseline['mean']:.2f} % of {self.ipc} random real image(s) per class: XX was likely too short to beat its "
+                f"baseline: --iterations {self.iterations} here, the papers' default is "
+                f"--iterations {PAPER_ITERATIONS}.")
+        if len(self.losses) >= 2:
+            k = max(1, len(self.losses) // 3)
+            first = sum(self.losses[:k]) / k
+            last = sum(self.losses[-k:]) / k
+            if last > first:
+                rises = sum(b > a for a, b in zip(self.losses, self.losses[1:]))
+                ends = (f"first iteration {first:.4f}, last {last:.4f}" if k == 1 else
+                        f"mean of the first {k} iterations {first:.4f}, of the last {k} {last:.4f}")
+                out.append(
+                    f"warning: the {self.method.upper()} matching loss rose over the run ({ends}; "
+                    f"it rose in {rises} of {len(self.losses) - 1} steps): the synthetic set is "
+                    f"not converging yet, more --iterations are needed.")
+        return out
+
     def random_real_subset(self, real, *, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         """``ipc`` random real images per class: the baseline at the same IPC."""
         x, y = _as_pair("real", real)
@@ -436,25 +481,36 @@ class DatasetDistiller:
         return x[idx].clone(), y[idx].clone()
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int,
-                    denormalize=None) -> None:
-    """A PNG grid of (N, C, H, W) images (C = 1 or 3), ``nrow`` per row, pixel
-    values in [0, 1] after ``denormalize``; written with zlib (no image library)."""
+def _grid_pixels(images: torch.Tensor, nrow: int, denormalize, scale: int | None):
+    """(uint8 H×W×C grid, scale, tile height, tile width, pad) of the images."""
     x = images.detach().float().cpu()
     if denormalize is not None:
         x = denormalize(x)
     x = x.clamp(0, 1)
+    if x.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got {tuple(x.shape)}")
     n, c, h, w = x.shape
     if c not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels, got {c}")
+    nrow = _int("nrow", nrow)
+    if scale is None:
+        scale = max(1, math.ceil(MIN_TILE_PIXELS / max(1, min(h, w))))
+    scale = _int("scale", scale)
+    if scale > 1:  # nearest neighbour: every pixel becomes a scale × scale block
+        x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+        h, w = h * scale, w * scale
     rows = math.ceil(n / nrow)
-    pad = 2
+    pad = 2 * scale if scale > 1 else 2
     grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
     for i in range(n):
         r, col = divmod(i, nrow)
         grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = x[i]
-    pix = (grid * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous()
-    H, W = pix.shape[:2]
+    return (grid * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous(), scale, h, w, pad
+
+
+def _write_png(pix: torch.Tensor, path) -> None:
+    """An 8-bit grey (C = 1) or RGB (C = 3) PNG of H×W×C pixels, with zlib."""
+    H, W, c = pix.shape
     raw = b"".join(b"\x00" + pix[i].numpy().tobytes() for i in range(H))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -463,3 +519,82 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int,
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 0 if c == 1 else 2, 0, 0, 0)) \
         + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
     Path(path).write_bytes(png)
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int,
+                    denormalize=None, scale: int | None = None, row_labels=None,
+                    col_labels=None, title: str | None = None) -> None:
+    """A PNG grid of (N, C, H, W) images (C = 1 or 3), ``nrow`` per row, pixel
+    values in [0, 1] after ``denormalize``.
+
+    ``scale``: each image pixel becomes a scale × scale block (nearest
+    neighbour); default: the smallest scale that makes each image at least
+    ``MIN_TILE_PIXELS`` (64) pixels on its shorter side (8 for 8×8 digits, 3 for
+    28×28). ``row_labels`` / ``col_labels`` (one string per row / column) and
+    ``title`` are drawn around the grid with matplotlib, the grid itself kept
+    pixel for pixel; without them (or without matplotlib) the PNG is the grid
+    alone, written with zlib."""
+    pix, scale, h, w, pad = _grid_pixels(images, nrow, denormalize, scale)
+    rows, cols = math.ceil(images.shape[0] / nrow), nrow
+    row_labels = None if row_labels is None else [str(t) for t in row_labels]
+    col_labels = None if col_labels is None else [str(t) for t in col_labels]
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"row_labels must hold one label per row ({rows}), got {len(row_labels)}")
+    if col_labels is not None and len(col_labels) != cols:
+        raise ValueError(f"col_labels must hold one label per column ({cols}), got {len(col_labels)}")
+    if row_labels is None and col_labels is None and title is None:
+        _write_png(pix, path)
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _write_png(pix, path)
+        return
+    dpi = 100
+    H, W = pix.shape[:2]
+    fig = plt.figure(figsize=(W / dpi, H / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    img = pix[..., 0] if pix.shape[2] == 1 else pix
+    ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest",
+              extent=(0, W, H, 0), aspect="auto")
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    centre = lambda i, size: pad + i * (size + pad) + size / 2  # noqa: E731
+    ax.xaxis.tick_top()
+    ax.set_xticks([centre(i, w) for i in range(cols)] if col_labels else [])
+    if col_labels:
+        ax.set_xticklabels(col_labels, fontsize=9)
+    ax.set_yticks([centre(i, h) for i in range(rows)] if row_labels else [])
+    if row_labels:
+        ax.set_yticklabels(row_labels, fontsize=9)
+    ax.tick_params(length=0, pad=3)
+    if title:
+        ax.set_title(title, fontsize=10, pad=6)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.08, facecolor="white",
+                format="png")
+    plt.close(fig)
+
+
+def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: str | os.PathLike, *,
+                    denormalize=None, class_names=None, title: str | None = None,
+                    scale: int | None = None) -> None:
+    """``save_image_grid`` of a synthetic set, classes in order (``labels``
+    sorted, the same count per class): one row per class when there are
+    several images per class (rows labelled with the classes, columns with the
+    image's index), else one row with a column per class."""
+    labels = torch.as_tensor(labels).flatten()
+    classes = sorted(set(labels.tolist()))
+    per_class = len(labels) // max(1, len(classes))
+    names = [str(class_names[c]) if class_names is not None else str(c) for c in classes]
+    if per_class > 1:
+        save_image_grid(images, path, nrow=per_class, denormalize=denormalize, scale=scale,
+                        row_labels=[f"class {n}" for n in names],
+                        col_labels=[str(i + 1) for i in range(per_class)], title=title)
+    else:
+        save_image_grid(images, path, nrow=len(labels), denormalize=denormalize, scale=scale,
+                        col_labels=names, title=title)
