@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
+
 import torch
 
 from .. import _checks
@@ -52,7 +54,9 @@ def train_teacher(data, *, iterations: int = 4000, batch_size: int = 128, lr: fl
     EMA of the weights (``ema`` decay). With ``cache`` the run is kept at
     ``cache_dir()/teacher-<data>-<key>.ckpt`` (key: a hash of the settings
     and the data), so a second call loads it and an interrupted one resumes;
-    ``checkpoint`` names the file instead.
+    ``checkpoint`` names the file instead. The returned model's
+    ``checkpoint_path`` is that file (None without one), ``from_cache`` says
+    whether it was loaded whole (no training in this call).
     """
     x, y, name = as_data("data", data)
     iterations = positive_int("iterations", iterations)
@@ -118,4 +122,8 @@ def train_teacher(data, *, iterations: int = 4000, batch_size: int = 128, lr: fl
         bar.close()
     if state is None or start < iterations:
         run.save(iterations, modules, optimizers, gen, {})
+    # where the run is kept, and whether this call trained (part of) it
+    ema_model.checkpoint_path = None if checkpoint is None else Path(checkpoint)
+    ema_model.from_cache = state is not None and start >= iterations
+    ema_model.iterations = iterations
     return ema_model
