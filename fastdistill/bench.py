@@ -143,6 +143,14 @@ def streaming_floor(n: int, v: int, repeat: int, device="cpu") -> float:
     return best
 
 
+def _timed(log, rows: list[Row], started: float) -> None:
+    """One progress line per case (its times are in the table printed at the end)."""
+    if rows:
+        r = rows[0]
+        log(f"  {r.op} {r.shape} {r.dtype}: {len(rows)} implementation"
+            f"{'' if len(rows) == 1 else 's'} timed ({time.perf_counter() - started:.0f} s)")
+
+
 # ----------------------------------------------------------------- cases
 
 # What a user would pick instead of fastdistill in each case, for the
@@ -188,7 +196,7 @@ def bench_kd(report: Report, n: int, v: int, dtype: torch.dtype, divergence: str
     base = (torch.randn(n, v) * 2).to(dtype)
     teacher = (torch.randn(n, v) * 2).to(dtype)
     shape = f"{n}x{v}"
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for label, loss_fn, inplace in _kd_impls(divergence, with_compile, with_inplace):
         def prep():
             leaf = base.clone().requires_grad_()
@@ -204,7 +212,7 @@ def bench_kd(report: Report, n: int, v: int, dtype: torch.dtype, divergence: str
         row = Row(f"kd_loss[{divergence}]", shape, str(dtype).replace("torch.", ""), label, secs,
                   None if extra is None else extra / MB, notes=notes)
         rows.append(row)
-        log(f"  {row.op:28s} {shape:>12s} {row.dtype:9s} {label:34s} {secs:8.3f} s")
+    _timed(log, rows, t0)
     _ratios(report, rows, shape)
 
 
@@ -279,11 +287,11 @@ def bench_fused_linear(report: Report, n: int, h: int, v: int, divergence: str, 
     report.floor_seconds[shape] = gemm_floor(n, h, v, repeat)
     report.floor_seconds[f"{shape} GEMMs into reused outputs"] = gemm_floor(n, h, v, repeat,
                                                                             reuse_outputs=True)
-    rows, missing = [], []
+    rows, missing, t0 = [], [], time.perf_counter()
     for label, loss_fn in _fused_linear_impls(divergence, with_compile):
         if loss_fn is None:
             missing.append(Row(f"fused_linear_kd[{divergence}]", shape, "float32", label, None, None))
-            log(f"  {missing[-1].op:28s} {shape:>14s} {'float32':9s} {label}")
+            log(f"  skipped {label}")
             continue
 
         def prep():
@@ -299,7 +307,11 @@ def bench_fused_linear(report: Report, n: int, h: int, v: int, divergence: str, 
                   None if extra is None else extra / MB,
                   notes="grad_weight (V×H fp32) is part of every implementation's peak")
         rows.append(row)
-        log(f"  {row.op:28s} {shape:>14s} {row.dtype:9s} {label:38s} {secs:8.3f} s")
+    _timed(log, rows, t0)
+    reused = report.floor_seconds[f"{shape} GEMMs into reused outputs"]
+    for r in rows:
+        if reused:
+            r.notes += f"; {r.seconds / reused:.1f}x the GEMMs into reused outputs"
     _ratios(report, rows, shape)
     report.rows.extend(missing)
 
@@ -310,7 +322,7 @@ def _bench_student_losses(report: Report, op: str, base: torch.Tensor, impls, *,
     logits (a non-leaf view of a fresh copy of ``base``, as an LM head gives)."""
     n, v = base.shape
     shape = f"{n}x{v}"
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for label, loss_fn in impls:
         def prep():
             leaf = base.clone().requires_grad_()
@@ -322,7 +334,7 @@ def _bench_student_losses(report: Report, op: str, base: torch.Tensor, impls, *,
         secs, extra = measure(run, prep, repeat=repeat, warmup=1)
         row = Row(op, shape, "float32", label, secs, None if extra is None else extra / MB)
         rows.append(row)
-        log(f"  {row.op:28s} {shape:>12s} {row.dtype:9s} {label:48s} {secs:8.3f} s")
+    _timed(log, rows, t0)
     _ratios(report, rows, shape)
 
 
@@ -589,7 +601,7 @@ def bench_ot_sinkhorn(report: Report, n: int, *, epsilon: float = 0.05, n_iters:
     b = torch.full((n,), 1.0 / n)
     C16 = C.to(torch.bfloat16)
     shape = f"{n}x{n}"
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for label, fn in _ot_sinkhorn_impls(epsilon, n_iters, log):
         value = []
         cost = C16 if "bf16" in label else C  # the conversion is not timed
@@ -602,7 +614,7 @@ def bench_ot_sinkhorn(report: Report, n: int, *, epsilon: float = 0.05, n_iters:
                   "bfloat16" if "bf16" in label else "float32", label, secs,
                   None if extra is None else extra / MB, notes=f"<P, C> = {value[-1]:.6f}")
         rows.append(row)
-        log(f"  {row.op:36s} {shape:>12s} {label:52s} {secs:8.3f} s  <P,C>={value[-1]:.6f}")
+    _timed(log, rows, t0)
     _ratios(report, rows, shape)
 
 
@@ -614,7 +626,7 @@ def bench_ot_divergence(report: Report, n: int, d: int, *, epsilon: float = 0.05
     x0 = torch.randn(n, d, generator=g) / d**0.5
     y0 = torch.randn(n, d, generator=g) / d**0.5 * 0.8 + 0.5 / d**0.5
     shape = f"{n}x{n}x{d}"
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for label, loss_fn in _ot_divergence_impls(epsilon, n_iters, log):
         def prep():
             return x0.clone().requires_grad_(), y0.clone().requires_grad_()
@@ -631,7 +643,7 @@ def bench_ot_divergence(report: Report, n: int, d: int, *, epsilon: float = 0.05
         row = Row(f"sinkhorn_divergence[p=2 eps={epsilon} {n_iters} it]", shape, "float32", label,
                   secs, None if extra is None else extra / MB, notes=f"S_eps = {val:.6f}")
         rows.append(row)
-        log(f"  {row.op:36s} {shape:>12s} {label:52s} {secs:8.3f} s  S={val:.6f}")
+    _timed(log, rows, t0)
     _ratios(report, rows, shape)
 
 
@@ -712,14 +724,14 @@ def bench_dd(report: Report, *, per_class: int = 256, ipc: int = 10, batch: int 
     syn0 = torch.randn(10 * ipc, 1, 28, 28, generator=g)
     syn_y = torch.arange(10).repeat_interleave(ipc)
     shape = f"{10 * per_class}+{10 * ipc}x28x28 w{width}"
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for label, fn in (("per-class loop (autograd.grad per class)", dc_step_per_class_loop),
                       ("fastdistill grouped_gradients + gradient_match_loss", dc_step_grouped)):
         secs, extra = measure(lambda s: fn(net, real, real_y, s, syn_y, 10),
                               lambda: syn0.clone().requires_grad_(), repeat=repeat, warmup=1)
         rows.append(Row("dc_outer_step[ipc=%d]" % ipc, shape, "float32", label, secs,
                         None if extra is None else extra / MB))
-        log(f"  dc_outer_step {shape:>24s} {label:52s} {secs:8.3f} s")
+    _timed(log, rows, t0)
     _ratios(report, rows, shape)
 
     x = torch.randn(batch, 1, 28, 28, generator=g)
@@ -734,13 +746,13 @@ def bench_dd(report: Report, *, per_class: int = 256, ipc: int = 10, batch: int 
         return torch.stack([v.reshape(batch, -1).pow(2).sum(1) for v in per.values()]).sum(0).sqrt()
 
     shape = f"{batch}x1x28x28 w{width}"
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for label, fn in (("torch.func vmap(grad)", func_norms),
                       ("fastdistill per_sample_grad_norms", lambda _: per_sample_grad_norms(net, _dd_loss, x, y))):
         secs, extra = measure(fn, lambda: None, repeat=repeat, warmup=1)
         rows.append(Row("per_sample_grad_norms", shape, "float32", label, secs,
                         None if extra is None else extra / MB))
-        log(f"  per_sample_grad_norms {shape:>16s} {label:52s} {secs:8.3f} s")
+    _timed(log, rows, t0)
     _ratios(report, rows, shape)
 
 
@@ -823,7 +835,7 @@ def bench_diffusion(report: Report, shapes=((64, 3, 64, 64), (64, 1, 28, 28)), *
                 impls.append(("torch.compile(reference)",
                               torch.compile(diffusion_reference_op(op, d), dynamic=False)))
             impls.append(("fastdistill cpp (fused)", diffusion_fused_op(op, d, schedule)))
-            rows = []
+            rows, t0 = [], time.perf_counter()
             for label, fn in impls:
                 src = d["b"] if op == "ddim_eps_cfg" else d["c"]
                 secs, extra = measure(lambda leaf: _fwd_bwd(fn, leaf, grad_out),
@@ -831,7 +843,7 @@ def bench_diffusion(report: Report, shapes=((64, 3, 64, 64), (64, 1, 28, 28)), *
                                       warmup=2)
                 rows.append(Row(op, tag, "float32", label, secs,
                                 None if extra is None else extra / MB))
-                log(f"  {op:22s} {tag:>12s} {label:28s} {secs * 1e3:9.3f} ms")
+            _timed(log, rows, t0)
             _ratios(report, rows, tag)
     bench_dmd2_step(report, repeat=repeat, log=log)
 
@@ -852,7 +864,7 @@ def bench_dmd2_step(report: Report, *, batch: int = 64, repeat: int = 5, log=pri
     shape = (batch, 1, 8, 8)
     d = diffusion_inputs(shape, schedule)
     tag = f"{batch}x1x8x8 UNet"
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for label, backend in (("DMD2 step, ops on torch reference", "torch"),
                            ("DMD2 step, fastdistill fused ops", "cpp")):
         old = os.environ.get(_backend.ENV_BACKEND)
@@ -879,8 +891,7 @@ def bench_dmd2_step(report: Report, *, batch: int = 64, repeat: int = 5, log=pri
                              lambda: d["c"].clone().requires_grad_(), repeat=repeat, warmup=2)
         rows.append(Row("dmd2_iteration", tag, "float32", label, secs, None,
                         notes=f"ops {op_secs * 1e3:.2f} ms = {100 * op_secs / secs:.1f}% of it"))
-        log(f"  dmd2 iteration {tag:>16s} {label:36s} {secs * 1e3:9.2f} ms "
-            f"(ops {op_secs * 1e3:.2f} ms, {100 * op_secs / secs:.1f}%)")
+    _timed(log, rows, t0)
     eager = rows[0].seconds
     for r in rows:
         r.vs_eager = eager / r.seconds
@@ -922,12 +933,49 @@ def format_table(report: Report, *, peers: dict | None = None, unit: str = "s",
     floors = ", ".join(f"{k}: {v * 1e3:.{places}f} ms" for k, v in report.floor_seconds.items())
     out.append(f"floors (NxV: one streaming pass reading two N×V fp32 tensors and writing one; "
                f"NxHxV: the four GEMMs of a fused-linear step): {floors}")
-    out.append("peer (what a user would pick instead; the same inplace_backward mode; "
-               "the faster of several): "
-               + "; ".join(f"{k} → {v if isinstance(v, str) else ' / '.join(v)}"
-                           for k, v in (PEERS if peers is None else peers).items()))
+    out.append(FLOOR_NOTE + (FUSED_FLOOR_NOTE if any("GEMMs into reused outputs" in k
+                                                     for k in report.floor_seconds) else ""))
+    out.append(peer_footer(report, peers))
     out.append("environment: " + ", ".join(f"{k}={v}" for k, v in report.env.items()))
     return "\n".join(out)
+
+
+FLOOR_NOTE = "x floor: the row's time / its case's floor (1.0: as fast as the floor)."
+FUSED_FLOOR_NOTE = (
+    " The NxHxV floor is the four bare GEMMs of a fused-linear step (student and teacher "
+    "logits, grad_hidden, grad_weight), each into a fresh output as an unfused step allocates "
+    "them, first-touch page faults included. A fused pass can come in under 1.0: it writes its "
+    "logits chunk by chunk into one buffer it reuses, its logit gradient over those logits and "
+    "grad_weight into a resident accumulator (addmm_ in place; fastdistill.cpu_cache keeps both "
+    "buffers between steps), so it pays no fresh-memory page faults. The \"GEMMs into reused "
+    "outputs\" floor is the arithmetic alone: the one a fused pass cannot go below.")
+
+
+def peer_footer(report: Report, peers: dict | None = None) -> str:
+    """The footer line naming each case's peer (``peers``, default PEERS) by the
+    op of the table's rows; a peer with no timed row here (not installed, or
+    failed) is named as not measured."""
+    table = PEERS if peers is None else peers
+    parts = []
+    for op in dict.fromkeys(r.op for r in report.rows):
+        # the longest matching prefix: "sinkhorn[" is not "sinkhorn_kd"'s
+        key = max((k for k in table if op.startswith(k)), key=len, default=None)
+        if key is None:
+            continue
+        labels = (table[key],) if isinstance(table[key], str) else tuple(table[key])
+        rows = [r for r in report.rows if r.op == op]
+        timed = [lab for lab in labels if any(r.impl.startswith(lab) and r.seconds for r in rows)]
+        absent = []
+        for lab in labels:
+            if lab in timed:
+                continue
+            said = " ".join(f"{r.impl} {r.notes}" for r in rows if r.impl.startswith(lab))
+            why = "not installed" if "not installed" in said else "no timing"
+            absent.append(f"{lab}: not measured here, {why}")
+        text = " / ".join(timed) if timed else "no peer timed, so no ratio"
+        parts.append(f"{op} → {text}" + (f" ({'; '.join(absent)})" if absent else ""))
+    return ("peer (what a user would pick instead; the same inplace_backward mode; "
+            "the faster of several): " + ("; ".join(parts) if parts else "none in this report"))
 
 
 def save_chart(report: Report, path: Path) -> Path | None:
@@ -941,19 +989,29 @@ def save_chart(report: Report, path: Path) -> Path | None:
     cases = list(dict.fromkeys((r.op, r.shape, r.dtype) for r in report.rows))
     if not cases:
         return None
-    fig, axes = plt.subplots(len(cases), 1, figsize=(9, 1.1 + 0.55 * 5 * len(cases)), squeeze=False)
+    fig, axes = plt.subplots(len(cases), 1, figsize=(11, 1.1 + 0.6 * 5 * len(cases)), squeeze=False)
     for ax, case in zip(axes[:, 0], cases):
         rows = [r for r in report.rows if (r.op, r.shape, r.dtype) == case and r.seconds is not None]
         ax.barh([r.impl for r in rows], [r.seconds for r in rows],
                 color=["#c44" if "fastdistill" in r.impl else "#888" for r in rows])
+        ax.tick_params(axis="y", labelsize=8)
         floor = report.floor_seconds.get(case[1])
         if floor:
             ax.axvline(floor, color="k", ls="--", lw=1, label="floor")
             ax.legend(loc="lower right", fontsize=8)
-        ax.set_title(f"{case[0]}  {case[1]}  {case[2]}  (forward+backward, lower is better)", fontsize=9)
+        # two lines, from the axes' left edge: one centred line ran off the figure's right
+        # edge once the implementation labels had taken the left part of the width
+        ax.set_title(f"{case[0]}  {case[1]}  {case[2]}\nforward+backward, lower is better",
+                     fontsize=9, loc="left")
         ax.set_xlabel("seconds")
         ax.invert_yaxis()
     fig.tight_layout()
+    fig.canvas.draw()
+    for ax in axes[:, 0]:  # a title still too wide for the figure: smaller, until it fits
+        title = ax._left_title
+        while title.get_fontsize() > 5 and \
+                title.get_window_extent().x1 > fig.bbox.x1 - 2:
+            title.set_fontsize(title.get_fontsize() - 0.5)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
