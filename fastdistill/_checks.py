@@ -87,3 +87,22 @@ def temperature(x, name: str = "temperature") -> float:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {t}: outside it the divergences "
                          "cancel to values float32 cannot resolve (and T² may overflow)")
     return t
+
+
+def mixture_weights(name: str, x, n: int | None = None) -> list[float]:
+    """Mixture weights: a list or tuple of finite real numbers >= 0, not all 0
+    (and ``n`` of them, where given), as floats. Their users normalize them to
+    sum 1, so only their ratios matter."""
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"{name} must be a list of real numbers (one per teacher), got "
+                        f"{type(x).__name__}")
+    if n is not None and len(x) != n:
+        raise ValueError(f"{name} must have {n} entries (one per teacher), got {len(x)}")
+    w = [real(f"{name}[{i}]", v, low=0.0) for i, v in enumerate(x)]
+    total = sum(w)
+    if not w or not total > 0:
+        raise ValueError(f"{name} must not all be 0 (they are normalized to sum 1), got {list(x)!r}")
+    if not math.isfinite(total):
+        raise ValueError(f"{name} must have a finite sum (they are normalized to sum 1), got "
+                         f"{list(x)!r}")
+    return w

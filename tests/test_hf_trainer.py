@@ -282,3 +282,186 @@ def test_fd_hf_is_imported_on_first_use():
             "assert fd.hf.KDTrainer.__mro__[1] is __import__('transformers').Trainer\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------- silent failures (issue 27)
+
+def _store(tmp_path, data, keys=None, name="labels"):
+    """A top-8 store of a tiny teacher's rows for ``data`` (keys "0".."n-1" by default)."""
+    teacher = _llama(1)
+    store_dir = tmp_path / name
+    with sl.SoftLabelWriter(store_dir, vocab_size=V) as w:
+        sl.label_tokens(teacher, [data.ids[i:i + 4] for i in range(0, len(data), 4)], w, k=8,
+                        value_bits=16, keys=keys, progress=False)
+    return sl.SoftLabelStore(store_dir)
+
+
+class _KeyedData(_Data):
+    def __getitem__(self, i):
+        return dict(super().__getitem__(i), example_id=f"ex-{i}")
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0",
+                                                eos_token="t1")
+
+
+@pytest.mark.parametrize("mode", ["fused", "unfused", "store", "store_unfused", "on_policy",
+                                  "teachers"])
+def test_a_batch_with_every_label_ignored_contributes_nothing(tmp_path, mode):
+    """A prompt-only batch (labels all -100): HF passes num_items_in_batch=0; the
+    loss is 0 with a zero gradient and plain SGD leaves every weight as it was
+    (0/0 turned every weight into NaN)."""
+    data = _Data(n=8)
+    data.labels[:] = -100
+    kw = dict(optim="sgd", learning_rate=0.5, weight_decay=0.0, max_steps=2,
+              lr_scheduler_type="constant", fused_head=mode not in ("unfused", "store_unfused"))
+    student = _llama(0)
+    if mode.startswith("store"):
+        teachers = dict(soft_labels=_store(tmp_path, data))
+    elif mode == "teachers":
+        teachers = dict(teacher_model=[_llama(1), _llama(2)])
+        kw["teacher_weights"] = [1.0, 3.0]
+    else:
+        teachers = dict(teacher_model=_llama(1))
+    if mode == "on_policy":
+        kw.update(lmbda=1.0, max_new_tokens=3)
+    tr = KDTrainer(model=student, data_collator=_collate, args=_args(tmp_path, **kw),
+                   train_dataset=data, **teachers)
+    batch = tr.data_collator([tr.train_dataset[i] for i in range(4)])
+    for n in (0, torch.tensor(0), None):  # the summed loss / 0 items, and the token mean
+        student.zero_grad()
+        loss = tr.compute_loss(student, batch, num_items_in_batch=n)
+        loss.backward()
+        assert loss.item() == 0.0, (n, loss)
+        assert all(p.grad is None or not p.grad.any() for p in student.parameters())
+    before = [p.detach().clone() for p in student.parameters()]
+    tr.train()
+    for a, b in zip(before, student.parameters()):
+        assert torch.equal(a, b.detach())
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert losses and all(v == 0.0 for v in losses)
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_a_non_finite_teacher_still_gives_nan_with_kept_labels(tmp_path, fused_head):
+    """The empty batch's 0/0 is the only NaN made 0: a NaN teacher still shows."""
+    student, teacher = _llama(0), _llama(1)
+    data = _Data()
+    tr = KDTrainer(model=student, teacher_model=teacher, data_collator=_collate,
+                   args=_args(tmp_path, fused_head=fused_head), train_dataset=data)
+    with torch.no_grad():  # after the head probe, which would refuse it
+        teacher.get_output_embeddings().weight[3, 0] = math.nan
+    batch = _batch(data)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    assert torch.isnan(tr.compute_loss(student, batch, num_items_in_batch=n))
+    assert torch.isnan(tr.compute_loss(student, batch))
+
+
+@pytest.mark.parametrize("weights,exc", [
+    ([math.nan, 1.0], ValueError), ([math.inf, 1.0], ValueError), ([-1.0, 2.0], ValueError),
+    ([0.0, 0.0], ValueError), ([], ValueError), ([1e308, 1e308], ValueError),
+    (["1", 1.0], TypeError), ([True, 1.0], TypeError), (0.5, TypeError),
+])
+def test_teacher_weights_are_checked(tmp_path, weights, exc):
+    with pytest.raises(exc, match="teacher_weights"):
+        _args(tmp_path, teacher_weights=weights)
+    with pytest.raises(exc, match="weights"):
+        fd.hf.TeacherMixture([_llama(1), _llama(2)], weights if weights != [] else [1.0])
+    assert _args(tmp_path, teacher_weights=[0.0, 2]).teacher_weights == [0.0, 2.0]
+
+
+def test_teacher_weights_are_normalized(tmp_path):
+    """[1, 3] and [0.25, 0.75] are the same mixture (normalized to sum 1)."""
+    student, t1, t2 = _llama(0), _llama(1), _llama(2)
+    data = _Data()
+    losses = []
+    for w in ([1.0, 3.0], [0.25, 0.75]):
+        tr = KDTrainer(model=student, teacher_model=[t1, t2], data_collator=_collate,
+                       args=_args(tmp_path, teacher_weights=w), train_dataset=data)
+        losses.append(tr.compute_loss(student, _batch(data)).detach())
+    torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_taid_resume_refuses_a_bad_state_naming_the_file(tmp_path):
+    data = _Data(n=8)
+
+    def trainer(max_steps):
+        return KDTrainer(model=_llama(0), teacher_model=_llama(1), data_collator=_collate,
+                         args=_args(tmp_path, divergence="taid", taid=fd.TAIDSchedule(4),
+                                    max_steps=max_steps, save_strategy="steps", save_steps=2),
+                         train_dataset=data)
+
+    trainer(2).train()
+    ckpt = os.path.join(str(tmp_path / "out"), "checkpoint-2")
+    path = os.path.join(ckpt, "fastdistill_taid.json")
+    with open(path) as f:
+        good = json.load(f)
+    for bad in (dict(good, t_start=1.4), dict(good, total_steps=0), dict(good, t="x")):
+        with open(path, "w") as f:
+            json.dump(bad, f)
+        with pytest.raises(ValueError, match=r"checkpoint-2.fastdistill_taid.json: not a valid "
+                                             r"TAID state: (t_start|total_steps|t) must"):
+            trainer(4).train(resume_from_checkpoint=ckpt)
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_missing_store_entry_is_named_at_construction(tmp_path, keyed):
+    data = _KeyedData() if keyed else _Data()
+    keys = [f"ex-{i}" for i in range(len(data))] if keyed else None
+    full = _store(tmp_path, data, keys=keys)
+    # a store without the entries of examples 7 and 9
+    part_dir = tmp_path / "part"
+    with sl.SoftLabelWriter(part_dir, vocab_size=V) as w:
+        for k in full.keys():
+            if k not in ("7", "9", "ex-7", "ex-9"):
+                w.add(k, full[k].labels)
+    part = sl.SoftLabelStore(part_dir)
+    want = "ex-7" if keyed else "7"
+    with pytest.raises(ValueError, match=rf"2 of the 12 examples of train_dataset have no entry "
+                                         rf"in the store at .*part .*'example_id'.*'{want}', '"):
+        KDTrainer(model=_llama(0), soft_labels=part, data_collator=_collate, args=_args(tmp_path),
+                  train_dataset=data)
+    if keyed:
+        with pytest.raises(ValueError, match="examples of eval_dataset .*'ex-9'"):
+            KDTrainer(model=_llama(0), soft_labels=part, data_collator=_collate,
+                      args=_args(tmp_path), train_dataset=_KeyedData(n=4), eval_dataset=data)
+    # met at run time (the dataset changed after construction): the same clear error
+    tr = KDTrainer(model=_llama(0), soft_labels=full, data_collator=_collate, args=_args(tmp_path),
+                   train_dataset=data)
+    batch = tr.data_collator([tr.train_dataset[i] for i in range(4)])
+    tr.soft_labels = part
+    batch["example_id"] = [want] + batch["example_id"][1:]
+    with pytest.raises(ValueError, match=rf"1 of the 4 examples of this batch .*'{want}'"):
+        tr.compute_loss(tr.model, batch)
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+@pytest.mark.parametrize("tokenizer", [False, True])
+def test_offline_store_with_the_default_collator(tmp_path, keyed, tokenizer):
+    """data_collator=None (HF's default_data_collator, or the causal-LM collator with a
+    tokenizer) trains on a store, by index or by the key column."""
+    data = _KeyedData() if keyed else _Data()
+    store = _store(tmp_path, data, keys=[f"ex-{i}" for i in range(len(data))] if keyed else None)
+    ds = [data[i] for i in range(len(data))]  # a list of dicts, as a tokenizer gives them
+    tr = KDTrainer(model=_llama(0), soft_labels=store, args=_args(tmp_path, max_steps=2),
+                   train_dataset=ds, processing_class=_tiny_tokenizer() if tokenizer else None)
+    tr.train()
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
+
+
+def test_on_policy_prompt_ignores_rows_without_labels(tmp_path):
+    """A row with every label ignored has no "first label": the prompt is the
+    other rows' 3 tokens, not 0 tokens (argmax of an all-False row)."""
+    data = _Data(n=4)
+    data.labels[1] = -100
+    tr = KDTrainer(model=_llama(0), teacher_model=_llama(1), data_collator=_collate,
+                   args=_args(tmp_path, lmbda=1.0, max_new_tokens=2, max_steps=1),
+                   train_dataset=data)
+    out = tr._on_policy(tr.model, _batch(data))
+    assert out["input_ids"].shape[1] == 3 + 2
+    assert torch.equal(out["input_ids"][:, :3], data.ids[:, :3])

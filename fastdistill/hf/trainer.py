@@ -73,7 +73,8 @@ class KDConfig(TrainingArguments):
     vocab_mismatch: str = field(default="error", metadata={
         "help": "teacher and student vocabularies of different sizes: 'pad' or 'truncate'"})
     teacher_weights: list[float] | None = field(default=None, metadata={
-        "help": "mixture weights of several teachers (default uniform)"})
+        "help": "mixture weights of several teachers (default uniform): finite, >= 0, not all "
+                "0; normalized to sum 1 (only their ratios matter)"})
     soft_label_key: str = field(default="example_id", metadata={
         "help": "dataset column naming each example's soft-label entry (absent: by index)"})
 
@@ -106,6 +107,8 @@ class KDConfig(TrainingArguments):
             raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
         if not isinstance(self.fused_head, bool):
             raise TypeError(f"fused_head must be a bool, got {type(self.fused_head).__name__}")
+        if self.teacher_weights is not None:
+            self.teacher_weights = _checks.mixture_weights("teacher_weights", self.teacher_weights)
 
     def to_dict(self):
         d = super().to_dict()
@@ -217,11 +220,9 @@ class TeacherMixture(torch.nn.Module):
     def __init__(self, models, weights=None, temperature: float = 1.0):
         super().__init__()
         self.models = torch.nn.ModuleList(models)
-        w = [1.0] * len(models) if weights is None else [float(x) for x in weights]
-        if len(w) != len(models) or min(w) < 0 or sum(w) <= 0:
-            raise ValueError(f"weights must be {len(models)} non-negative numbers, not all 0, "
-                             f"got {weights!r}")
-        self.log_w = log_mixture_weights(w)
+        w = ([1.0] * len(models) if weights is None
+             else _checks.mixture_weights("weights", weights, len(models)))
+        self.log_w = log_mixture_weights(w)  # normalized to sum 1
         self.temperature = float(temperature)
 
     def forward(self, input_ids, attention_mask=None):
@@ -256,6 +257,46 @@ def _with_keys(dataset, key: str):
     return dataset if key in (names or []) else _Keyed(dataset, key)
 
 
+def _items_divisor(n):
+    """HF's ``num_items_in_batch`` as the summed loss's divisor. A batch whose
+    labels are all ignored has 0 items, and its summed loss is exactly 0 with a
+    zero gradient (ignored rows contribute 0): it divides by 1, so that batch
+    contributes nothing, where 0/0 would turn every weight into NaN. Any other
+    count is used as it is (and a NaN loss stays NaN)."""
+    if isinstance(n, torch.Tensor):
+        return torch.where(n == 0, torch.ones_like(n), n)
+    return 1 if n == 0 else n
+
+
+def _missing_keys_message(store, what: str, n: int, missing: list, key: str) -> str:
+    first = ", ".join(repr(k) for k in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    return (f"soft labels: {len(missing)} of the {n} examples of {what} have no entry in the "
+            f"store at {store.path} (keys from the {key!r} column, or \"0\"..\"n-1\" by index "
+            f"without it); first missing: {first}")
+
+
+def _check_store_keys(store: SoftLabelStore, dataset, key: str, what: str) -> None:
+    """Every example of ``dataset`` (as ``_with_keys`` returned it) has its entry in
+    ``store``: by index, the keys "0".."n-1"; else its ``key`` column (an HF
+    dataset's column at once, any other dataset example by example). Datasets
+    without a length (iterable) are checked batch by batch instead."""
+    if dataset is None:
+        return
+    try:
+        n = len(dataset)
+    except TypeError:
+        return
+    if isinstance(dataset, _Keyed):
+        keys = (str(i) for i in range(n))
+    elif getattr(dataset, "column_names", None) is not None:
+        keys = (str(k) for k in dataset[key])
+    else:
+        keys = (str(dataset[i][key]) for i in range(n))
+    missing = [k for k in keys if k not in store]
+    if missing:
+        raise ValueError(_missing_keys_message(store, what, n, missing, key))
+
+
 class _KeyedCollator:
     """Runs a collator on the examples without their soft-label key (a string the
     tokenizer's padding cannot take) and puts the keys back as a list."""
@@ -282,7 +323,10 @@ class KDTrainer(Trainer):
     own dtype. ``soft_labels``: a ``SoftLabelStore`` whose entries hold one
     packed row per token of each example (``fastdistill.softlabels.label_tokens``
     writes them), found by the ``args.soft_label_key`` column or, without it, by
-    the example's index in the dataset.
+    the example's index in the dataset; every example's entry is checked at
+    construction (ValueError naming the store, the column and the missing keys).
+    A batch whose labels are all −100 contributes nothing (loss 0, no gradient),
+    in every mode; on-policy, it is not turned into completions.
     """
 
     def __init__(self, model=None, teacher_model=None, args: KDConfig | None = None,
@@ -344,8 +388,9 @@ class KDTrainer(Trainer):
                 raise ValueError(f"eval_dataset needs its {args.soft_label_key!r} column with soft "
                                  "labels: by index, its keys would name the training examples' "
                                  "entries")
-            if data_collator is not None:
-                data_collator = _KeyedCollator(data_collator, args.soft_label_key)
+            if data_collator is None:  # HF's default without a tokenizer; it drops string columns
+                data_collator = transformers.default_data_collator
+            data_collator = _KeyedCollator(data_collator, args.soft_label_key)
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
@@ -357,6 +402,10 @@ class KDTrainer(Trainer):
                 t.to(self.args.device)
             self.teachers.append(t)
         self.soft_labels = soft_labels
+        if soft_labels is not None:
+            for what, ds in (("train_dataset", self.train_dataset),
+                             ("eval_dataset", self.eval_dataset)):
+                _check_store_keys(soft_labels, ds, args.soft_label_key, what)
         self.taid = None
         if args.divergence == "taid":
             self.taid = (args.taid if isinstance(args.taid, TAIDSchedule)
@@ -398,6 +447,10 @@ class KDTrainer(Trainer):
         if isinstance(keys, torch.Tensor):
             keys = [str(int(k)) for k in keys.reshape(-1)]
         keys = [str(k) for k in keys]
+        missing = [k for k in keys if k not in self.soft_labels]
+        if missing:  # checked at construction: the dataset changed since, or a new one
+            raise ValueError(_missing_keys_message(self.soft_labels, "this batch", len(keys),
+                                                   missing, self.args.soft_label_key))
         entries = [self.soft_labels[k].labels for k in keys]
         codec = entries[0].codec
         data = torch.zeros(len(entries), n_positions, codec.row_bytes, dtype=torch.uint8)
@@ -467,7 +520,7 @@ class KDTrainer(Trainer):
                 loss = kd_loss(s_logits, t_logits, labels=lab, reduction=reduction,
                                vocab_mismatch=self.args.vocab_mismatch, **kw)
         if sum_reduce:
-            loss = loss / num_items_in_batch
+            loss = loss / _items_divisor(num_items_in_batch)
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
                 loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
@@ -491,8 +544,9 @@ class KDTrainer(Trainer):
         if self.args.prompt_length is not None:
             p = min(self.args.prompt_length, ids.shape[1])
         elif labels is not None and bool((labels[:, 0] == -100).all()):
-            first = (labels != -100).float().argmax(1)
-            p = int(first.min())
+            kept = labels != -100
+            first = kept.float().argmax(1)[kept.any(1)]  # rows without a label have no prompt end
+            p = int(first.min()) if first.numel() else max(1, ids.shape[1] // 2)
         else:
             p = max(1, ids.shape[1] // 2)
         prompt, pmask = ids[:, :p], mask[:, :p]
@@ -526,8 +580,11 @@ class KDTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.teachers and self.args.lmbda > 0 and self._rng.random() < self.args.lmbda:
             inputs = self._prepare_inputs(inputs)
-            inputs = self._on_policy(model, inputs)
-            num_items_in_batch = None  # the completions' own mean
+            labels = inputs.get("labels")
+            if labels is None or bool((labels[:, 1:] != -100).any()):
+                inputs = self._on_policy(model, inputs)
+                num_items_in_batch = None  # the completions' own mean
+            # else: a batch with no targets contributes nothing, on-policy or not
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.taid is not None:  # one TAID step per optimizer step, on its whole loss
             self._taid_loss += float(loss)
@@ -624,12 +681,9 @@ class KDTrainer(Trainer):
                 state = json.load(f)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a TAID state ({e})") from None
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                      for k, v in state.items() if k != "prev_loss") if isinstance(state, dict) \
-            else False
-        if not numbers or not isinstance(state.get("prev_loss"), (int, float, type(None))):
+        if not isinstance(state, dict):
             raise ValueError(f"{path}: not a TAID state (expected a JSON object of numbers)")
-        try:
+        try:  # the schedule's own checks: its constructor's, and the running state's
             self.taid.load_state_dict(state)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: not a valid TAID state: {e}") from None
