@@ -207,6 +207,7 @@ def test_run_warnings_when_below_the_baseline_or_the_loss_rose():
     below, rose = dist.run_warnings({"mean": 17.0}, {"mean": 48.0})
     assert "below" in below and "17.00 %" in below and "48.00 %" in below
     assert "too short" in below and "--iterations 5" in below and "--iterations 1000" in below
+    assert "XX" not in below and "picking real images at random does better" in below
     assert "rose" in rose and "4 of 4 steps" in rose
     dist.losses = [0.5, 0.4, 0.3, 0.2, 0.1]
     assert dist.run_warnings({"mean": 60.0}, {"mean": 48.0}) == []

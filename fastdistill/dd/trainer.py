@@ -454,7 +454,9 @@ class DatasetDistiller:
         if result["mean"] < baseline["mean"]:
             out.append(
                 f"warning: the distilled set scores {result['mean']:.2f} %, below the "
-                f"{baseline['mean']:.2f} % of {self.ipc} random real image(s) per class: XX was likely too short to beat its "
+                f"{baseline['mean']:.2f} % of {self.ipc} random real image"
+                f"{'' if self.ipc == 1 else 's'} per class, so picking real images at random "
+                f"does better than this distillation. The run was likely too short to beat its "
                 f"baseline: --iterations {self.iterations} here, the papers' default is "
                 f"--iterations {PAPER_ITERATIONS}.")
         if len(self.losses) >= 2:
