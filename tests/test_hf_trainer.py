@@ -465,3 +465,26 @@ def test_on_policy_prompt_ignores_rows_without_labels(tmp_path):
     out = tr._on_policy(tr.model, _batch(data))
     assert out["input_ids"].shape[1] == 3 + 2
     assert torch.equal(out["input_ids"][:, :3], data.ids[:, :3])
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_without_labels_padding_counts_nowhere(tmp_path, fused_head):
+    """A batch without a labels column (HF's DataCollatorWithPadding, the
+    default with a tokenizer): the padded positions (attention mask 0) are not
+    trained on; the loss equals the one with those positions labelled -100."""
+    student, teacher = _llama(0), _llama(1)
+    stack = lambda feats: {k: torch.stack([f[k] for f in feats]) for k in feats[0]}  # noqa: E731
+    trainer = KDTrainer(model=student, teacher_model=teacher, data_collator=stack,
+                        args=_args(tmp_path, fused_head=fused_head), train_dataset=_Data())
+    batch = _batch(_Data())
+    batch["attention_mask"][:, -4:] = 0            # right padding
+    batch["input_ids"][:, -4:] = 0
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    want_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labelled = dict(unlabelled, labels=want_labels)
+    _close(_loss_and_grad(trainer, student, unlabelled), _loss_and_grad(trainer, student, labelled))
+    metrics = trainer.evaluate(eval_dataset=[{k: v[i] for k, v in unlabelled.items()}
+                                             for i in range(4)])
+    labelled_metrics = trainer.evaluate(eval_dataset=[{k: v[i] for k, v in labelled.items()}
+                                                      for i in range(4)])
+    assert metrics["eval_ce"] == pytest.approx(labelled_metrics["eval_ce"], rel=1e-5)

@@ -433,6 +433,16 @@ class KDTrainer(Trainer):
         return kw
 
     @staticmethod
+    def _labels(inputs: dict) -> torch.Tensor:
+        """The batch's labels; without a ``labels`` column, the input ids with the
+        positions the attention mask leaves out (padding) as -100."""
+        labels = inputs.get("labels")
+        if labels is not None:
+            return labels
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        return ids if mask is None else ids.masked_fill(mask == 0, -100)
+
+    @staticmethod
     def _model_inputs(inputs: dict) -> dict:
         return {k: v for k, v in inputs.items()
                 if k in ("input_ids", "attention_mask", "position_ids", "token_type_ids")}
@@ -483,9 +493,7 @@ class KDTrainer(Trainer):
             teacher_softcap=[h.softcap for h in heads], mixture_weights=self.args.teacher_weights)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.get("labels")
-        if labels is None:
-            labels = inputs["input_ids"]
+        labels = self._labels(inputs)
         model_inputs = self._model_inputs(inputs)
         lab = labels[:, 1:]
         kw = self._kd_keywords()
@@ -623,7 +631,7 @@ class KDTrainer(Trainer):
             with torch.no_grad():
                 for inputs in loader:
                     inputs = self._prepare_inputs(inputs)
-                    labels = inputs.get("labels", inputs["input_ids"])
+                    labels = self._labels(inputs)
                     lab = labels[:, 1:]
                     mi = self._model_inputs(inputs)
                     kept = int((lab != -100).sum())
