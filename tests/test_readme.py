@@ -1,16 +1,9 @@
-"""Every ```python block of README.md runs as written, each in a fresh
-process in an empty working directory; a block that raises fails the test.
-
-The first block and the complete examples (the soft-label store, dataset
-distillation) import and make everything they use. The fragments after the
-first continue it, as a reader does: they get its imports (``torch``, ``fd``)
-when they use those names without importing them. Fragments that name a user's own tensors and models without making
-them (``student_logits``, ``teacher``, ``loader``, ``tp_group``, ...) get
-small stand-ins of the right shapes, and only for names the block reads and
-never binds: nothing else is injected (no other imports or modules, no patched
-iteration counts), so a block that forgets an import or uses a name it never
-defines still fails."""
+"""Every ```python block of README.md and docs/*.md runs as written, each in a
+fresh process in an empty working directory; a block that raises fails the
+test. Nothing is injected: a block that forgets an import or uses a name it
+never defines fails, as it would for a reader who copies it."""
 import ast
+import builtins
 import os
 import re
 import subprocess
@@ -22,91 +15,31 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
 
-# The user's inputs a fragment may name without making: small stand-ins.
-STANDINS = r'''
-def _standins(tmp):
-    import types
-    import torch
-    import torch.distributed as dist
 
-    g = torch.Generator().manual_seed(0)
-    B, T, V, Hs, Ht = 2, 8, 512, 32, 48
+def blocks_of(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
 
-    class LM(torch.nn.Module):
-        """A causal LM as far as the README uses one: .lm_head, and model(ids).logits."""
-        def __init__(self, hidden):
-            super().__init__()
-            self.embed = torch.nn.Embedding(V, hidden)
-            self.lm_head = torch.nn.Linear(hidden, V, bias=False)
 
-        def forward(self, ids):
-            return types.SimpleNamespace(logits=self.lm_head(self.embed(ids)))
-
-    def batch():
-        return {"input_ids": torch.randint(V, (B, T), generator=g),
-                "labels": torch.randint(V, (B, T), generator=g)}
-
-    student, teacher = LM(Hs), LM(Ht)
-    x, y = torch.randn(64, 3, generator=g), torch.randn(48, 3, generator=g)
-    out = dict(
-        student=student, teacher=teacher, loader=[batch(), batch()], batch=batch(),
-        optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
-        s=torch.randn(B * T, V, generator=g).requires_grad_(), t=torch.randn(B * T, V, generator=g),
-        student_logits=torch.randn(B, T, V, generator=g).requires_grad_(),
-        teacher_logits=torch.randn(B, T, V, generator=g),
-        teacher_logprobs_at_T=torch.log_softmax(torch.randn(B, T, V, generator=g) / 2, -1),
-        student_hidden=torch.randn(B, T, Hs, generator=g).requires_grad_(),
-        teacher_hidden=torch.randn(B, T, Ht, generator=g),
-        x=x, y=y, cost=torch.cdist(x, y) ** 2, a=torch.full((64,), 1 / 64), b=torch.full((48,), 1 / 48),
-        labels=torch.randint(V, (B, T), generator=g),
-        student_shard=torch.randn(B, T, V, generator=g).requires_grad_(),
-        teacher_shard=torch.randn(B, T, V, generator=g),
-        hidden=torch.randn(B, T, Hs, generator=g).requires_grad_(),
-        w_shard=torch.randn(V, Hs, generator=g).requires_grad_(), tw_shard=torch.randn(V, Ht, generator=g),
-    )
-    if "tp_group" in NEEDED:  # a real (one-rank) process group: the vocabulary is one shard
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
-        out["tp_group"] = dist.group.WORLD
-    return out
-'''
+BLOCKS = [(f"{path.relative_to(ROOT)}:{i}", code) for path in PAGES
+          for i, code in enumerate(blocks_of(path))]
 
 RUNNER = r'''
 import sys
 from pathlib import Path
 
 code = Path(sys.argv[1]).read_text()
-NEEDED = set(sys.argv[2:])
-''' + STANDINS + r'''
-ns = {"__name__": "__main__"}
-if NEEDED:
-    made = _standins(Path.cwd())
-    ns.update({k: made[k] for k in NEEDED})
-exec(compile(code, "README.md block", "exec"), ns)
+exec(compile(code, sys.argv[2], "exec"), {"__name__": "__main__"})
 print("BLOCK OK")
 '''
 
-STANDIN_NAMES = {"student", "teacher", "loader", "batch", "optimizer", "s", "t", "student_logits",
-                 "teacher_logits", "teacher_logprobs_at_T", "student_hidden", "teacher_hidden",
-                 "x", "y", "cost", "a", "b", "labels", "student_shard", "teacher_shard", "hidden",
-                 "w_shard", "tw_shard", "tp_group"}
-
-
-def first_block_imports() -> tuple[str, set[str]]:
-    """The first block's import statements, and the names they bind."""
-    lines, names = [], set()
-    for node in ast.parse(BLOCKS[0]).body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            lines.append(ast.unparse(node))
-            names.update((a.asname or a.name).split(".")[0] for a in node.names)
-    return "\n".join(lines) + "\n", names
-
 
 def free_names(code: str) -> set[str]:
-    """The stand-in names the block reads but never binds (assignment, loop, import, def)."""
+    """The names a block reads but never binds (assignment, loop, import, def,
+    with/except target, comprehension), builtins aside."""
     tree = ast.parse(code)
-    bound, read = set(), set()
+    bound, read = set(dir(builtins)), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
             (bound if isinstance(node.ctx, (ast.Store, ast.Del)) else read).add(node.id)
@@ -116,51 +49,58 @@ def free_names(code: str) -> set[str]:
             bound.add(node.name)
         elif isinstance(node, ast.arg):
             bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
     return read - bound
 
 
-def free_standins(code: str) -> list[str]:
-    """The stand-in names the block reads but never binds (assignment, loop, import, def)."""
-    return sorted(free_names(code) & STANDIN_NAMES)
+def test_pages_have_their_blocks():
+    assert len(blocks_of(README)) >= 2, "README.md: the own-text KDTrainer and the loss loop"
+    assert len(BLOCKS) >= 12, f"found only {len(BLOCKS)} python blocks in {PAGES}"
 
 
-def as_run(index: int) -> str:
-    """The block, after the first block's imports when it uses them unimported."""
-    code = BLOCKS[index]
-    imports, names = first_block_imports()
-    return imports + code if index > 0 and free_names(code) & names else code
+@pytest.mark.parametrize("where,code", BLOCKS, ids=[w for w, _ in BLOCKS])
+def test_block_defines_every_name_it_uses(where, code):
+    assert not free_names(code), f"{where} uses names it never defines: {sorted(free_names(code))}"
 
 
-def test_readme_has_the_blocks():
-    assert len(BLOCKS) >= 8, f"found only {len(BLOCKS)} python blocks in {README}"
+def _calls(code: str, name: str) -> list[ast.Call]:
+    return [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute) and n.func.attr == name]
 
 
-def test_standins_never_cover_a_complete_example():
-    """The soft-label and dataset-distillation examples make all their data and
-    import what they use; so does the first block (it has no imports to inherit)."""
-    _, names = first_block_imports()
-    assert {"torch", "fd"} <= names
-    for i, block in enumerate(BLOCKS):
-        if "SoftLabelWriter" in block or "DatasetDistiller" in block:
-            assert free_standins(block) == [], block
-            assert as_run(i) == block, block
-    assert not free_names(BLOCKS[0]) & names
+def test_the_readme_loss_example_shifts_its_labels():
+    """A causal LM's row i predicts token i + 1: the first kd_loss example of the
+    README drops the last position of both logits and the first label."""
+    code = next(b for b in blocks_of(README) if "fd.kd_loss(" in b)
+    call = _calls(code, "kd_loss")[0]
+    student, teacher = (ast.unparse(a) for a in call.args[:2])
+    labels = next(ast.unparse(k.value) for k in call.keywords if k.arg == "labels")
+    assert student.endswith("[:, :-1]") and teacher.endswith("[:, :-1]"), (student, teacher)
+    assert labels.endswith("[:, 1:]"), labels
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"block{i}")
-def test_readme_block_runs(index, tmp_path):
-    code = as_run(index)
+def test_the_readme_has_an_own_text_kdtrainer_example():
+    """A list of strings, tokenized, trained, evaluated, saved and reloaded."""
+    code = next(b for b in blocks_of(README) if "KDTrainer(" in b)
+    for needed in ("texts = [", "tok(t)", ".train()", ".evaluate()", ".save_model(",
+                   "from_pretrained("):
+        assert needed in code, needed
+
+
+@pytest.mark.parametrize("where,code", BLOCKS, ids=[w for w, _ in BLOCKS])
+def test_block_runs(where, code, tmp_path):
     (tmp_path / "block.py").write_text(code)
-    cmd = [sys.executable, "-c", RUNNER, str(tmp_path / "block.py"), *free_standins(code)]
+    cmd = [sys.executable, "-c", RUNNER, str(tmp_path / "block.py"), where]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     took = time.perf_counter() - t0
     assert out.returncode == 0 and "BLOCK OK" in out.stdout, (
-        f"README block {index} failed:\n{code}\n--- stderr ---\n{out.stderr[-3000:]}")
+        f"{where} failed:\n{code}\n--- stderr ---\n{out.stderr[-3000:]}")
     if "SoftLabelWriter" in code:  # the writer is called resumable: a rerun works too
-        again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-        assert again.returncode == 0, f"README block {index} fails when rerun:\n{again.stderr[-3000:]}"
-    print(f"block {index}: {took:.1f} s")
+        again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, f"{where} fails when rerun:\n{again.stderr[-3000:]}"
+    print(f"{where}: {took:.1f} s")
 
 
 # ------------------------------------------------ what `make demo` prints
