@@ -171,7 +171,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         valid = getattr(action.type, "valid", None)
         if valid and valid not in text:
             text += f" ({valid})"
-        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+        if ("default" in text or any(action.default is x for x in (None, False, argparse.SUPPRESS))
                 or not action.option_strings):
             return text
         return text + " (default: %(default)s)"
@@ -179,9 +179,12 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def _check_text_job(args, p) -> None:
     n = len(args.teacher.split(","))
+    if args.teacher_weights is not None and n == 1:
+        p.error(f"argument --teacher-weights: weights a mixture of several teachers; --teacher "
+                f"{args.teacher} is one")
     if args.teacher_weights is not None and len(args.teacher_weights) != n:
         p.error(f"argument --teacher-weights: {len(args.teacher_weights)} weights for {n} "
-                f"teacher{'s' if n > 1 else ''} (--teacher {args.teacher})")
+                f"teachers (--teacher {args.teacher})")
 
 
 def _check_kd(args, p) -> None:

@@ -65,7 +65,7 @@ BAD = [
     (["kd", "--data", "missing.txt"], "argument --data: 'missing.txt' is not 'kjv' and no such file"),
     (["kd", "--soft-labels", "missing"], "argument --soft-labels: 'missing': no such folder"),
     (["kd", "--resume"], "argument --resume: no checkpoint (checkpoint-N folder) in kd_out"),
-    (["kd", "--teacher-weights", "1,2"], "argument --teacher-weights: 2 weights for 1 teacher"),
+    (["kd", "--teacher-weights", "1"], "argument --teacher-weights: weights a mixture of several"),
     (["kd", "--teacher-weights", "-1"], "argument --teacher-weights: expected non-negative numbers"),
     (["label", "--k", "0", "--out", "labels"], "argument --k: expected an integer >= 1, got 0"),
     (["label", "--value-bits", "4", "--out", "labels"], "argument --value-bits: invalid choice"),
@@ -132,6 +132,8 @@ def test_help_is_quick_and_shows_every_flag(tmp_path, limit_s):
     assert "(default: kd_out)" in text and "(default: forward_kl)" in text
     assert "(a number in [0.1, 20])" in text and "(an integer >= 1)" in text
     assert "an error if there is none" in text  # --resume into a folder without a checkpoint
+    out, _ = _run(["dd", "--help"], tmp_path)
+    assert "random seed (an integer >= 0) (default: 0)" in " ".join(out.stdout.split())
 
 
 def test_every_flag_has_help_and_a_type_that_checks_it(monkeypatch):
