@@ -376,8 +376,9 @@ def print_results(result: DemoResult, out=sys.stdout) -> None:
     t = {arm: _mean_sd(result.seconds[arm])[0] for arm, _ in ARMS}
     say(f"Cost: an offline-KD step costs what a hard-label step costs ({t['offline']:.1f} s "
         f"against {t['hard']:.1f} s per run: the fused loss reads the packed store and never "
-        f"builds the student's full logits, which the hard-label Trainer does), after labelling once; online KD pays the "
-        f"teacher's forward in every step ({t['online']:.1f} s).")
+        f"builds the student's full logits, which the hard-label Trainer does), after "
+        f"labelling once; online KD pays the teacher's forward in every step "
+        f"({t['online']:.1f} s).")
 
 
 def _cache() -> str:
