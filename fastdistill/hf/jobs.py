@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ..softlabels.store import _fsync_dir  # the store's durable-rename helper
 from .defaults import (align_special_tokens, declare_tied_weights, kjv_verses, load_teacher,
                        small_student, token_windows)
 from .trainer import TeacherMixture  # noqa: F401 - label's mixture of teachers
@@ -171,14 +172,7 @@ def write_label_settings(store: str, settings: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    try:
-        fd = os.open(store, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(store)
 
 
 def _same(a, b) -> bool:
