@@ -621,26 +621,26 @@ class KDTrainer(Trainer):
         return metrics
 
     def _eval_ce_kl(self, dataset) -> dict:
+        """Token-mean CE and KL over the whole eval set. Per-example sums are
+        gathered over the ranks (``gather_for_metrics``: the copies accelerate
+        pads the last batch with are dropped) and added up in float64, so every
+        rank reports what one process would."""
         loader = self.get_eval_dataloader(dataset)
         model = self.model
         was = model.training
         model.eval()
-        ce_sum = kl_sum = 0.0
-        n = 0
+        totals = torch.zeros(3, dtype=torch.float64)  # ce, kl, kept tokens
         try:
             with torch.no_grad():
-                for inputs in loader:
+                for inputs in loader:  # every rank runs every batch: the gather is collective
                     inputs = self._prepare_inputs(inputs)
                     labels = self._labels(inputs)
                     lab = labels[:, 1:]
                     mi = self._model_inputs(inputs)
-                    kept = int((lab != -100).sum())
-                    if kept == 0:
-                        continue
                     hs = _hidden_states(model, mi)[:, :-1]
                     head = lm_head_of(_unwrap(model))
                     base = dict(student_bias=head.bias, student_logit_scale=head.logit_scale,
-                                student_softcap=head.softcap, labels=lab, reduction="sum",
+                                student_softcap=head.softcap, labels=lab, reduction="none",
                                 chunk_size=self.args.chunk_size)
                     if self.teachers:
                         t_args, t_kw = self._fused_teachers(mi)
@@ -650,20 +650,21 @@ class KDTrainer(Trainer):
                         kl = fused_linear_kd_loss(hs, head.weight, *t_args,
                                                   divergence="forward_kl", temperature=1.0,
                                                   **t_kw, **base)
-                        kl_sum += float(kl)
                     else:
                         packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
                         ce = fused_linear_kd_loss(hs, head.weight, teacher_sparse=packed,
                                                   hard_weight=1.0, **base)
                         if packed.codec.temperature == 1.0:
-                            kl_sum += float(fused_linear_kd_loss(
-                                hs, head.weight, teacher_sparse=packed, **base))
-                        else:
-                            kl_sum = math.nan  # the store's distributions are at another T
-                    ce_sum += float(ce)
-                    n += kept
+                            kl = fused_linear_kd_loss(hs, head.weight, teacher_sparse=packed,
+                                                      **base)
+                        else:  # the store's distributions are at another T
+                            kl = torch.full_like(ce, math.nan)
+                    rows = torch.stack([ce.double().sum(-1), kl.double().sum(-1),
+                                        (lab != -100).sum(-1).double()], dim=-1)  # (B, 3)
+                    totals += self.accelerator.gather_for_metrics(rows).sum(0).cpu()
         finally:
             model.train(was)
+        ce_sum, kl_sum, n = totals.tolist()
         ce = ce_sum / max(n, 1)
         return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "kl_to_teacher": kl_sum / max(n, 1)}
 

@@ -1,0 +1,71 @@
+"""One KDTrainer run on tiny Llamas, under ``torchrun`` (gloo, CPU) or as one
+process: tests/test_hf_distributed.py runs it both ways on the same global
+batch and compares what rank 0 writes (logged losses, evaluate()'s metrics,
+the final weights).
+
+    python tests/_kd_ranks_worker.py OUT.pt GLOBAL_BATCH FUSED_HEAD ACCUM
+"""
+import os
+import sys
+
+import torch
+import transformers
+
+from fastdistill.hf import KDConfig, KDTrainer
+
+V, SEQ = 61, 11
+
+
+def llama(seed):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def examples(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, V, (SEQ,), generator=g)
+        labels = ids.clone()
+        labels[:3] = -100                      # a prompt
+        out.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long),
+                    "labels": labels})
+    return out
+
+
+def collate(feats):
+    return {k: torch.stack([f[k] for f in feats]) for k in feats[0]}
+
+
+def main():
+    out, global_batch, fused, accum = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", \
+        int(sys.argv[4])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(1)
+    args = KDConfig(output_dir=os.path.dirname(out) + f"/run{world}", max_steps=3,
+                    per_device_train_batch_size=global_batch // (world * accum),
+                    per_device_eval_batch_size=2, gradient_accumulation_steps=accum,
+                    learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+                    weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
+                    use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+                    dataloader_pin_memory=False, fused_head=fused,
+                    divergence="jsd", temperature=2.0, hard_weight=0.25)
+    student, teacher = llama(0), llama(1)
+    trainer = KDTrainer(model=student, teacher_model=teacher, args=args, data_collator=collate,
+                        train_dataset=examples(24, 0), eval_dataset=examples(7, 1))
+    trainer.train()
+    metrics = trainer.evaluate()
+    if trainer.is_world_process_zero():
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        torch.save({"losses": losses, "metrics": metrics, "world": world,
+                    "weights": {k: v.detach().clone() for k, v in
+                                trainer.accelerator.unwrap_model(trainer.model).state_dict()
+                                .items()}}, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""KDTrainer across processes: 2 gloo ranks under torchrun (DDP, as the HF
+Trainer sets it up on CPU) against one process on the same global batch. The
+logged losses, evaluate()'s own metrics (eval_ce, eval_kl_to_teacher: summed
+over the ranks, the last batch's padding copies dropped) and the final weights
+agree to float32 reduction order (loss and metrics 1e-5 relative, weights
+2e-5 relative after three plain-SGD steps, where a wrong gradient scale shows
+at once)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+WORKER = Path(__file__).with_name("_kd_ranks_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, nproc: int, fused: bool, accum: int) -> dict:
+    out = tmp_path / f"w{nproc}-{int(fused)}-{accum}.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",  # a free port
+               f"--nproc_per_node={nproc}", str(WORKER)]
+    cmd += [str(out), "8", "1" if fused else "0", str(accum)]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("fused,accum", [(True, 1), (False, 1), (True, 2)],
+                         ids=["fused", "unfused", "fused-accum2"])
+def test_two_ranks_equal_one_process(tmp_path, fused, accum):
+    one = _run(tmp_path, 1, fused, accum)
+    two = _run(tmp_path, 2, fused, accum)
+    assert two["world"] == 2 and one["world"] == 1
+    assert len(one["losses"]) == len(two["losses"]) == 3
+    for a, b in zip(one["losses"], two["losses"]):
+        assert b == pytest.approx(a, rel=1e-5), (one["losses"], two["losses"])
+    for key in ("eval_ce", "eval_ppl", "eval_kl_to_teacher"):  # token means over the whole set
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5), key
+    # HF's eval_loss is the example-weighted mean of each batch's token mean: the batches of
+    # 2 ranks hold other examples than one process's (and the padded last batch), so it is
+    # close, not equal
+    assert two["metrics"]["eval_loss"] == pytest.approx(one["metrics"]["eval_loss"], rel=3e-3)
+    assert one["weights"].keys() == two["weights"].keys()
+    for k, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][k], w, rtol=2e-5, atol=1e-6, msg=k)
+    moved = [k for k in one["weights"] if "lm_head" in k or "embed" in k]
+    assert moved  # the weights compared include the (tied) head that the loss trains
