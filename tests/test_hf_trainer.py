@@ -488,3 +488,27 @@ def test_without_labels_padding_counts_nowhere(tmp_path, fused_head):
     labelled_metrics = trainer.evaluate(eval_dataset=[{k: v[i] for k, v in labelled.items()}
                                                       for i in range(4)])
     assert metrics["eval_ce"] == pytest.approx(labelled_metrics["eval_ce"], rel=1e-5)
+
+
+def test_a_partitioned_head_weight_is_refused_by_name(tmp_path):
+    """ZeRO-3's symptom: a head whose weight is still a (0,) partition inside its
+    forward. fused_head=True must refuse it naming the layout and the way out,
+    not blame the user's tensor or compute a loss on it."""
+    from fastdistill.hf.trainer import _whole_head_weight
+
+    with pytest.raises(ValueError, match=r"the student's LM head weight has shape \(0,\).*"
+                                         r"partitioned.*fused_head=False"):
+        _whole_head_weight(torch.empty(0), "the student")
+    w = torch.randn(V, 8)
+    assert _whole_head_weight(w, "the student") is w
+    student, teacher = _llama(0), _llama(1)
+    trainer = KDTrainer(model=student, teacher_model=teacher, data_collator=_collate,
+                        args=_args(tmp_path), train_dataset=_Data())
+    head = student.get_output_embeddings()
+    kept = head.weight
+    head.weight = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves outside a gather
+    try:
+        with pytest.raises(ValueError, match="partitioned"):
+            trainer.compute_loss(student, _batch(_Data()))
+    finally:
+        head.weight = kept

@@ -16,7 +16,6 @@ predict token i + 1, so the loss of a batch is
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -146,23 +145,26 @@ def lm_head_of(model) -> LMHead:
                   None if softcap is None else float(softcap))
 
 
-@contextlib.contextmanager
-def _head_input(model):
-    """Inside: ``model``'s LM head gets an empty slice of its input (no logits are
-    computed) and ``box["hidden"]`` is the input itself, in the autograd graph."""
-    head = model.get_output_embeddings()
-    box = {}
-
-    def pre_hook(module, args, kwargs):
-        (h, *rest) = args
-        box["hidden"] = h
-        return (h[..., :0, :], *rest), kwargs
-
-    handle = head.register_forward_pre_hook(pre_hook, with_kwargs=True)
+def _whole_head_weight(weight, where: str) -> torch.Tensor:
+    """The head's weight as the fused loss reads it, inside the head's forward.
+    FSDP1/FSDP2 units and ZeRO-3 hand the module its whole weight there; a
+    tensor-parallel head (a DTensor) or a still-partitioned one is refused
+    rather than read as something else."""
     try:
-        yield box
-    finally:
-        handle.remove()
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        DTensor = ()
+    if isinstance(weight, DTensor):
+        raise ValueError(f"fused_head=True: {where}'s LM head weight is a DTensor with placements "
+                         f"{tuple(weight.placements)} inside its forward (a tensor-parallel head): "
+                         "use fused_head=False, or fused_linear_kd_loss(process_group=...) with "
+                         "the local shard in your own loop")
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"fused_head=True: {where}'s LM head weight has shape "
+                         f"{tuple(weight.shape)} inside its forward, not (V, H): it is still "
+                         "partitioned by a sharding engine that gathers it elsewhere; use "
+                         "fused_head=False")
+    return weight
 
 
 def _unwrap(model):
@@ -171,15 +173,58 @@ def _unwrap(model):
     return model
 
 
+def _in_head_forward(model, inputs: dict, fn, where: str = "the model"):
+    """One forward of ``model`` (the wrapped module, so DDP's, FSDP's and
+    DeepSpeed's hooks run) in which the LM head is handed an empty slice of its
+    input (no logits are computed) and ``fn(hidden, head)`` runs inside the
+    head's forward: there its weight is whole even where it is sharded outside
+    (an FSDP1/FSDP2 unit of its own, ZeRO-3), so the fused loss reads it and its
+    gradient lands on what the engine reduces. Returns (fn's result, the model's
+    output); add ``_with_output(loss, output)`` so the engine's backward hooks
+    on that output run."""
+    m = _unwrap(model)
+    head_module = m.get_output_embeddings()
+    config_head = lm_head_of(m)  # the config's logit scale and soft cap
+    box = {}
+
+    def pre_hook(module, args, kwargs):
+        (h, *rest) = args
+        weight = _whole_head_weight(module.weight, where)
+        box["result"] = fn(h, LMHead(weight, getattr(module, "bias", None),
+                                     config_head.logit_scale, config_head.softcap))
+        return (h[..., :0, :], *rest), kwargs
+
+    handle = head_module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        out = model(**inputs)
+    finally:
+        handle.remove()
+    if "result" not in box:
+        raise RuntimeError(f"{type(m).__name__}'s forward never called its output embedding: "
+                           "fused_head=True cannot take its hidden states")
+    return box["result"], out
+
+
+def _with_output(loss: torch.Tensor, output) -> torch.Tensor:
+    """``loss`` plus the sum of the model output's empty logits (exactly 0): the
+    loss's graph then reaches the model's output, whose backward hooks FSDP
+    needs (without them its root unit never reduces its gradients)."""
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.requires_grad:
+        return loss + logits.sum().to(loss.dtype)
+    return loss
+
+
 def _hidden_states(model, inputs: dict) -> torch.Tensor:
-    """The LM head's input (B, T, H) of one forward of ``model`` (the wrapped
-    module, so DDP's hooks run), without computing logits."""
-    with _head_input(_unwrap(model)) as box:
-        model(**inputs)
-    if "hidden" not in box:
-        raise RuntimeError(f"{type(_unwrap(model)).__name__}'s forward never called its output "
-                           "embedding: fused_head=True cannot take its hidden states")
-    return box["hidden"]
+    """The LM head's input (B, T, H) of one forward of ``model``, without
+    computing logits (for a model whose head is not sharded: a teacher)."""
+    return _in_head_forward(model, inputs, lambda h, head: h)[0]
+
+
+def _head_logits(h: torch.Tensor, head: LMHead) -> torch.Tensor:
+    """head(h) with the logit scale and soft cap, in float32."""
+    y = F.linear(h, head.weight, head.bias).float() * head.logit_scale
+    return y if head.softcap is None else head.softcap * torch.tanh(y / head.softcap)
 
 
 def _logits(model, inputs: dict) -> torch.Tensor:
@@ -191,19 +236,17 @@ def _check_head_probe(model, name: str) -> None:
     model's own logits, or fused_head would train on something else."""
     m = _unwrap(model)
     device = m.get_output_embeddings().weight.device
-    ids = torch.arange(4, device=device).unsqueeze(0) % m.get_output_embeddings().weight.shape[0]
+    vocab = getattr(getattr(m, "config", None), "vocab_size", None) or \
+        m.get_output_embeddings().weight.shape[0]
+    ids = torch.arange(4, device=device).unsqueeze(0) % vocab
     was = m.training
     m.eval()
     try:
         with torch.no_grad():
             want = m(input_ids=ids).logits.float()
-            h = _hidden_states(m, {"input_ids": ids})
+            y, _ = _in_head_forward(m, {"input_ids": ids}, _head_logits, name)
     finally:
         m.train(was)
-    head = lm_head_of(m)
-    y = F.linear(h, head.weight, head.bias).float() * head.logit_scale
-    if head.softcap is not None:
-        y = head.softcap * torch.tanh(y / head.softcap)
     tol = 1e-3 * max(1.0, float(want.abs().max()))
     if y.shape != want.shape or not torch.allclose(y, want, rtol=1e-3, atol=tol):
         raise ValueError(f"{name}: its logits are not head(last hidden state) with the logit "
@@ -500,19 +543,24 @@ class KDTrainer(Trainer):
         sum_reduce = num_items_in_batch is not None
         reduction = "sum" if sum_reduce else "mean"
         if self.args.fused_head:
-            hs = _hidden_states(model, model_inputs)[:, :-1]
-            head = lm_head_of(_unwrap(model))
-            if hs.dtype != head.weight.dtype:  # autocast: the head runs in its own dtype
-                hs = hs.to(head.weight.dtype)
-            common = dict(student_bias=head.bias, student_logit_scale=head.logit_scale,
-                          student_softcap=head.softcap, labels=lab, reduction=reduction,
-                          chunk_size=self.args.chunk_size, **kw)
             if self.soft_labels is not None:
                 packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
-                loss = fused_linear_kd_loss(hs, head.weight, teacher_sparse=packed, **common)
-            else:
+                t_args, t_kw = (), dict(teacher_sparse=packed)
+            else:  # the teachers first: their hidden states are ready in the student's head
                 t_args, t_kw = self._fused_teachers(model_inputs)
-                loss = fused_linear_kd_loss(hs, head.weight, *t_args, **t_kw, **common)
+
+            def loss_of(hidden, head):  # inside the student's head forward (see _in_head_forward)
+                hs = hidden[:, :-1]
+                if hs.dtype != head.weight.dtype:  # autocast: the head runs in its own dtype
+                    hs = hs.to(head.weight.dtype)
+                return fused_linear_kd_loss(
+                    hs, head.weight, *t_args, student_bias=head.bias,
+                    student_logit_scale=head.logit_scale, student_softcap=head.softcap,
+                    labels=lab, reduction=reduction, chunk_size=self.args.chunk_size,
+                    **t_kw, **kw)
+
+            loss, output = _in_head_forward(model, model_inputs, loss_of, "the student")
+            loss = _with_output(loss, output)
         else:
             from ..kd import kd_loss
             from ..softlabels.loss import kd_loss as soft_kd_loss
@@ -637,28 +685,29 @@ class KDTrainer(Trainer):
                     labels = self._labels(inputs)
                     lab = labels[:, 1:]
                     mi = self._model_inputs(inputs)
-                    hs = _hidden_states(model, mi)[:, :-1]
-                    head = lm_head_of(_unwrap(model))
-                    base = dict(student_bias=head.bias, student_logit_scale=head.logit_scale,
-                                student_softcap=head.softcap, labels=lab, reduction="none",
-                                chunk_size=self.args.chunk_size)
                     if self.teachers:
                         t_args, t_kw = self._fused_teachers(mi)
-                        # hard_weight=1: the cross-entropy alone; then forward KL at T=1
-                        ce = fused_linear_kd_loss(hs, head.weight, *t_args, hard_weight=1.0,
-                                                  **t_kw, **base)
-                        kl = fused_linear_kd_loss(hs, head.weight, *t_args,
-                                                  divergence="forward_kl", temperature=1.0,
-                                                  **t_kw, **base)
                     else:
                         packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
-                        ce = fused_linear_kd_loss(hs, head.weight, teacher_sparse=packed,
-                                                  hard_weight=1.0, **base)
-                        if packed.codec.temperature == 1.0:
-                            kl = fused_linear_kd_loss(hs, head.weight, teacher_sparse=packed,
+                        t_args, t_kw = (), dict(teacher_sparse=packed)
+
+                    def ce_kl_of(hidden, head):  # inside the student's head forward
+                        base = dict(student_bias=head.bias, student_logit_scale=head.logit_scale,
+                                    student_softcap=head.softcap, labels=lab, reduction="none",
+                                    chunk_size=self.args.chunk_size, **t_kw)
+                        hs = hidden[:, :-1].to(head.weight.dtype)
+                        # hard_weight=1: the cross-entropy alone; then forward KL at T=1
+                        ce = fused_linear_kd_loss(hs, head.weight, *t_args, hard_weight=1.0,
+                                                  **base)
+                        if self.teachers or packed.codec.temperature == 1.0:
+                            kl = fused_linear_kd_loss(hs, head.weight, *t_args,
+                                                      divergence="forward_kl", temperature=1.0,
                                                       **base)
                         else:  # the store's distributions are at another T
                             kl = torch.full_like(ce, math.nan)
+                        return ce, kl
+
+                    (ce, kl), _ = _in_head_forward(model, mi, ce_kl_of, "the student")
                     rows = torch.stack([ce.double().sum(-1), kl.double().sum(-1),
                                         (lab != -100).sum(-1).double()], dim=-1)  # (B, 3)
                     totals += self.accelerator.gather_for_metrics(rows).sum(0).cpu()
