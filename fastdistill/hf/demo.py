@@ -279,7 +279,7 @@ def save_curves(result: DemoResult, path: str, title: str) -> str:
     return path
 
 
-def run(seeds: int = 3, epochs: int = 10, n_train: int = 32, batch: int = 8, seq_len: int = 64,
+def run(seeds: int = 3, epochs: int = 6, n_train: int = 32, batch: int = 8, seq_len: int = 64,
         n_eval: int = 32, lr: float = 3e-3, divergence: str = "forward_kl",
         temperature: float = 1.0, out_dir: str = "kd_demo_out", progress: bool = True,
         out=sys.stdout) -> DemoResult:
