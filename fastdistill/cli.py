@@ -521,7 +521,8 @@ def main(argv=None) -> int:
                    help="passes over the training windows")
     p.add_argument("--train-windows", type=positive_int, default=32,
                    help="training windows of 64 tokens (the small fixed training set)")
-    p.add_argument("--out", default="kd_demo_out", type=out_type, help="folder for the held-out curves' PNG")
+    p.add_argument("--out", default="kd_demo_out", type=out_type,
+                   help="folder for the held-out curves' PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bars: a line per run")
     p.set_defaults(func=kd_demo)
     p = sub.add_parser("diffusion", help="distil a digit diffusion model into 1-4 step students "
