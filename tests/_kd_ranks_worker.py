@@ -3,7 +3,11 @@ process: tests/test_hf_distributed.py runs it both ways on the same global
 batch and compares what rank 0 writes (logged losses, evaluate()'s metrics,
 the final weights).
 
-    python tests/_kd_ranks_worker.py OUT.pt GLOBAL_BATCH FUSED_HEAD ACCUM
+    python tests/_kd_ranks_worker.py OUT.pt GLOBAL_BATCH FUSED_HEAD ACCUM [MODE [STORE]]
+
+MODE: "teacher" (one online teacher, the default), "teachers" (a mixture of two,
+weights 1:3) or "store" (no teacher: the soft-label store STORE, which
+``label_store`` fills beforehand, every example keyed by its example_id).
 """
 import os
 import sys
@@ -25,16 +29,31 @@ def llama(seed):
     return transformers.LlamaForCausalLM(cfg)
 
 
-def examples(n, seed):
+def examples(n, seed, keyed=False):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(n):
+    for i in range(n):
         ids = torch.randint(0, V, (SEQ,), generator=g)
         labels = ids.clone()
         labels[:3] = -100                      # a prompt
         out.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long),
                     "labels": labels})
+        if keyed:
+            out[-1]["example_id"] = f"s{seed}-{i}"
     return out
+
+
+def label_store(path):
+    """The store mode's soft labels: teacher llama(1) at T=2, top-16, 16-bit, for the
+    training and the eval examples."""
+    from fastdistill.softlabels import SoftLabelWriter, label_tokens
+
+    with SoftLabelWriter(path, vocab_size=V) as writer:
+        for n, seed in ((24, 0), (7, 1)):
+            ex = examples(n, seed, keyed=True)
+            label_tokens(llama(1), [torch.stack([e["input_ids"] for e in ex])], writer, k=16,
+                         value_bits=16, temperature=2.0, keys=[e["example_id"] for e in ex],
+                         progress=False)
 
 
 def collate(feats):
@@ -44,6 +63,7 @@ def collate(feats):
 def main():
     out, global_batch, fused, accum = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", \
         int(sys.argv[4])
+    mode = sys.argv[5] if len(sys.argv) > 5 else "teacher"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(1)
     args = KDConfig(output_dir=os.path.dirname(out) + f"/run{world}", max_steps=3,
@@ -53,10 +73,19 @@ def main():
                     weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
                     use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
                     dataloader_pin_memory=False, fused_head=fused,
-                    divergence="jsd", temperature=2.0, hard_weight=0.25)
-    student, teacher = llama(0), llama(1)
-    trainer = KDTrainer(model=student, teacher_model=teacher, args=args, data_collator=collate,
-                        train_dataset=examples(24, 0), eval_dataset=examples(7, 1))
+                    divergence="jsd", temperature=2.0, hard_weight=0.25,
+                    teacher_weights=[1.0, 3.0] if mode == "teachers" else None)
+    student = llama(0)
+    keyed = mode == "store"
+    if mode == "store":
+        from fastdistill.softlabels import SoftLabelStore
+
+        teachers, store = None, SoftLabelStore(sys.argv[6])
+    else:
+        teachers, store = ([llama(1), llama(2)] if mode == "teachers" else llama(1)), None
+    trainer = KDTrainer(model=student, teacher_model=teachers, soft_labels=store, args=args,
+                        data_collator=collate, train_dataset=examples(24, 0, keyed),
+                        eval_dataset=examples(7, 1, keyed))
     trainer.train()
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():

@@ -20,8 +20,8 @@ WORKER = Path(__file__).with_name("_kd_ranks_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path, nproc: int, fused: bool, accum: int) -> dict:
-    out = tmp_path / f"w{nproc}-{int(fused)}-{accum}.pt"
+def _run(tmp_path, nproc: int, fused: bool, accum: int, mode: str = "teacher") -> dict:
+    out = tmp_path / f"w{nproc}-{int(fused)}-{accum}-{mode}.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     if nproc == 1:
@@ -29,23 +29,38 @@ def _run(tmp_path, nproc: int, fused: bool, accum: int) -> dict:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",  # a free port
                f"--nproc_per_node={nproc}", str(WORKER)]
-    cmd += [str(out), "8", "1" if fused else "0", str(accum)]
+    cmd += [str(out), "8", "1" if fused else "0", str(accum), mode, str(tmp_path / "store")]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-4000:]
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("fused,accum", [(True, 1), (False, 1), (True, 2)],
-                         ids=["fused", "unfused", "fused-accum2"])
-def test_two_ranks_equal_one_process(tmp_path, fused, accum):
-    one = _run(tmp_path, 1, fused, accum)
-    two = _run(tmp_path, 2, fused, accum)
+@pytest.mark.parametrize("fused,accum,mode", [
+    (True, 1, "teacher"), (False, 1, "teacher"), (True, 2, "teacher"),
+    (True, 1, "teachers"), (True, 1, "store"), (False, 1, "store")],
+    ids=["fused", "unfused", "fused-accum2", "two-teachers", "store", "store-unfused"])
+def test_two_ranks_equal_one_process(tmp_path, fused, accum, mode):
+    """Each rank reads its own batches' entries of one store (opened read-only by
+    both at once); a mixture of two teachers is formed on each rank."""
+    if mode == "store":
+        sys.path.insert(0, str(WORKER.parent))
+        try:
+            import _kd_ranks_worker
+        finally:
+            sys.path.remove(str(WORKER.parent))
+        _kd_ranks_worker.label_store(str(tmp_path / "store"))
+    one = _run(tmp_path, 1, fused, accum, mode)
+    two = _run(tmp_path, 2, fused, accum, mode)
     assert two["world"] == 2 and one["world"] == 1
     assert len(one["losses"]) == len(two["losses"]) == 3
     for a, b in zip(one["losses"], two["losses"]):
         assert b == pytest.approx(a, rel=1e-5), (one["losses"], two["losses"])
     for key in ("eval_ce", "eval_ppl", "eval_kl_to_teacher"):  # token means over the whole set
-        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5), key
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5,
+                                                    nan_ok=True), key
+    if mode == "store":  # labelled at T=2: no KL at T=1 to report, the CE is there
+        assert two["metrics"]["eval_kl_to_teacher"] != two["metrics"]["eval_kl_to_teacher"]
+        assert 0 < two["metrics"]["eval_ce"] < 10
     # HF's eval_loss is the example-weighted mean of each batch's token mean: the batches of
     # 2 ranks hold other examples than one process's (and the padded last batch), so it is
     # close, not equal

@@ -696,9 +696,11 @@ class KDTrainer(Trainer):
                                     student_softcap=head.softcap, labels=lab, reduction="none",
                                     chunk_size=self.args.chunk_size, **t_kw)
                         hs = hidden[:, :-1].to(head.weight.dtype)
-                        # hard_weight=1: the cross-entropy alone; then forward KL at T=1
+                        # hard_weight=1: the cross-entropy alone (at a store's own T, which
+                        # the soft labels require and the CE does not see); then KL at T=1
+                        t_ce = 1.0 if self.teachers else packed.codec.temperature
                         ce = fused_linear_kd_loss(hs, head.weight, *t_args, hard_weight=1.0,
-                                                  **base)
+                                                  temperature=t_ce, **base)
                         if self.teachers or packed.codec.temperature == 1.0:
                             kl = fused_linear_kd_loss(hs, head.weight, *t_args,
                                                       divergence="forward_kl", temperature=1.0,
