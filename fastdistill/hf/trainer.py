@@ -441,8 +441,7 @@ class KDTrainer(Trainer):
         for t in teachers:
             t.eval()
             t.requires_grad_(False)
-            if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-                t.to(self.args.device)
+            t.to(self.args.device)  # replicated on every rank: no engine wraps or moves it
             self.teachers.append(t)
         self.soft_labels = soft_labels
         if soft_labels is not None:
