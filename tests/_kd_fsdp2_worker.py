@@ -12,21 +12,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-import transformers
+from _kd_ranks_worker import SEQ, V, llama  # the same tiny Llamas (this script's folder)
 from torch.distributed.fsdp import fully_shard
 
 from fastdistill.hf import KDConfig, KDTrainer
-
-V, SEQ = 61, 11
-
-
-def llama(seed):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def batch(rows):
@@ -45,13 +34,13 @@ def main():
     torch.set_num_threads(1)
     args = KDConfig(output_dir="fsdp2_out", report_to=[], use_cpu=True, fused_head=fused,
                     divergence="jsd", temperature=2.0, hard_weight=0.25, disable_tqdm=True)
-    teacher = llama(1)
+    teacher = llama(1, tie=False)
 
-    reference = llama(0)
+    reference = llama(0, tie=False)  # the head its own unit: not tied to the root's embedding
     ref_trainer = KDTrainer(model=reference, teacher_model=teacher, args=args)
     ref_trainer.compute_loss(reference, batch(slice(None))).backward()
 
-    student = llama(0)
+    student = llama(0, tie=False)
     for layer in student.model.layers:
         fully_shard(layer)
     fully_shard(student.lm_head)  # the head as its own unit: sharded outside its forward
