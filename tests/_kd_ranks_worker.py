@@ -15,6 +15,7 @@ import sys
 import torch
 import transformers
 
+from fastdistill import TAIDSchedule
 from fastdistill.hf import KDConfig, KDTrainer
 
 V, SEQ = 61, 11
@@ -73,7 +74,10 @@ def main():
                     weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
                     use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
                     dataloader_pin_memory=False, fused_head=fused,
-                    divergence="jsd", temperature=2.0, hard_weight=0.25,
+                    divergence="taid" if mode == "taid" else "jsd", temperature=2.0,
+                    hard_weight=0.25,
+                    # a schedule whose t moves with the loss (alpha 0.5), not only the ramp
+                    taid=TAIDSchedule(1000, alpha=0.5) if mode == "taid" else False,
                     teacher_weights=[1.0, 3.0] if mode == "teachers" else None)
     student = llama(0)
     keyed = mode == "store"
@@ -88,9 +92,15 @@ def main():
                         eval_dataset=examples(7, 1, keyed))
     trainer.train()
     metrics = trainer.evaluate()
+    taid_t = None if trainer.taid is None else trainer.taid.t
+    every_t = [taid_t]
+    if world > 1:  # every rank's TAID t
+        every_t = [None] * world
+        torch.distributed.all_gather_object(every_t, taid_t)
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         torch.save({"losses": losses, "metrics": metrics, "world": world,
+                    "taid_t": every_t,
                     "weights": {k: v.detach().clone() for k, v in
                                 trainer.accelerator.unwrap_model(trainer.model).state_dict()
                                 .items()}}, out)

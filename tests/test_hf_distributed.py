@@ -37,11 +37,12 @@ def _run(tmp_path, nproc: int, fused: bool, accum: int, mode: str = "teacher") -
 
 @pytest.mark.parametrize("fused,accum,mode", [
     (True, 1, "teacher"), (False, 1, "teacher"), (True, 2, "teacher"),
-    (True, 1, "teachers"), (True, 1, "store"), (False, 1, "store")],
-    ids=["fused", "unfused", "fused-accum2", "two-teachers", "store", "store-unfused"])
+    (True, 1, "teachers"), (True, 1, "store"), (False, 1, "store"), (True, 2, "taid")],
+    ids=["fused", "unfused", "fused-accum2", "two-teachers", "store", "store-unfused", "taid"])
 def test_two_ranks_equal_one_process(tmp_path, fused, accum, mode):
     """Each rank reads its own batches' entries of one store (opened read-only by
-    both at once); a mixture of two teachers is formed on each rank."""
+    both at once); a mixture of two teachers is formed on each rank; TAID's t
+    is the same on every rank and equals one process's."""
     if mode == "store":
         sys.path.insert(0, str(WORKER.parent))
         try:
@@ -58,6 +59,11 @@ def test_two_ranks_equal_one_process(tmp_path, fused, accum, mode):
     for key in ("eval_ce", "eval_ppl", "eval_kl_to_teacher"):  # token means over the whole set
         assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5,
                                                     nan_ok=True), key
+    if mode == "taid":  # every rank steps t on the global loss: one t, one process's
+        (t_one,) = one["taid_t"]
+        assert t_one != 0.4 and len(two["taid_t"]) == 2  # t moved past its start
+        for t_rank in two["taid_t"]:
+            assert t_rank == pytest.approx(t_one, rel=1e-9, abs=0), (one["taid_t"], two["taid_t"])
     if mode == "store":  # labelled at T=2: no KL at T=1 to report, the CE is there
         assert two["metrics"]["eval_kl_to_teacher"] != two["metrics"]["eval_kl_to_teacher"]
         assert 0 < two["metrics"]["eval_ce"] < 10

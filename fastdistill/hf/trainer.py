@@ -642,7 +642,9 @@ class KDTrainer(Trainer):
             # else: a batch with no targets contributes nothing, on-policy or not
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.taid is not None:  # one TAID step per optimizer step, on its whole loss
-            self._taid_loss += float(loss)
+            # the mean over the ranks: every rank steps t on the global loss, so all keep one
+            # t (a rank's own loss would give each its own t, none of them one process's)
+            self._taid_loss += float(self.accelerator.reduce(loss.detach(), reduction="mean"))
             if self.accelerator.sync_gradients:
                 self.taid.step(self._taid_loss)
                 self._taid_loss = 0.0
