@@ -41,6 +41,7 @@ from ..softlabels.store import SoftLabelStore
 __all__ = ["KDConfig", "KDTrainer", "LMHead", "TeacherMixture", "lm_head_of"]
 
 TAID_STATE = "fastdistill_taid.json"
+TEACHER_SHARDING = ("shard", "replicate")
 
 
 @dataclass
@@ -76,6 +77,11 @@ class KDConfig(TrainingArguments):
                 "0; normalized to sum 1 (only their ratios matter)"})
     soft_label_key: str = field(default="example_id", metadata={
         "help": "dataset column naming each example's soft-label entry (absent: by index)"})
+    teacher_sharding: str = field(default="shard", metadata={
+        "help": "'shard': under an engine that shards the student (FSDP1/FSDP2, DeepSpeed "
+                "ZeRO-3) the teachers are sharded by it too (eval, no grad, resharded after "
+                "each forward); 'replicate': every rank holds whole teachers. Under DDP or in "
+                "one process teachers are always whole"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -106,6 +112,7 @@ class KDConfig(TrainingArguments):
             raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
         if not isinstance(self.fused_head, bool):
             raise TypeError(f"fused_head must be a bool, got {type(self.fused_head).__name__}")
+        _checks.choice("teacher_sharding", self.teacher_sharding, TEACHER_SHARDING)
         if self.teacher_weights is not None:
             self.teacher_weights = _checks.mixture_weights("teacher_weights", self.teacher_weights)
 
