@@ -349,6 +349,8 @@ def kd(args) -> int:
                     save_steps=args.save_steps, quiet=args.quiet)
     except jobs.SettingsError as e:  # the options against the store or the checkpoints
         args.parser.error(str(e))
+    if not _is_rank_zero():
+        return 0
     if r["already_done"]:
         print(f"already at max-steps: {r['resumed_from']} is step {r['global_step']} and "
               f"--max-steps is {args.max_steps}; nothing to train (raise --max-steps to go on)")
@@ -558,7 +560,27 @@ def main(argv=None) -> int:
     check = _CHECKS.get(args.command)
     if check is not None:
         check(args, args.parser)
-    return args.func(args)
+    rc = args.func(args)
+    _close_process_group()
+    return rc
+
+
+def _close_process_group() -> None:
+    """Under torchrun, after a job that succeeded: destroy the process group the HF
+    Trainer (accelerate) opened. A gloo process that exits with it alive can
+    abort at interpreter shutdown ("terminate called without an active
+    exception", SIGABRT: pytorch#190489), failing the launch after a good run.
+    Not after an error: a rank still in a collective would hang the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _is_rank_zero() -> bool:
+    """The process that prints a job's summary (every one, outside torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ def _run(tmp_path, nproc: int, fused: bool, accum: int, mode: str = "teacher") -
 
 @pytest.mark.parametrize("fused,accum,mode", [
     (True, 1, "teacher"), (False, 1, "teacher"), (True, 2, "teacher"),
-    (True, 1, "teachers"), (True, 1, "store"), (False, 1, "store"), (True, 2, "taid")],
-    ids=["fused", "unfused", "fused-accum2", "two-teachers", "store", "store-unfused", "taid"])
+    (True, 1, "teachers"), (True, 1, "store"), (False, 1, "store"), (True, 2, "taid"),
+    (True, 1, "taid-resume"), (True, 1, "on-policy"), (False, 2, "on-policy")],
+    ids=["fused", "unfused", "fused-accum2", "two-teachers", "store", "store-unfused", "taid",
+         "taid-resume", "on-policy", "on-policy-unfused-accum2"])
 def test_two_ranks_equal_one_process(tmp_path, fused, accum, mode):
     """Each rank reads its own batches' entries of one store (opened read-only by
     both at once); a mixture of two teachers is formed on each rank; TAID's t
@@ -59,7 +61,12 @@ def test_two_ranks_equal_one_process(tmp_path, fused, accum, mode):
     for key in ("eval_ce", "eval_ppl", "eval_kl_to_teacher"):  # token means over the whole set
         assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5,
                                                     nan_ok=True), key
-    if mode == "taid":  # every rank steps t on the global loss: one t, one process's
+    if mode == "taid-resume":  # resumed from checkpoint-2 (written by rank 0): every rank's
+        # t is the uninterrupted run's, which is one process's
+        assert two["uninterrupted_t"] == pytest.approx(one["uninterrupted_t"], rel=1e-9)
+        for t in one["taid_t"] + two["taid_t"]:
+            assert t == pytest.approx(one["uninterrupted_t"], rel=1e-9, abs=0)
+    if mode in ("taid", "taid-resume"):  # every rank steps t on the global loss: one t
         (t_one,) = one["taid_t"]
         assert t_one != 0.4 and len(two["taid_t"]) == 2  # t moved past its start
         for t_rank in two["taid_t"]:
@@ -99,3 +106,77 @@ def test_fsdp2_with_the_head_as_its_own_unit(tmp_path, fused):
     assert len(got["diffs"]) == 21 and "lm_head.weight" in got["diffs"]
     worst = max(got["diffs"].items(), key=lambda kv: kv[1])
     assert worst[1] < 1e-5, worst  # relative to each gradient's largest entry
+
+
+def _tiny_teacher_folder(path: Path, lines: list[str]) -> int:
+    """A local HF model folder `fastdistill kd --teacher` takes: a byte-level BPE
+    tokenizer trained on ``lines`` and a random 2-layer Llama of its vocabulary."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    vocab = len(fast)
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return vocab
+
+
+def test_kd_cli_under_torchrun_equals_one_process(tmp_path):
+    """README's launch line: `torchrun --nproc_per_node 2 -m fastdistill.cli kd ...`
+    (per-device batch 2) trains what one process does with batch 4 (the same
+    global batches), prints its summary once, saves one model and tokenizer, and
+    exits 0 (the CLI closes the process group: a gloo process left with it open
+    can abort at exit)."""
+    import json
+
+    import transformers
+
+    from fastdistill.hf.defaults import kjv_verses
+
+    lines = kjv_verses()[:400]
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    teacher = tmp_path / "teacher"
+    vocab = _tiny_teacher_folder(teacher, lines)
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps({"model_type": "llama", "vocab_size": vocab, "hidden_size": 16,
+                                   "intermediate_size": 32, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2, "num_key_value_heads": 1,
+                                   "max_position_embeddings": 64, "tie_word_embeddings": True}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    runs = {}
+    for nproc, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"kd{nproc}"
+        launch = ([sys.executable] if nproc == 1 else
+                  [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={nproc}"])
+        cmd = launch + ["-m", "fastdistill.cli", "kd", "--teacher", str(teacher),
+                        "--student", str(student), "--data", str(text), "--max-steps", "3",
+                        "--batch", str(batch), "--seq-len", "16", "--sequences", "16",
+                        "--held-out", "4", "--save-steps", "2", "--quiet", "--out", str(out)]
+        res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-4000:]
+        assert res.stdout.count("held-out CE") == 1, res.stdout  # rank 0 alone prints
+        assert (out / "tokenizer.json").is_file() and (out / "checkpoint-2").is_dir()
+        runs[nproc] = transformers.AutoModelForCausalLM.from_pretrained(
+            out, local_files_only=True).state_dict()
+    assert runs[1].keys() == runs[2].keys()
+    for k, w in runs[1].items():
+        torch.testing.assert_close(runs[2][k], w, rtol=1e-4, atol=1e-6, msg=k)
+    start = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(tmp_path / "kd1", local_files_only=True))
+    assert not torch.equal(start.state_dict()["model.embed_tokens.weight"],
+                           runs[1]["model.embed_tokens.weight"])  # it trained

@@ -75,8 +75,8 @@ def load_teachers(spec: str, *, progress: bool = True):
 
 
 def build_student(spec: str, vocab_size: int):
-    """The student of ``--student``: ``small``, a model folder, or a config.json;
-    a tied LM head is declared (``defaults.declare_tied_weights``)."""
+    """The student of ``--student``: ``small``, a model folder, or a config.json
+    (initialized from seed 0, like ``small``); a tied LM head is declared (``defaults.declare_tied_weights``)."""
     if spec == "small":
         return small_student(vocab_size)
     if spec.endswith(".json"):
@@ -90,6 +90,7 @@ def build_student(spec: str, vocab_size: int):
             except ValueError as e:
                 raise ValueError(f"{spec}: not JSON ({e})") from None
         model_type = cfg.pop("model_type", "llama")
+        torch.manual_seed(0)  # as small_student: the same fresh student on every run and rank
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
     else:
         model, _ = load_causal_lm(spec)
@@ -372,8 +373,8 @@ def kd(*, teacher: str, student: str = "small", data: str = "kjv", out: str = "k
         before = held_out_metrics(model, eval_ids, t_hidden, t_head)
         trainer.train(resume_from_checkpoint=last)
         after = held_out_metrics(model, eval_ids, t_hidden, t_head)
-        trainer.save_model(out)
-        if tok is not None:
+        trainer.save_model(out)  # HF saves on the process that should_save; so does the tokenizer
+        if tok is not None and trainer.args.should_save:
             tok.save_pretrained(out)
     return {"before": before, "after": after, "resumed_from": last,
             "global_step": trainer.state.global_step, "already_done": False}
