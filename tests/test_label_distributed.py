@@ -3,6 +3,7 @@ torchrun): 2 gloo ranks on CPU write one store whose entries equal one process's
 bit; a rank SIGKILLed while labelling, or rank 0 while merging, leaves a store that a
 rerun (on 1 process, or on 2) finishes, again equal to one process's; an error on one
 rank fails every rank at once; readers see one consistent store throughout."""
+import json
 import os
 import subprocess
 import sys
@@ -44,8 +45,6 @@ def torchrun(tmp_path, *args, nproc=2, module=False, timeout=180):
 
 def results(res) -> dict:
     """{rank: label_windows' result} from the worker's RESULT lines."""
-    import json
-
     out = {}
     for line in res.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -87,7 +86,6 @@ def assert_equal_to(reference, path):
     assert sorted(store.keys(), key=int) == order
     for key, data in want.items():
         assert torch.equal(store[key].labels.data, data), key
-    assert store.codec == SoftLabelStore(path).codec
     assert not os.path.exists(os.path.join(path, parallel.STAGING_DIR))  # merged, removed
     return store
 

@@ -6,7 +6,8 @@ row ``i`` of ``windows`` under the key ``str(i)``. On one process it writes
 straight into the store ``out``. Under a launcher (``WORLD_SIZE`` > 1, or a
 process group already initialized) the windows not stored yet are split over
 the ranks and each rank labels its part into a store of its own, and rank 0
-moves those entries into ``out``.
+moves those entries into ``out``. Every rank must see the same folder ``out``
+(one machine, or a file system shared by the nodes).
 
 Design: per-rank staging stores, merged by rank 0
 --------------------------------------------------
