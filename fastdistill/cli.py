@@ -364,8 +364,10 @@ def kd(args) -> int:
 
 
 def label(args) -> int:
-    """Fill a soft-label store from a teacher (resumable)."""
+    """Fill a soft-label store from a teacher (resumable; under torchrun, every rank
+    labels a share and rank 0 prints the summary)."""
     from .hf import jobs
+    from .softlabels.parallel import world_from_env
 
     try:
         r = jobs.label(teacher=args.teacher, data=args.data, out=args.out, k=args.k,
@@ -374,8 +376,9 @@ def label(args) -> int:
                        teacher_weights=args.teacher_weights, progress=not args.quiet)
     except jobs.SettingsError as e:  # a rerun with other options than the store's
         args.parser.error(str(e))
-    print(f"{r['stored_before']} already stored, {r['labelled']} labelled now: "
-          f"{r['stored_before'] + r['labelled']} of {args.sequences} sequences in {args.out}")
+    if world_from_env()[1] == 0:
+        print(f"{r['stored_before']} already stored, {r['labelled']} labelled now: "
+              f"{r['stored_before'] + r['labelled']} of {args.sequences} sequences in {args.out}")
     return 0
 
 

@@ -247,15 +247,24 @@ def _check_label_rerun(out: str, settings: dict) -> None:
 
 def label(*, teacher: str, data: str, out: str, k: int = 32, value_bits: int = 8,
           temperature: float = 1.0, sequences: int = 512, seq_len: int = 128, batch: int = 8,
-          teacher_weights=None, progress: bool = True) -> dict:
+          teacher_weights=None, progress: bool = True, shard_bytes: int = 64 * 2**20) -> dict:
     """Fill the soft-label store ``out`` with the teacher's (or the teachers'
     mixture's) top-k rows for ``sequences`` windows of ``data``, keyed by window
     index ("0", "1", ...: what ``kd --soft-labels`` aligns by), and record the
     settings in ``out/label_settings.json``. Resumable: a rerun with the same
     settings skips the windows already stored; one with other settings is a
     ``SettingsError`` naming them (before any model loads). Returns
-    ``{"stored_before": ..., "labelled": ...}`` (sequences found, and written now)."""
-    from ..softlabels import SoftLabelWriter, encode, label_tokens
+    ``{"stored_before": ..., "labelled": ...}`` (sequences found, and written now).
+
+    Under ``torchrun``/``accelerate launch`` every rank runs this: the windows
+    are split over the ranks, each labels its share into a staging store of
+    its own and rank 0 merges them into ``out`` (and alone writes
+    ``label_settings.json``); a rerun with any number of processes resumes
+    (``fastdistill.softlabels.parallel`` has the design and the resume rule).
+    ``shard_bytes``: the writers' (64 MiB, the store's default): how much each rank loses
+    at most when killed."""
+    from ..softlabels import encode
+    from ..softlabels.parallel import label_windows
 
     settings = label_settings(teacher=teacher, data=data, sequences=sequences, seq_len=seq_len,
                               k=k, value_bits=value_bits, temperature=temperature,
@@ -269,13 +278,14 @@ def label(*, teacher: str, data: str, out: str, k: int = 32, value_bits: int = 8
     V = models[0].get_output_embeddings().weight.shape[0]
     # the codec's own checks of k, value_bits, temperature against V, before the folder exists
     encode(torch.zeros(1, V), method="topk", k=k, value_bits=value_bits, temperature=temperature)
-    with SoftLabelWriter(out, vocab_size=V) as writer:
-        before = len(writer)
+
+    def record_settings(writer):  # rank 0 alone, with the store open and locked
         if read_label_settings(out) is None:
             write_label_settings(out, settings)
-        n = label_tokens(model, [ids[a:a + batch] for a in range(0, len(ids), batch)], writer,
-                         k=k, value_bits=value_bits, temperature=temperature, progress=progress)
-    return {"stored_before": before, "labelled": n}
+
+    return label_windows(model, ids, out, batch=batch, k=k, value_bits=value_bits,
+                         temperature=temperature, progress=progress, vocab_size=V,
+                         shard_bytes=shard_bytes, prepare=record_settings)
 
 
 def _global_step(checkpoint: str) -> int:

@@ -111,7 +111,7 @@ class _Progress(Progress):
 def label_tokens(model, batches: Iterable, writer, *, method: str = "topk", k: int | None = None,
                  n_samples: int | None = None, value_bits: int = 16, temperature: float = 1.0,
                  seed: int | None = None, keys: Iterable | None = None, progress: bool = True,
-                 device=None) -> int:
+                 device=None, whole_batches: bool = False) -> int:
     """Run ``model`` over ``batches`` and add each sequence's packed soft labels
     to ``writer``; returns the number of sequences written.
 
@@ -132,7 +132,13 @@ def label_tokens(model, batches: Iterable, writer, *, method: str = "topk", k: i
     Keys are the running sequence index (0, 1, 2, ...) or one per sequence
     from ``keys``. Resumable: a sequence whose key is already ``in writer``
     is skipped, and a batch whose sequences are all stored never reaches the
-    model. ``writer`` is left open (closing it writes the last shard).
+    model. A batch with some sequences stored runs the model on the missing
+    ones alone, or, with ``whole_batches=True``, on the whole batch (only the
+    missing entries are added): a sequence's logits then never depend on
+    which others were stored, so a resumed run writes bit for bit what an
+    uninterrupted one would, also where a backend's results vary with the
+    batch's size (``fastdistill.softlabels.parallel`` relies on it).
+    ``writer`` is left open (closing it writes the last shard).
     """
     if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Iterable):
         raise TypeError(f"batches must be an iterable of batches (wrap a single batch in a "
@@ -152,6 +158,7 @@ def label_tokens(model, batches: Iterable, writer, *, method: str = "topk", k: i
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     _checks.flag("progress", progress)
+    _checks.flag("whole_batches", whole_batches)
     if isinstance(keys, (str, bytes)):
         raise TypeError("keys must be an iterable of keys, one per sequence, not a single string")
     if keys is not None and not isinstance(keys, Iterable):
@@ -193,7 +200,7 @@ def label_tokens(model, batches: Iterable, writer, *, method: str = "topk", k: i
                 if todo:
                     written += _label_batch(model, ids, mask, todo, batch_keys, writer, dev,
                                             b_index, method, k, n_samples, value_bits,
-                                            temperature, seed)
+                                            temperature, seed, whole_batches)
                 bar.update(len(todo), len(batch_keys) - len(todo))
     finally:
         bar.close()
@@ -203,12 +210,18 @@ def label_tokens(model, batches: Iterable, writer, *, method: str = "topk", k: i
 
 
 def _label_batch(model, ids, mask, todo, batch_keys, writer, dev, b_index, method, k, n_samples,
-                 value_bits, temperature, seed) -> int:
-    """Run the model on the rows ``todo`` of one batch and add their entries."""
-    if len(todo) < ids.shape[0]:  # only the sequences not stored yet
+                 value_bits, temperature, seed, whole_batches=False) -> int:
+    """Run the model on the rows ``todo`` of one batch (on all of them with
+    ``whole_batches``) and add the entries of ``todo``."""
+    if whole_batches:
+        rows_run = list(range(ids.shape[0]))  # logits row i is batch row i
+    elif len(todo) < ids.shape[0]:  # only the sequences not stored yet
+        rows_run = todo
         rows = torch.tensor(todo, dtype=torch.int64, device=ids.device)
         ids = ids.index_select(0, rows)
         mask = None if mask is None else mask.index_select(0, rows)
+    else:
+        rows_run = todo
     if dev is not None:
         ids = ids.to(dev)
         mask = None if mask is None else mask.to(dev)
@@ -221,7 +234,9 @@ def _label_batch(model, ids, mask, todo, batch_keys, writer, dev, b_index, metho
         raise ValueError(f"the model's vocabulary (logits' last dim, {logits.shape[-1]}) differs "
                          f"from the writer's vocab_size ({writer.vocab_size})")
     keep = None if mask is None else mask.to(device=logits.device, dtype=torch.bool)
-    for i, r in enumerate(todo):
+    at = {r: i for i, r in enumerate(rows_run)}
+    for r in todo:
+        i = at[r]
         key = batch_keys[r]
         z = logits[i] if keep is None else logits[i][keep[i]]
         row_seed = None if seed is None or method != "sampled" else _sequence_seed(seed, key)
