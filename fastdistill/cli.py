@@ -367,7 +367,6 @@ def label(args) -> int:
     """Fill a soft-label store from a teacher (resumable; under torchrun, every rank
     labels a share and rank 0 prints the summary)."""
     from .hf import jobs
-    from .softlabels.parallel import world_from_env
 
     try:
         r = jobs.label(teacher=args.teacher, data=args.data, out=args.out, k=args.k,
@@ -376,7 +375,7 @@ def label(args) -> int:
                        teacher_weights=args.teacher_weights, progress=not args.quiet)
     except jobs.SettingsError as e:  # a rerun with other options than the store's
         args.parser.error(str(e))
-    if world_from_env()[1] == 0:
+    if _is_rank_zero():
         print(f"{r['stored_before']} already stored, {r['labelled']} labelled now: "
               f"{r['stored_before'] + r['labelled']} of {args.sequences} sequences in {args.out}")
     return 0
@@ -583,7 +582,9 @@ def _close_process_group() -> None:
 
 def _is_rank_zero() -> bool:
     """The process that prints a job's summary (every one, outside torchrun)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from .softlabels.parallel import world_from_env
+
+    return world_from_env()[1] == 0
 
 
 if __name__ == "__main__":

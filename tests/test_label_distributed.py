@@ -153,7 +153,7 @@ def test_two_ranks_write_one_store_equal_to_one_process(tmp_path, reference):
     res = torchrun(tmp_path, WORKER, out)
     reader.finish()
     assert res.returncode == 0, res.stderr[-4000:]
-    assert results(res) == {r: {"stored_before": 0, "labelled": worker.N} for r in (0, 1)}
+    assert results(res) == {r: {"stored_before": 0, "labelled": worker.N} for r in (0, 1)}, (res.stdout, res.stderr[-2000:])
     store = assert_equal_to(reference, out)
     assert store.keys() == reference[1]  # merged in window order: one process's order too
     assert reader.opened >= 1 and reader.sizes <= {worker.N} | set(range(0, worker.N, 2))
