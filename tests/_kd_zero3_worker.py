@@ -15,6 +15,8 @@ at once. DeepSpeed on CPU: ``DS_ACCELERATOR=cpu`` and accelerate's state made
 with gloo first (``zero.init_cpu_state``). Without FASTDISTILL_DS_SHM=1 the
 shared-memory comm op is left out (gloo does every collective): building it
 takes ~50 s per clean cache and changes nothing compared here.
+FASTDISTILL_TEST_DEVICE=cuda (bench/gpu_check.sh): both runs on the GPU, the
+ZeRO-3 one with DeepSpeed's CUDA accelerator (launch it with 1 rank there).
 """
 import json
 import os
@@ -39,6 +41,7 @@ CASES = {
     "unfused-tied-shard": (False, True, "shard", 1, False),
 }
 GLOBAL_BATCH = 8
+CUDA = os.environ.get("FASTDISTILL_TEST_DEVICE") == "cuda"
 
 
 def ds_config() -> dict:
@@ -48,11 +51,12 @@ def ds_config() -> dict:
 
 
 def kd_args(out, world, fused, accum, sharding, deepspeed=None):
-    extra = {}
-    if deepspeed is not None:
+    if deepspeed is None:
+        extra = dict(use_cpu=not CUDA)
+    elif CUDA:  # accelerate finds the GPU and its backend itself
+        extra = dict(deepspeed=deepspeed)
+    else:  # the process state made beforehand (zero.init_cpu_state)
         extra = dict(deepspeed=deepspeed, accelerator_config={"use_configured_state": True})
-    else:
-        extra = dict(use_cpu=True)
     return KDConfig(output_dir=out, max_steps=3,
                     per_device_train_batch_size=GLOBAL_BATCH // (world * accum),
                     per_device_eval_batch_size=2, gradient_accumulation_steps=accum,
@@ -147,7 +151,8 @@ def bad_input(out_dir):
 
     got = {}
     cfg = ds_config()
-    args = kd_args(f"{out_dir}/bad", 2, True, 1, "replicate", cfg)
+    args = kd_args(f"{out_dir}/bad", int(os.environ.get("WORLD_SIZE", "1")), True, 1,
+                   "replicate", cfg)
     with deepspeed.zero.Init(config_dict_or_path=args.hf_deepspeed_config.config):
         teacher = llama(1)
     try:
@@ -164,7 +169,7 @@ def main():
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     deepspeed = mode == "zero3"
-    if deepspeed:
+    if deepspeed and not CUDA:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed as ds
 

@@ -36,15 +36,21 @@ finally:
     sys.path.remove(str(HERE))
 
 H = 32  # the tiny Llamas' hidden size
+CUDA = os.environ.get("FASTDISTILL_TEST_DEVICE") == "cuda"
+# ranks of the ZeRO-3 launch: 2 on CPU; 1 on a GPU (bench/gpu_check.sh: one GPU, and NCCL
+# takes one rank per GPU); FASTDISTILL_ZERO3_NPROC overrides
+NPROC = int(os.environ.get("FASTDISTILL_ZERO3_NPROC", "1" if CUDA else "2"))
 
 
 def _launch(tmp_path, mode: str) -> dict:
     out = tmp_path / f"{mode}.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if not CUDA:
+        env["DS_ACCELERATOR"] = "cpu"
+        env.pop("CUDA_VISIBLE_DEVICES", None)
     cmd = [sys.executable, str(WORKER), mode, str(out)]
     if mode == "zero3":
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}"]
     t0 = time.time()
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert res.returncode == 0, res.stderr[-6000:]
@@ -54,6 +60,8 @@ def _launch(tmp_path, mode: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    if CUDA and not torch.cuda.is_available():
+        pytest.fail("FASTDISTILL_TEST_DEVICE=cuda but torch sees no CUDA device")
     tmp = tmp_path_factory.mktemp("zero3")
     return _launch(tmp, "plain"), _launch(tmp, "zero3")
 
@@ -62,7 +70,7 @@ def runs(tmp_path_factory):
 def test_zero3_two_ranks_equal_one_process(runs, case):
     one, two = runs[0][case], runs[1][case]
     fused, tie, sharding, accum, init = CASES[case]
-    assert one["world"] == 1 and two["world"] == 2
+    assert one["world"] == 1 and two["world"] == NPROC
     assert len(one["losses"]) == len(two["losses"]) == 3
     for a, b in zip(one["losses"], two["losses"]):
         assert b == pytest.approx(a, rel=1e-5), (one["losses"], two["losses"])
@@ -85,8 +93,8 @@ def test_zero3_two_ranks_equal_one_process(runs, case):
     moved = float((one["weights"][head] - start[head]).abs().max())
     assert moved > 1e-3, moved  # the head the fused loss trains did move (3 SGD steps)
     if tie:  # one parameter: the head and the embedding end up equal
-        torch.testing.assert_close(two["weights"][head], two["weights"]["model.embed_tokens.weight"],
-                                   rtol=0, atol=0)
+        embed = two["weights"]["model.embed_tokens.weight"]
+        torch.testing.assert_close(two["weights"][head], embed, rtol=0, atol=0)
 
 
 def test_zero3_refuses_a_partitioned_teacher_to_replicate(runs):

@@ -21,8 +21,8 @@ import os
 
 import torch
 
-__all__ = ["init_cpu_state", "is_partitioned", "is_zero3", "full_shape", "place_teacher",
-           "teacher_heads_whole"]
+__all__ = ["check_state", "check_student", "full_shape", "init_cpu_state", "is_partitioned",
+           "is_zero3", "place_teacher", "teacher_heads_whole"]
 
 
 def is_zero3(args) -> bool:
@@ -154,8 +154,8 @@ def check_state(args, accelerator) -> None:
         raise ValueError(f"DeepSpeed: WORLD_SIZE={world} but accelerate sees "
                          f"{accelerator.num_processes} process(es) (no distributed backend: a "
                          "CPU-only machine?). Call fastdistill.hf.zero.init_cpu_state() before "
-                         "creating the KDConfig and pass accelerator_config={'use_configured_state':"
-                         " True}")
+                         "creating the KDConfig and pass "
+                         "accelerator_config={'use_configured_state': True}")
 
 
 def init_cpu_state(backend: str = "gloo"):
