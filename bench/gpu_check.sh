@@ -11,21 +11,30 @@
 #   bench   `fastdistill bench --device cuda`: one table of timings with a correctness
 #           check per row;
 #   cuda    once the build is done: `fastdistill doctor` and the CUDA soft-label
-#           decode (the one hand-written CUDA kernel) against the readable decoder.
+#           decode (the one hand-written CUDA kernel) against the readable decoder;
+#   zero3   tests/test_hf_zero3.py on the GPU: KDTrainer under DeepSpeed ZeRO-3 with ONE
+#           rank (NCCL takes one rank per GPU, and this machine has one) against a plain
+#           run on the same GPU. World size 1 still puts every parameter through ZeRO-3's
+#           partition/gather hooks (empty outside its module's forward), so it checks what
+#           CPU CI cannot: the Triton fused loss reading a weight DeepSpeed's CUDA
+#           accelerator gathered, and the teacher's inference engine on the GPU. The
+#           2-rank comparison (the gradient reduced into real partitions) is CPU CI's
+#           (DS_ACCELERATOR=cpu). Needs deepspeed on the machine (or its wheel and its
+#           dependencies' in .whl); without it the step says so and fails.
 # All steps run; any failing fails the script. Peers (liger-kernel, POT, GeomLoss)
 # come from wheels in .whl/ (`make gpu-wheels` on a machine with a registry, then
 # carry .whl; GPU_WHEELS_DIR names another folder); without them their rows say
 # "not installed".
 # Output: $GPU_OUT (default $OUT, else bench/out/cuda): the table, JSON, junit XML, logs.
-# GPU_CHECK_STEPS="bench" (say) runs only those steps (of: build tests bench cuda).
+# GPU_CHECK_STEPS="bench" (say) runs only those steps (of: build tests bench cuda zero3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${GPU_PY:-python3}"
 OUTDIR="${GPU_OUT:-${OUT:-bench/out/cuda}}"
-STEPS=" ${GPU_CHECK_STEPS:-build tests bench cuda} "
+STEPS=" ${GPU_CHECK_STEPS:-build tests bench cuda zero3} "
 mkdir -p "$OUTDIR"
 for s in $STEPS; do
-  case $s in build|tests|bench|cuda) ;; *) echo "gpu-check: unknown step '$s' in GPU_CHECK_STEPS"; exit 1 ;; esac
+  case $s in build|tests|bench|cuda|zero3) ;; *) echo "gpu-check: unknown step '$s' in GPU_CHECK_STEPS"; exit 1 ;; esac
 done
 LOG="$OUTDIR/gpu-check.log"
 : > "$LOG"
@@ -72,6 +81,15 @@ if wants cuda; then
   step doctor "$PY" -m fastdistill.cli doctor
   step cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_device.py \
     -k "cuda_soft_label_decode or requested_device" --junitxml="$OUTDIR/gpu-check-cuda.xml"
+fi
+if wants zero3; then
+  if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+    step zero3 env FASTDISTILL_NO_BUILD=1 FASTDISTILL_ZERO3_NPROC=1 "$PY" -m pytest -q -p no:cacheprovider \
+      -rs tests/test_hf_zero3.py --junitxml="$OUTDIR/gpu-check-zero3.xml"
+  else
+    echo "== gpu-check: zero3: deepspeed is not installed (carry its wheel in $WHEELS)" | tee -a "$LOG"
+    status=1
+  fi
 fi
 if [ $status -ne 0 ]; then echo "gpu-check: FAILED (see above)"; else echo "gpu-check: all passed"; fi
 exit $status

@@ -37,6 +37,7 @@ from ..kd import DIVERGENCES, TAIDSchedule, kd_options
 from ..kd.fused_linear import fused_linear_kd_loss, log_mixture_weights, mixture_logits
 from ..softlabels.codec import SoftLabels
 from ..softlabels.store import SoftLabelStore
+from . import zero
 
 __all__ = ["KDConfig", "KDTrainer", "LMHead", "TeacherMixture", "lm_head_of"]
 
@@ -407,15 +408,15 @@ class KDTrainer(Trainer):
             if len(args.teacher_weights) != len(teachers):
                 raise ValueError(f"teacher_weights has {len(args.teacher_weights)} entries for "
                                  f"{len(teachers)} teachers")
-        student_vocab = _unwrap(model).get_output_embeddings().weight.shape[0]
+        student_vocab = zero.full_shape(_unwrap(model).get_output_embeddings().weight)[0]
         for i, t in enumerate(teachers):
-            tv = t.get_output_embeddings().weight.shape[0]
+            tv = zero.full_shape(t.get_output_embeddings().weight)[0]
             if tv != student_vocab and args.vocab_mismatch == "error":
                 raise ValueError(
                     f"teacher {i} has a vocabulary of {tv} tokens, the student {student_vocab}: "
                     "pass vocab_mismatch='pad' (missing tokens get probability 0) or 'truncate'"
                     ", after making sure both tokenizers give the same ids to the shared tokens")
-            if i and tv != teachers[0].get_output_embeddings().weight.shape[0]:
+            if i and tv != zero.full_shape(teachers[0].get_output_embeddings().weight)[0]:
                 raise ValueError("the teachers of a mixture must share one vocabulary")
         if soft_labels is not None:
             if soft_labels.vocab_size != student_vocab:
@@ -448,8 +449,9 @@ class KDTrainer(Trainer):
         for t in teachers:
             t.eval()
             t.requires_grad_(False)
-            t.to(self.args.device)  # replicated on every rank: no engine wraps or moves it
-            self.teachers.append(t)
+            # whole on every rank, or under ZeRO-3 with teacher_sharding="shard" partitioned
+            # by its own inference engine (its forwards are then collective)
+            self.teachers.append(zero.place_teacher(t, self.args))
         self.soft_labels = soft_labels
         if soft_labels is not None:
             for what, ds in (("train_dataset", self.train_dataset),
@@ -461,8 +463,12 @@ class KDTrainer(Trainer):
                          else TAIDSchedule(max(1, args.max_steps if args.max_steps > 0 else 1000)))
         self._rng = random.Random(args.seed)
         self._taid_loss = 0.0
+        zero.check_state(self.args, self.accelerator)
+        # a student zero.Init partitioned is probed at its first loss, through its engine
+        self._probe_student = args.fused_head and zero.check_student(_unwrap(self.model), args)
         if args.fused_head:
-            _check_head_probe(self.model, "the student")
+            if not self._probe_student:
+                _check_head_probe(self.model, "the student")
             for i, t in enumerate(self.teachers):
                 _check_head_probe(t, f"teacher {i}")
 
@@ -529,7 +535,7 @@ class KDTrainer(Trainer):
         batch: the teachers' hidden states (no grad) and heads, one or a mixture."""
         with torch.no_grad():
             ths = [_hidden_states(t, model_inputs)[:, :-1] for t in self.teachers]
-        heads = [lm_head_of(t) for t in self.teachers]
+        heads = [lm_head_of(_unwrap(t)) for t in self.teachers]
         kw = dict(vocab_mismatch=self.args.vocab_mismatch)
         if len(heads) == 1:
             h = heads[0]
@@ -542,6 +548,9 @@ class KDTrainer(Trainer):
             teacher_softcap=[h.softcap for h in heads], mixture_weights=self.args.teacher_weights)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._probe_student:  # every rank at once: the probe's forward is collective
+            self._probe_student = False
+            _check_head_probe(model, "the student")
         labels = self._labels(inputs)
         model_inputs = self._model_inputs(inputs)
         lab = labels[:, 1:]
@@ -559,11 +568,12 @@ class KDTrainer(Trainer):
                 hs = hidden[:, :-1]
                 if hs.dtype != head.weight.dtype:  # autocast: the head runs in its own dtype
                     hs = hs.to(head.weight.dtype)
-                return fused_linear_kd_loss(
-                    hs, head.weight, *t_args, student_bias=head.bias,
-                    student_logit_scale=head.logit_scale, student_softcap=head.softcap,
-                    labels=lab, reduction=reduction, chunk_size=self.args.chunk_size,
-                    **t_kw, **kw)
+                with zero.teacher_heads_whole(self.teachers):  # ZeRO-3 "shard": gathered
+                    return fused_linear_kd_loss(
+                        hs, head.weight, *t_args, student_bias=head.bias,
+                        student_logit_scale=head.logit_scale, student_softcap=head.softcap,
+                        labels=lab, reduction=reduction, chunk_size=self.args.chunk_size,
+                        **t_kw, **kw)
 
             loss, output = _in_head_forward(model, model_inputs, loss_of, "the student")
             loss = _with_output(loss, output)
@@ -707,14 +717,15 @@ class KDTrainer(Trainer):
                         # hard_weight=1: the cross-entropy alone (at a store's own T, which
                         # the soft labels require and the CE does not see); then KL at T=1
                         t_ce = 1.0 if self.teachers else packed.codec.temperature
-                        ce = fused_linear_kd_loss(hs, head.weight, *t_args, hard_weight=1.0,
-                                                  temperature=t_ce, **base)
-                        if self.teachers or packed.codec.temperature == 1.0:
-                            kl = fused_linear_kd_loss(hs, head.weight, *t_args,
-                                                      divergence="forward_kl", temperature=1.0,
-                                                      **base)
-                        else:  # the store's distributions are at another T
-                            kl = torch.full_like(ce, math.nan)
+                        with zero.teacher_heads_whole(self.teachers):  # ZeRO-3 "shard"
+                            ce = fused_linear_kd_loss(hs, head.weight, *t_args, hard_weight=1.0,
+                                                      temperature=t_ce, **base)
+                            if self.teachers or packed.codec.temperature == 1.0:
+                                kl = fused_linear_kd_loss(hs, head.weight, *t_args,
+                                                          divergence="forward_kl",
+                                                          temperature=1.0, **base)
+                            else:  # the store's distributions are at another T
+                                kl = torch.full_like(ce, math.nan)
                         return ce, kl
 
                     (ce, kl), _ = _in_head_forward(model, mi, ce_kl_of, "the student")
