@@ -16,6 +16,7 @@ predict token i + 1, so the loss of a batch is
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ except ImportError as e:  # pragma: no cover - transformers is an optional depen
     raise ImportError("fastdistill.hf needs transformers (pip install transformers accelerate)") from e
 
 from .. import _checks
+from . import fsdp as _fsdp
 from ..kd import DIVERGENCES, TAIDSchedule, kd_options
 from ..kd.fused_linear import fused_linear_kd_loss, log_mixture_weights, mixture_logits
 from ..softlabels.codec import SoftLabels
@@ -190,7 +192,7 @@ def _in_head_forward(model, inputs: dict, fn, where: str = "the model"):
     output); add ``_with_output(loss, output)`` so the engine's backward hooks
     on that output run."""
     m = _unwrap(model)
-    head_module = m.get_output_embeddings()
+    head_module = _fsdp.head_module(m.get_output_embeddings())  # FSDP1: the wrapped module
     config_head = lm_head_of(m)  # the config's logit scale and soft cap
     box = {}
 
@@ -222,6 +224,12 @@ def _with_output(loss: torch.Tensor, output) -> torch.Tensor:
     return loss
 
 
+def _stored_teacher(packed):
+    """The soft-label counterpart of ``KDTrainer._fused_teachers``: a context giving
+    the teacher arguments of ``fused_linear_kd_loss`` (no heads to gather)."""
+    return lambda: contextlib.nullcontext(((), dict(teacher_sparse=packed)))
+
+
 def _hidden_states(model, inputs: dict) -> torch.Tensor:
     """The LM head's input (B, T, H) of one forward of ``model``, without
     computing logits (for a model whose head is not sharded: a teacher)."""
@@ -243,15 +251,14 @@ def _check_head_probe(model, name: str) -> None:
     model's own logits, or fused_head would train on something else."""
     m = _unwrap(model)
     device = m.get_output_embeddings().weight.device
-    vocab = getattr(getattr(m, "config", None), "vocab_size", None) or \
-        m.get_output_embeddings().weight.shape[0]
+    vocab = getattr(getattr(m, "config", None), "vocab_size", None) or _fsdp.head_rows(m)
     ids = torch.arange(4, device=device).unsqueeze(0) % vocab
     was = m.training
     m.eval()
-    try:
+    try:  # through ``model``: a sharded (FSDP1) teacher gathers in its wrapper's forward
         with torch.no_grad():
-            want = m(input_ids=ids).logits.float()
-            y, _ = _in_head_forward(m, {"input_ids": ids}, _head_logits, name)
+            want = model(input_ids=ids).logits.float()
+            y, _ = _in_head_forward(model, {"input_ids": ids}, _head_logits, name)
     finally:
         m.train(was)
     tol = 1e-3 * max(1.0, float(want.abs().max()))
@@ -407,15 +414,15 @@ class KDTrainer(Trainer):
             if len(args.teacher_weights) != len(teachers):
                 raise ValueError(f"teacher_weights has {len(args.teacher_weights)} entries for "
                                  f"{len(teachers)} teachers")
-        student_vocab = _unwrap(model).get_output_embeddings().weight.shape[0]
+        student_vocab = _fsdp.head_rows(_unwrap(model))
         for i, t in enumerate(teachers):
-            tv = t.get_output_embeddings().weight.shape[0]
+            tv = _fsdp.head_rows(t)
             if tv != student_vocab and args.vocab_mismatch == "error":
                 raise ValueError(
                     f"teacher {i} has a vocabulary of {tv} tokens, the student {student_vocab}: "
                     "pass vocab_mismatch='pad' (missing tokens get probability 0) or 'truncate'"
                     ", after making sure both tokenizers give the same ids to the shared tokens")
-            if i and tv != teachers[0].get_output_embeddings().weight.shape[0]:
+            if i and tv != _fsdp.head_rows(teachers[0]):
                 raise ValueError("the teachers of a mixture must share one vocabulary")
         if soft_labels is not None:
             if soft_labels.vocab_size != student_vocab:
@@ -444,12 +451,23 @@ class KDTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
+        # the engine that shards the student: HF's FSDP (it wraps the student in train()) or
+        # the user's own fully_shard / FullyShardedDataParallel
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if \
+            getattr(self, "is_fsdp_enabled", False) else None
+        engine = _fsdp.engine_of(model) or (
+            None if plugin is None else f"fsdp{getattr(plugin, 'fsdp_version', 1)}")
+        _fsdp.check_student_layout(model, plugin, args.fused_head)
         self.teachers = []
         for t in teachers:
             t.eval()
             t.requires_grad_(False)
-            t.to(self.args.device)  # replicated on every rank: no engine wraps or moves it
+            if engine is not None and args.teacher_sharding == "shard":
+                t = _fsdp.shard_teacher(t, engine, self.args.device, plugin)
+            elif _fsdp.engine_of(t) is None:
+                t.to(self.args.device)  # replicated on every rank: no engine wraps or moves it
             self.teachers.append(t)
+        self._sharded = engine is not None  # forwards are collective: every rank runs each
         self.soft_labels = soft_labels
         if soft_labels is not None:
             for what, ds in (("train_dataset", self.train_dataset),
@@ -525,10 +543,20 @@ class KDTrainer(Trainer):
         return SoftLabels(codec, data.to(self.args.device))
 
     def _fused_teachers(self, model_inputs: dict):
-        """(positional, keyword) teacher arguments of ``fused_linear_kd_loss`` for a
-        batch: the teachers' hidden states (no grad) and heads, one or a mixture."""
+        """A context giving the (positional, keyword) teacher arguments of
+        ``fused_linear_kd_loss`` for a batch: the teachers' hidden states (no grad,
+        taken now) and heads (read inside it: a sharded teacher's head is whole
+        there, see fsdp.whole_heads), one or a mixture."""
         with torch.no_grad():
             ths = [_hidden_states(t, model_inputs)[:, :-1] for t in self.teachers]
+
+        @contextlib.contextmanager
+        def teacher_args():
+            with _fsdp.whole_heads(self.teachers):
+                yield self._teacher_args(ths)
+        return teacher_args
+
+    def _teacher_args(self, ths):
         heads = [lm_head_of(t) for t in self.teachers]
         kw = dict(vocab_mismatch=self.args.vocab_mismatch)
         if len(heads) == 1:
@@ -551,19 +579,20 @@ class KDTrainer(Trainer):
         if self.args.fused_head:
             if self.soft_labels is not None:
                 packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
-                t_args, t_kw = (), dict(teacher_sparse=packed)
+                teacher_args = _stored_teacher(packed)
             else:  # the teachers first: their hidden states are ready in the student's head
-                t_args, t_kw = self._fused_teachers(model_inputs)
+                teacher_args = self._fused_teachers(model_inputs)
 
             def loss_of(hidden, head):  # inside the student's head forward (see _in_head_forward)
                 hs = hidden[:, :-1]
                 if hs.dtype != head.weight.dtype:  # autocast: the head runs in its own dtype
                     hs = hs.to(head.weight.dtype)
-                return fused_linear_kd_loss(
-                    hs, head.weight, *t_args, student_bias=head.bias,
-                    student_logit_scale=head.logit_scale, student_softcap=head.softcap,
-                    labels=lab, reduction=reduction, chunk_size=self.args.chunk_size,
-                    **t_kw, **kw)
+                with teacher_args() as (t_args, t_kw):  # a sharded teacher's head: whole here
+                    return fused_linear_kd_loss(
+                        hs, head.weight, *t_args, student_bias=head.bias,
+                        student_logit_scale=head.logit_scale, student_softcap=head.softcap,
+                        labels=lab, reduction=reduction, chunk_size=self.args.chunk_size,
+                        **t_kw, **kw)
 
             loss, output = _in_head_forward(model, model_inputs, loss_of, "the student")
             loss = _with_output(loss, output)
@@ -619,11 +648,14 @@ class KDTrainer(Trainer):
         m = _unwrap(model)
         was = m.training
         m.eval()
+        # sharded: every forward is collective, so every rank runs as many as the longest
+        synced = self._sharded and self.accelerator.num_processes > 1
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _fsdp.generation_context(model):
                 out = m.generate(input_ids=prompt, attention_mask=pmask, do_sample=True,
                                  temperature=self.args.generation_temperature,
-                                 max_new_tokens=self.args.max_new_tokens, pad_token_id=pad_id)
+                                 max_new_tokens=self.args.max_new_tokens, pad_token_id=pad_id,
+                                 synced_gpus=synced)
         finally:
             m.train(was)
         new_mask = torch.ones_like(out)
@@ -643,7 +675,12 @@ class KDTrainer(Trainer):
         if self.teachers and self.args.lmbda > 0 and self._rng.random() < self.args.lmbda:
             inputs = self._prepare_inputs(inputs)
             labels = inputs.get("labels")
-            if labels is None or bool((labels[:, 1:] != -100).any()):
+            targets = labels is None or bool((labels[:, 1:] != -100).any())
+            if self._sharded and self.accelerator.num_processes > 1:
+                # generation is collective: all ranks generate if any has targets
+                targets = bool(self.accelerator.reduce(
+                    torch.tensor(float(targets), device=self.args.device), "sum") > 0)
+            if targets:
                 inputs = self._on_policy(model, inputs)
                 num_items_in_batch = None  # the completions' own mean
             # else: a batch with no targets contributes nothing, on-policy or not
@@ -694,12 +731,16 @@ class KDTrainer(Trainer):
                     lab = labels[:, 1:]
                     mi = self._model_inputs(inputs)
                     if self.teachers:
-                        t_args, t_kw = self._fused_teachers(mi)
+                        teacher_args = self._fused_teachers(mi)
                     else:
                         packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
-                        t_args, t_kw = (), dict(teacher_sparse=packed)
+                        teacher_args = _stored_teacher(packed)
 
                     def ce_kl_of(hidden, head):  # inside the student's head forward
+                        with teacher_args() as (t_args, t_kw):  # whole sharded teacher heads
+                            return _ce_kl(hidden, head, t_args, t_kw)
+
+                    def _ce_kl(hidden, head, t_args, t_kw):
                         base = dict(student_bias=head.bias, student_logit_scale=head.logit_scale,
                                     student_softcap=head.softcap, labels=lab, reduction="none",
                                     chunk_size=self.args.chunk_size, **t_kw)
