@@ -63,14 +63,18 @@ class FSDPOnCPU(KDTrainer):
 
 # name: (engine, layout, fused, accum, lmbda, teacher_sharding)
 #   engine: "fsdp2" / "fsdp1" (HF's path, FSDPOnCPU); layout: "root" (HF's auto-wrap of
-#   the decoder layers, the head in the root unit, tied) or "head" (sharded here before
-#   KDTrainer, the head its own unit: untied)
+#   the decoder layers, tied; FSDP1: the head in the root unit; FSDP2: accelerate 1.16
+#   puts the embedding, final norm and head in one unit of their own and leaves the root
+#   none), "rootunit" (fully_shard here on the layers and the root: the head in the root
+#   unit, tied) or "head" (sharded here, the head its own unit: untied); HF's FSDP path
+#   takes a student that comes sharded as it is
 CASES = {
     "fsdp2-root-fused": ("fsdp2", "root", True, 1, 0.0, "shard"),
     "fsdp2-root-unfused": ("fsdp2", "root", False, 1, 0.0, "shard"),
     "fsdp2-root-fused-accum2": ("fsdp2", "root", True, 2, 0.0, "shard"),
     "fsdp2-root-fused-replicate": ("fsdp2", "root", True, 1, 0.0, "replicate"),
     "fsdp2-root-fused-onpolicy": ("fsdp2", "root", True, 1, 1.0, "shard"),
+    "fsdp2-rootunit-fused": ("fsdp2", "rootunit", True, 1, 0.0, "shard"),
     "fsdp2-head-fused": ("fsdp2", "head", True, 1, 0.0, "shard"),
     "fsdp2-head-unfused": ("fsdp2", "head", False, 1, 0.0, "shard"),
     "fsdp1-root-fused": ("fsdp1", "root", True, 1, 0.0, "shard"),
@@ -79,16 +83,20 @@ CASES = {
     "fsdp1-root-fused-onpolicy": ("fsdp1", "root", True, 1, 1.0, "shard"),
     "fsdp1-head-fused": ("fsdp1", "head", True, 1, 0.0, "shard"),
     "fsdp1-head-unfused": ("fsdp1", "head", False, 1, 0.0, "shard"),
+    "fsdp1-root-fused-flat": ("fsdp1", "root", True, 1, 0.0, "shard"),
+    "fsdp1-head-fused-flat": ("fsdp1", "head", True, 1, 0.0, "shard"),
 }
+FLAT = {"fsdp1-root-fused-flat", "fsdp1-head-fused-flat"}  # use_orig_params=False
 
 
 def reference_key(case):
     """The one-process run a case is compared with: what changes the numbers."""
     _, layout, fused, accum, lmbda, _ = CASES[case]
-    return f"tie{int(layout == 'root')}-fused{int(fused)}-accum{accum}-lmbda{lmbda}"
+    return f"tie{int(layout != 'head')}-fused{int(fused)}-accum{accum}-lmbda{lmbda}"
 
 
-def config(out_dir, world, fused, accum, lmbda, engine=None, sharding="shard", wrap=True):
+def config(out_dir, world, fused, accum, lmbda, engine=None, sharding="shard", wrap=True,
+           orig_params=True):
     """wrap: HF wraps the student (its decoder layers, then the root); else the
     student comes sharded and HF's FSDP path takes it as it is."""
     extra = {}
@@ -100,7 +108,7 @@ def config(out_dir, world, fused, accum, lmbda, engine=None, sharding="shard", w
         elif engine == "fsdp1":  # HF reads the columns off FullyShardedDataParallel.forward's
             extra["remove_unused_columns"] = False  # signature (*args, **kwargs): keep them all
         if engine == "fsdp1":
-            extra["fsdp_config"].update(use_orig_params=True, sync_module_states=False)
+            extra["fsdp_config"].update(use_orig_params=orig_params, sync_module_states=False)
     return KDConfig(output_dir=out_dir, max_steps=3,
                     per_device_train_batch_size=8 // (world * accum),
                     per_device_eval_batch_size=2, gradient_accumulation_steps=accum,
@@ -112,8 +120,8 @@ def config(out_dir, world, fused, accum, lmbda, engine=None, sharding="shard", w
                     generation_temperature=1e-4, teacher_sharding=sharding, **extra)
 
 
-def student_of(layout, engine):
-    student = llama(0, tie=layout == "root")
+def student_of(layout, engine, orig_params=True):
+    student = llama(0, tie=layout != "head")
     student.generation_config.eos_token_id = None  # on-policy: every completion 4 tokens
     if layout == "head" and engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
@@ -121,6 +129,12 @@ def student_of(layout, engine):
         for layer in student.model.layers:
             fully_shard(layer)
         fully_shard(student.lm_head)
+        fully_shard(student)
+    elif layout == "rootunit" and engine == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in student.model.layers:
+            fully_shard(layer)
         fully_shard(student)
     elif layout == "head" and engine == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -130,7 +144,7 @@ def student_of(layout, engine):
         head = student.lm_head
         policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m is head
                                    or isinstance(m, LlamaDecoderLayer))
-        student = FSDP(student, auto_wrap_policy=policy, use_orig_params=True,
+        student = FSDP(student, auto_wrap_policy=policy, use_orig_params=orig_params,
                        device_id=torch.device("cpu"))
     return student
 
@@ -176,8 +190,8 @@ def run(case, out_dir, world):
             None, "root" if tie == "tie1" else "head", fu == "fused1", int(ac[5:]),
             float(lm[5:]), "replicate")
     args = config(f"{out_dir}/{case}", world, fused, accum, lmbda, engine, sharding,
-                  wrap=layout == "root")
-    student = student_of(layout, engine if world > 1 else None)
+                  wrap=layout == "root", orig_params=case not in FLAT)
+    student = student_of(layout, engine if world > 1 else None, case not in FLAT)
     cls = FSDPOnCPU if world > 1 else KDTrainer
     trainer = cls(model=student, teacher_model=llama(1), args=args,
                   data_collator=lambda f: {k: torch.stack([x[k] for x in f]) for k in f[0]},
@@ -196,6 +210,7 @@ def run(case, out_dir, world):
         got["teacher_numel"] = every
         got["teacher_type"] = type(teacher).__name__
         got["student_head"] = type(trainer.model.get_output_embeddings()).__name__
+        got["teacher_head"] = type(teacher.get_output_embeddings()).__name__
         got["is_fsdp"] = bool(trainer.is_fsdp_enabled and
                               trainer.accelerator.distributed_type == DistributedType.FSDP)
         # the next case builds its own accelerator state from a clean one

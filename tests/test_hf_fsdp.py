@@ -1,8 +1,9 @@
 """KDTrainer under FSDP1 and FSDP2 on 2 gloo ranks (CPU), HF's own FSDP path
 (switched on for CPU by tests/_kd_fsdp_worker.py's test-only ``FSDPOnCPU``):
 full ``train()`` + ``evaluate()`` against one process on the same global batch.
-FSDP2 with the head in the root unit and as its own unit, FSDP1
-(use_orig_params=True) likewise, fused and unfused, gradient accumulation 2,
+FSDP2 with HF's default wrapping, the head in the root unit and as its own
+unit, FSDP1 (use_orig_params=True, and False: the head's weight a view of its
+unit's FlatParameter) with the head in the root unit and as its own unit, fused and unfused, gradient accumulation 2,
 on-policy batches, the teacher sharded and replicated. The logged losses and
 evaluate()'s eval_ce / eval_kl_to_teacher agree to float32 reduction order
 (1e-5 relative), the final weights after three plain-SGD steps at lr 0.5 (where
@@ -63,30 +64,24 @@ def test_two_sharded_ranks_equal_one_process(runs, case):
     assert one["weights"].keys() == two["weights"].keys()
     for k, w in one["weights"].items():
         torch.testing.assert_close(two["weights"][k], w, rtol=2e-5, atol=1e-6, msg=k)
-    start = worker.llama(0, tie=layout == "root").state_dict()
-    assert not torch.equal(two["weights"]["lm_head.weight"], start["lm_head.weight"])
+    head = "lm_head.weight" if layout == "head" else "model.embed_tokens.weight"  # or tied
+    assert head in two["weights"]
+    assert not torch.equal(two["weights"][head], worker.llama(0).state_dict()[head])
     # the teacher: each rank stores half of it ("shard"), or all of it ("replicate")
     assert len(two["teacher_numel"]) == 2
     for local, whole in two["teacher_numel"]:
         share = local / whole
         assert (0.45 < share < 0.55) if sharding == "shard" else share == 1.0, \
             two["teacher_numel"]
-    if sharding == "shard":
-        want = "LlamaForCausalLM" if engine == "fsdp2" else "FullyShardedDataParallel"
-        assert two["teacher_type"].startswith(want) or want in two["teacher_type"]
+    if sharding == "shard":  # the teacher: fully_shard / an FSDP1 unit, its head in the root
+        assert two["teacher_type"] == ("FSDPLlamaForCausalLM" if engine == "fsdp2"
+                                       else "FullyShardedDataParallel"), two["teacher_type"]
+        assert two["teacher_head"] == "Linear"
+    else:
+        assert two["teacher_type"] == "LlamaForCausalLM"
+    # the student's head: its own unit (FSDP2's FSDPLinear / an FSDP1 wrapper) or not
+    assert two["student_head"] == {
+        ("fsdp2", "root"): "FSDPLinear", ("fsdp2", "rootunit"): "Linear",
+        ("fsdp2", "head"): "FSDPLinear", ("fsdp1", "root"): "Linear",
+        ("fsdp1", "head"): "FullyShardedDataParallel"}[engine, layout]
 
-
-def test_fsdp1_flat_parameters_refused_at_construction(tmp_path):
-    """FSDP1 with use_orig_params=False and fused_head=True: a ValueError at
-    KDTrainer construction naming the layout and the way out (one process: the
-    check reads the plugin HF will wrap the student with)."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    from fastdistill.hf import fsdp
-
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=False)
-    with pytest.raises(ValueError, match="use_orig_params=False.*use_orig_params=True"):
-        fsdp.check_student_layout(worker.llama(0), plugin, fused_head=True)
-    fsdp.check_student_layout(worker.llama(0), plugin, fused_head=False)  # unfused: fine
-    ok = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True)
-    fsdp.check_student_layout(worker.llama(0), ok, fused_head=True)

@@ -1,8 +1,7 @@
 """KDTrainer under FSDP1 (``FullyShardedDataParallel``) and FSDP2 (``fully_shard``).
 
 The fused loss runs inside the student's LM head forward, where an FSDP unit
-has gathered its weight; these helpers find that forward, check the layouts
-where it cannot be reached, shard the teachers the way the student is sharded
+has gathered its weight; these helpers find that forward, shard the teachers the way the student is sharded
 (``KDConfig.teacher_sharding="shard"``) and gather a sharded teacher's head
 while the fused loss reads it. Every function that runs a collective is called
 by every rank at the same point of the step (see KDTrainer)."""
@@ -10,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["engine_of", "head_module", "head_rows", "check_student_layout", "shard_teacher",
+__all__ = ["engine_of", "head_module", "head_rows", "shard_teacher",
            "whole_heads", "generation_context", "decoder_layer_classes"]
 
 
@@ -46,8 +45,10 @@ def head_module(head):
     """The module whose own forward computes the logits. An FSDP1 unit gathers its
     weight in ``FullyShardedDataParallel.forward`` and only then calls the module
     it wraps: a forward pre-hook on the wrapper would see the flat shard (shape
-    (0,) or (n,)), one on the wrapped module sees the whole (V, H) weight. FSDP2
-    and DDP do not wrap: the head itself."""
+    (0,) or (n,)), one on the wrapped module sees the whole (V, H) weight, with
+    use_orig_params=True (a Parameter) or False (a view of the unit's gathered
+    FlatParameter, through which the loss's gradient reaches it). FSDP2 and DDP
+    do not wrap: the head itself."""
     f1 = _fsdp1()
     while f1 and isinstance(head, f1):
         head = head.module
@@ -67,31 +68,6 @@ def head_rows(model) -> int:
 def _fsdp1_units(model):
     f1 = _fsdp1()
     return [m for m in model.modules() if f1 and isinstance(m, f1)]
-
-
-def check_student_layout(model, plugin=None, fused_head: bool = True) -> None:
-    """Refuses, at construction, the FSDP layouts that fused_head=True cannot train
-    correctly. FSDP1 with ``use_orig_params=False`` replaces the head's weight by
-    a plain view of its unit's FlatParameter during forward; the fused loss's
-    gradient (computed in forward, only scaled in backward) does not reach that
-    FlatParameter through FSDP's backward state machine. ``plugin``: accelerate's
-    FSDP plugin when HF's Trainer will wrap the student later (in train())."""
-    if not fused_head:
-        return
-    bad = None
-    for unit in _fsdp1_units(model):
-        if not getattr(unit, "_use_orig_params", True):
-            bad = "a FullyShardedDataParallel unit with use_orig_params=False"
-            break
-    if bad is None and plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 \
-            and not getattr(plugin, "use_orig_params", True):
-        bad = "fsdp_config with fsdp_version=1 and use_orig_params=False"
-    if bad is not None:
-        raise ValueError(f"fused_head=True: the student is sharded by {bad}, whose LM head "
-                         "forward sees a view of a FlatParameter that the fused loss's gradient "
-                         "cannot reach; use use_orig_params=True (fsdp_config={'use_orig_params': "
-                         "True} or FullyShardedDataParallel(..., use_orig_params=True)), FSDP2 "
-                         "(fsdp_version=2 / fully_shard), or fused_head=False")
 
 
 def decoder_layer_classes(model) -> tuple:

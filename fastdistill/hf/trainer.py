@@ -457,7 +457,6 @@ class KDTrainer(Trainer):
             getattr(self, "is_fsdp_enabled", False) else None
         engine = _fsdp.engine_of(model) or (
             None if plugin is None else f"fsdp{getattr(plugin, 'fsdp_version', 1)}")
-        _fsdp.check_student_layout(model, plugin, args.fused_head)
         self.teachers = []
         for t in teachers:
             t.eval()
