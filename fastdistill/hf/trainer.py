@@ -16,6 +16,7 @@ predict token i + 1, so the loss of a batch is
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ except ImportError as e:  # pragma: no cover - transformers is an optional depen
     raise ImportError("fastdistill.hf needs transformers (pip install transformers accelerate)") from e
 
 from .. import _checks
+from . import fsdp as _fsdp
 from ..kd import DIVERGENCES, TAIDSchedule, kd_options
 from ..kd.fused_linear import fused_linear_kd_loss, log_mixture_weights, mixture_logits
 from ..softlabels.codec import SoftLabels
@@ -191,7 +193,7 @@ def _in_head_forward(model, inputs: dict, fn, where: str = "the model"):
     output); add ``_with_output(loss, output)`` so the engine's backward hooks
     on that output run."""
     m = _unwrap(model)
-    head_module = m.get_output_embeddings()
+    head_module = _fsdp.head_module(m.get_output_embeddings())  # FSDP1: the wrapped module
     config_head = lm_head_of(m)  # the config's logit scale and soft cap
     box = {}
 
@@ -223,6 +225,12 @@ def _with_output(loss: torch.Tensor, output) -> torch.Tensor:
     return loss
 
 
+def _stored_teacher(packed):
+    """The soft-label counterpart of ``KDTrainer._fused_teachers``: a context giving
+    the teacher arguments of ``fused_linear_kd_loss`` (no heads to gather)."""
+    return lambda: contextlib.nullcontext(((), dict(teacher_sparse=packed)))
+
+
 def _hidden_states(model, inputs: dict) -> torch.Tensor:
     """The LM head's input (B, T, H) of one forward of ``model``, without
     computing logits (for a model whose head is not sharded: a teacher)."""
@@ -244,15 +252,14 @@ def _check_head_probe(model, name: str) -> None:
     model's own logits, or fused_head would train on something else."""
     m = _unwrap(model)
     device = m.get_output_embeddings().weight.device
-    vocab = getattr(getattr(m, "config", None), "vocab_size", None) or \
-        m.get_output_embeddings().weight.shape[0]
+    vocab = getattr(getattr(m, "config", None), "vocab_size", None) or _fsdp.head_rows(m)
     ids = torch.arange(4, device=device).unsqueeze(0) % vocab
     was = m.training
     m.eval()
-    try:
+    try:  # through ``model``: a sharded (FSDP1) teacher gathers in its wrapper's forward
         with torch.no_grad():
-            want = m(input_ids=ids).logits.float()
-            y, _ = _in_head_forward(m, {"input_ids": ids}, _head_logits, name)
+            want = model(input_ids=ids).logits.float()
+            y, _ = _in_head_forward(model, {"input_ids": ids}, _head_logits, name)
     finally:
         m.train(was)
     tol = 1e-3 * max(1.0, float(want.abs().max()))
@@ -408,15 +415,15 @@ class KDTrainer(Trainer):
             if len(args.teacher_weights) != len(teachers):
                 raise ValueError(f"teacher_weights has {len(args.teacher_weights)} entries for "
                                  f"{len(teachers)} teachers")
-        student_vocab = zero.full_shape(_unwrap(model).get_output_embeddings().weight)[0]
+        student_vocab = _fsdp.head_rows(_unwrap(model))
         for i, t in enumerate(teachers):
-            tv = zero.full_shape(t.get_output_embeddings().weight)[0]
+            tv = _fsdp.head_rows(t)
             if tv != student_vocab and args.vocab_mismatch == "error":
                 raise ValueError(
                     f"teacher {i} has a vocabulary of {tv} tokens, the student {student_vocab}: "
                     "pass vocab_mismatch='pad' (missing tokens get probability 0) or 'truncate'"
                     ", after making sure both tokenizers give the same ids to the shared tokens")
-            if i and tv != zero.full_shape(teachers[0].get_output_embeddings().weight)[0]:
+            if i and tv != _fsdp.head_rows(teachers[0]):
                 raise ValueError("the teachers of a mixture must share one vocabulary")
         if soft_labels is not None:
             if soft_labels.vocab_size != student_vocab:
@@ -445,13 +452,25 @@ class KDTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
+        # the engine that shards the student: HF's FSDP (it wraps the student in train()) or
+        # the user's own fully_shard / FullyShardedDataParallel
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if \
+            getattr(self, "is_fsdp_enabled", False) else None
+        engine = _fsdp.engine_of(model) or (
+            None if plugin is None else f"fsdp{getattr(plugin, 'fsdp_version', 1)}")
         self.teachers = []
         for t in teachers:
             t.eval()
             t.requires_grad_(False)
-            # whole on every rank, or under ZeRO-3 with teacher_sharding="shard" partitioned
-            # by its own inference engine (its forwards are then collective)
-            self.teachers.append(zero.place_teacher(t, self.args))
+            if engine is not None and args.teacher_sharding == "shard":
+                t = _fsdp.shard_teacher(t, engine, self.args.device, plugin)
+            elif _fsdp.engine_of(t) is None:
+                # whole on this rank's device, or under ZeRO-3 with teacher_sharding="shard"
+                # partitioned by its own inference engine (its forwards are then collective)
+                t = zero.place_teacher(t, self.args)
+            self.teachers.append(t)
+        # forwards are collective (FSDP, ZeRO-3): every rank runs each
+        self._sharded = engine is not None or zero.is_zero3(self.args)
         self.soft_labels = soft_labels
         if soft_labels is not None:
             for what, ds in (("train_dataset", self.train_dataset),
@@ -531,10 +550,20 @@ class KDTrainer(Trainer):
         return SoftLabels(codec, data.to(self.args.device))
 
     def _fused_teachers(self, model_inputs: dict):
-        """(positional, keyword) teacher arguments of ``fused_linear_kd_loss`` for a
-        batch: the teachers' hidden states (no grad) and heads, one or a mixture."""
+        """A context giving the (positional, keyword) teacher arguments of
+        ``fused_linear_kd_loss`` for a batch: the teachers' hidden states (no grad,
+        taken now) and heads (read inside it: a sharded teacher's head is whole
+        there, see fsdp.whole_heads), one or a mixture."""
         with torch.no_grad():
             ths = [_hidden_states(t, model_inputs)[:, :-1] for t in self.teachers]
+
+        @contextlib.contextmanager
+        def teacher_args():  # a sharded teacher's head: gathered while the loss reads it
+            with _fsdp.whole_heads(self.teachers), zero.teacher_heads_whole(self.teachers):
+                yield self._teacher_args(ths)
+        return teacher_args
+
+    def _teacher_args(self, ths):
         heads = [lm_head_of(_unwrap(t)) for t in self.teachers]
         kw = dict(vocab_mismatch=self.args.vocab_mismatch)
         if len(heads) == 1:
@@ -560,15 +589,15 @@ class KDTrainer(Trainer):
         if self.args.fused_head:
             if self.soft_labels is not None:
                 packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
-                t_args, t_kw = (), dict(teacher_sparse=packed)
+                teacher_args = _stored_teacher(packed)
             else:  # the teachers first: their hidden states are ready in the student's head
-                t_args, t_kw = self._fused_teachers(model_inputs)
+                teacher_args = self._fused_teachers(model_inputs)
 
             def loss_of(hidden, head):  # inside the student's head forward (see _in_head_forward)
                 hs = hidden[:, :-1]
                 if hs.dtype != head.weight.dtype:  # autocast: the head runs in its own dtype
                     hs = hs.to(head.weight.dtype)
-                with zero.teacher_heads_whole(self.teachers):  # ZeRO-3 "shard": gathered
+                with teacher_args() as (t_args, t_kw):  # a sharded teacher's head: whole here
                     return fused_linear_kd_loss(
                         hs, head.weight, *t_args, student_bias=head.bias,
                         student_logit_scale=head.logit_scale, student_softcap=head.softcap,
@@ -629,11 +658,14 @@ class KDTrainer(Trainer):
         m = _unwrap(model)
         was = m.training
         m.eval()
+        # sharded: every forward is collective, so every rank runs as many as the longest
+        synced = self._sharded and self.accelerator.num_processes > 1
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _fsdp.generation_context(model):
                 out = m.generate(input_ids=prompt, attention_mask=pmask, do_sample=True,
                                  temperature=self.args.generation_temperature,
-                                 max_new_tokens=self.args.max_new_tokens, pad_token_id=pad_id)
+                                 max_new_tokens=self.args.max_new_tokens, pad_token_id=pad_id,
+                                 synced_gpus=synced)
         finally:
             m.train(was)
         new_mask = torch.ones_like(out)
@@ -653,7 +685,12 @@ class KDTrainer(Trainer):
         if self.teachers and self.args.lmbda > 0 and self._rng.random() < self.args.lmbda:
             inputs = self._prepare_inputs(inputs)
             labels = inputs.get("labels")
-            if labels is None or bool((labels[:, 1:] != -100).any()):
+            targets = labels is None or bool((labels[:, 1:] != -100).any())
+            if self._sharded and self.accelerator.num_processes > 1:
+                # generation is collective: all ranks generate if any has targets
+                targets = bool(self.accelerator.reduce(
+                    torch.tensor(float(targets), device=self.args.device), "sum") > 0)
+            if targets:
                 inputs = self._on_policy(model, inputs)
                 num_items_in_batch = None  # the completions' own mean
             # else: a batch with no targets contributes nothing, on-policy or not
@@ -704,26 +741,26 @@ class KDTrainer(Trainer):
                     lab = labels[:, 1:]
                     mi = self._model_inputs(inputs)
                     if self.teachers:
-                        t_args, t_kw = self._fused_teachers(mi)
+                        teacher_args = self._fused_teachers(mi)
                     else:
                         packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
-                        t_args, t_kw = (), dict(teacher_sparse=packed)
+                        teacher_args = _stored_teacher(packed)
 
                     def ce_kl_of(hidden, head):  # inside the student's head forward
                         base = dict(student_bias=head.bias, student_logit_scale=head.logit_scale,
                                     student_softcap=head.softcap, labels=lab, reduction="none",
-                                    chunk_size=self.args.chunk_size, **t_kw)
+                                    chunk_size=self.args.chunk_size)
                         hs = hidden[:, :-1].to(head.weight.dtype)
                         # hard_weight=1: the cross-entropy alone (at a store's own T, which
                         # the soft labels require and the CE does not see); then KL at T=1
                         t_ce = 1.0 if self.teachers else packed.codec.temperature
-                        with zero.teacher_heads_whole(self.teachers):  # ZeRO-3 "shard"
+                        with teacher_args() as (t_args, t_kw):  # whole sharded teacher heads
                             ce = fused_linear_kd_loss(hs, head.weight, *t_args, hard_weight=1.0,
-                                                      temperature=t_ce, **base)
+                                                      temperature=t_ce, **base, **t_kw)
                             if self.teachers or packed.codec.temperature == 1.0:
                                 kl = fused_linear_kd_loss(hs, head.weight, *t_args,
                                                           divergence="forward_kl",
-                                                          temperature=1.0, **base)
+                                                          temperature=1.0, **base, **t_kw)
                             else:  # the store's distributions are at another T
                                 kl = torch.full_like(ce, math.nan)
                         return ce, kl
