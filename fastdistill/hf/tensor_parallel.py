@@ -34,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - torch without DTensor
     DTensor = Replicate = Shard = None
 
-__all__ = ["VocabShard", "check_heads", "head_shard", "local_hidden", "shard_teacher", "empty_input",
+__all__ = ["VocabShard", "check_heads", "head_shard", "local_hidden", "shard_teacher", "empty_input", "local_tensor", "check_same_batch",
            "probe_logits", "any_rank"]
 
 
@@ -130,11 +130,44 @@ def local_hidden(h):
     return h.to_local()
 
 
+def local_tensor(x):
+    """A DTensor's local part (autograd flows through), any other tensor as it is:
+    what KDTrainer adds of the model's (empty) logits to the loss must stay a plain
+    tensor, or the loss would become a DTensor (use_local_output=False)."""
+    return x.to_local() if is_dtensor(x) else x
+
+
 def empty_input(h):
     """What a sharded head is handed instead of its input: no rows, as (0, H).
     DTensor's sharding propagation cannot view an empty (B, 0, V) output back to
     3-D (it divides by the empty dimension), a 2-D empty one it can."""
     return h.reshape(-1, h.shape[-1])[:0]
+
+
+def check_same_batch(head, *batch) -> None:
+    """Every rank of a sharded head's group must hold the same batch (the vocabulary
+    is sharded, not the tokens): an exact integer fingerprint of ``batch`` (input
+    ids, labels) is gathered over the group, and differing ones raise on every rank
+    alike. This is what HF's Trainer gets wrong where it does not know the model is
+    tensor-parallel: it gives each rank its own batches (DDP data sharding), which
+    would otherwise be a silently wrong loss."""
+    if head.process_group is None:
+        return
+    parts = []
+    for x in batch:
+        x = x.reshape(-1).to(torch.int64)
+        w = torch.arange(1, x.numel() + 1, dtype=torch.int64, device=x.device)
+        parts += [x.numel(), int((x * w).sum()), int((x * w * w).sum())]
+    mine = torch.tensor(parts, dtype=torch.int64, device=head.weight.device)
+    n = dist.get_world_size(head.process_group)
+    every = [torch.empty_like(mine) for _ in range(n)]
+    dist.all_gather(every, mine, group=head.process_group)
+    if any(not torch.equal(e, every[0]) for e in every):
+        raise ValueError("a tensor-parallel LM head: the ranks of its mesh hold different "
+                         "batches, but every tensor-parallel rank must see the same batch (the "
+                         "vocabulary is sharded, not the tokens); under HF's Trainer this "
+                         "needs a TP-aware accelerate (parallelism_config with tp_size; not "
+                         "on CPU), in your own loop give each TP rank the same batch")
 
 
 def shard_teacher(head, t_args: tuple, t_kw: dict):

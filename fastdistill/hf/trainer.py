@@ -230,8 +230,8 @@ def _with_output(loss: torch.Tensor, output) -> torch.Tensor:
     loss's graph then reaches the model's output, whose backward hooks FSDP
     needs (without them its root unit never reduces its gradients)."""
     logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor) and logits.requires_grad:
-        return loss + logits.sum().to(loss.dtype)
+    if isinstance(logits, torch.Tensor) and logits.requires_grad:  # a DTensor: its local part
+        return loss + tp.local_tensor(logits).sum().to(loss.dtype)
     return loss
 
 
@@ -580,6 +580,7 @@ class KDTrainer(Trainer):
                 hs = hidden[:, :-1]
                 if hs.dtype != head.weight.dtype:  # autocast: the head runs in its own dtype
                     hs = hs.to(head.weight.dtype)
+                tp.check_same_batch(head, model_inputs["input_ids"], lab)  # TP ranks: one batch
                 ta, tk = tp.shard_teacher(head, t_args, t_kw)  # as they are: not sharded
                 return fused_linear_kd_loss(
                     hs, head.weight, *ta, student_bias=head.bias,
@@ -606,7 +607,10 @@ class KDTrainer(Trainer):
         if sum_reduce:
             loss = loss / _items_divisor(num_items_in_batch)
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
-                loss = loss * self.accelerator.num_processes
+                # HF's own scale: the tensor-parallel ranks share one batch, which HF's
+                # num_items_in_batch counts once (divided by the TP size)
+                tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                loss = loss * (self.accelerator.num_processes // tp_size)
         return (loss, None) if return_outputs else loss
 
     def _teacher_target_logits(self, model_inputs: dict) -> torch.Tensor:
@@ -722,6 +726,7 @@ class KDTrainer(Trainer):
                         t_args, t_kw = (), dict(teacher_sparse=packed)
 
                     def ce_kl_of(hidden, head):  # inside the student's head forward
+                        tp.check_same_batch(head, mi["input_ids"], lab)
                         ta, tk = tp.shard_teacher(head, t_args, t_kw)
                         base = dict(student_bias=head.bias, student_logit_scale=head.logit_scale,
                                     student_softcap=head.softcap, labels=lab, reduction="none",
