@@ -19,7 +19,7 @@ import torch.distributed as dist
 import transformers
 from _kd_ranks_worker import SEQ, V, llama  # the same tiny Llamas (this script's folder)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from fastdistill.hf import KDConfig, KDTrainer
@@ -192,7 +192,8 @@ def refusals(mesh, store_dir):
         "unfused-sharded-logits": (lambda: KDTrainer(model=tp(student(), mesh),
                                                      teacher_model=llama(1, tie=False),
                                                      args=config(fused_head=False)),
-                                   ["fused_head=False", "not one tensor over the whole vocabulary"]),
+                                   ["fused_head=False",
+                                    "not one tensor over the whole vocabulary"]),
     }
 
 

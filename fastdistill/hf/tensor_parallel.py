@@ -34,8 +34,9 @@ try:
 except ImportError:  # pragma: no cover - torch without DTensor
     DTensor = Replicate = Shard = None
 
-__all__ = ["VocabShard", "check_heads", "head_shard", "local_hidden", "shard_teacher", "empty_input", "local_tensor", "check_same_batch",
-           "probe_logits", "any_rank"]
+__all__ = ["VocabShard", "check_heads", "check_unfused_logits", "head_shard", "local_hidden",
+           "empty_input", "local_tensor", "check_same_batch", "shard_teacher", "probe_logits",
+           "any_rank"]
 
 
 def is_dtensor(x) -> bool:
