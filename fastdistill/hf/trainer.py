@@ -39,6 +39,7 @@ from ..kd import DIVERGENCES, TAIDSchedule, kd_options
 from ..kd.fused_linear import fused_linear_kd_loss, log_mixture_weights, mixture_logits
 from ..softlabels.codec import SoftLabels
 from ..softlabels.store import SoftLabelStore
+from . import tensor_parallel as tp
 from . import zero
 
 __all__ = ["KDConfig", "KDTrainer", "LMHead", "TeacherMixture", "lm_head_of"]
@@ -134,6 +135,10 @@ class LMHead:
     bias: torch.Tensor | None
     logit_scale: float
     softcap: float | None
+    # a tensor-parallel head (see tensor_parallel.py): weight/bias are this rank's rows
+    # [vocab_offset, vocab_offset + rows) and the loss takes process_group
+    process_group: Any = None
+    vocab_offset: int = 0
 
 
 def lm_head_of(model) -> LMHead:
@@ -158,7 +163,8 @@ def lm_head_of(model) -> LMHead:
 def _whole_head_weight(weight, where: str) -> torch.Tensor:
     """The head's weight as the fused loss reads it, inside the head's forward.
     FSDP1/FSDP2 units and ZeRO-3 hand the module its whole weight there; a
-    tensor-parallel head (a DTensor) or a still-partitioned one is refused
+    vocabulary-sharded DTensor head is taken by ``tensor_parallel.head_shard``
+    before this, so any other DTensor, or a still-partitioned weight, is refused
     rather than read as something else."""
     try:
         from torch.distributed.tensor import DTensor
@@ -199,9 +205,16 @@ def _in_head_forward(model, inputs: dict, fn, where: str = "the model"):
 
     def pre_hook(module, args, kwargs):
         (h, *rest) = args
-        weight = _whole_head_weight(module.weight, where)
-        box["result"] = fn(h, LMHead(weight, getattr(module, "bias", None),
-                                     config_head.logit_scale, config_head.softcap))
+        shard = tp.head_shard(module, where)  # None unless a vocabulary-sharded DTensor head
+        if shard is None:
+            head = LMHead(_whole_head_weight(module.weight, where), getattr(module, "bias", None),
+                          config_head.logit_scale, config_head.softcap)
+            box["result"] = fn(h, head)
+        else:  # this rank's rows and the replicated hidden states: the vocab-parallel loss
+            head = LMHead(shard.weight, shard.bias, config_head.logit_scale, config_head.softcap,
+                          shard.group, shard.offset)
+            box["result"] = fn(tp.local_hidden(h), head)
+            return (tp.empty_input(h), *rest), kwargs
         return (h[..., :0, :], *rest), kwargs
 
     handle = head_module.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -220,8 +233,8 @@ def _with_output(loss: torch.Tensor, output) -> torch.Tensor:
     loss's graph then reaches the model's output, whose backward hooks FSDP
     needs (without them its root unit never reduces its gradients)."""
     logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor) and logits.requires_grad:
-        return loss + logits.sum().to(loss.dtype)
+    if isinstance(logits, torch.Tensor) and logits.requires_grad:  # a DTensor: its local part
+        return loss + tp.local_tensor(logits).sum().to(loss.dtype)
     return loss
 
 
@@ -258,12 +271,15 @@ def _check_head_probe(model, name: str) -> None:
     m.eval()
     try:  # through ``model``: a sharded (FSDP1) teacher gathers in its wrapper's forward
         with torch.no_grad():
-            want = model(input_ids=ids).logits.float()
-            y, _ = _in_head_forward(model, {"input_ids": ids}, _head_logits, name)
+            want = model(input_ids=ids).logits
+            (y, head), _ = _in_head_forward(model, {"input_ids": ids},
+                                            lambda h, head: (_head_logits(h, head), head), name)
     finally:
         m.train(was)
+    want, y = tp.probe_logits(want, y, head)  # a tensor-parallel head: this rank's columns
     tol = 1e-3 * max(1.0, float(want.abs().max()))
-    if y.shape != want.shape or not torch.allclose(y, want, rtol=1e-3, atol=tol):
+    bad = y.shape != want.shape or not torch.allclose(y, want, rtol=1e-3, atol=tol)
+    if tp.any_rank(bad, head.process_group, device):
         raise ValueError(f"{name}: its logits are not head(last hidden state) with the logit "
                          f"scale/soft cap of its config ({type(m).__name__}); use "
                          "fused_head=False")
@@ -425,6 +441,7 @@ class KDTrainer(Trainer):
                     ", after making sure both tokenizers give the same ids to the shared tokens")
             if i and tv != _fsdp.head_rows(teachers[0]):
                 raise ValueError("the teachers of a mixture must share one vocabulary")
+        tp.check_heads(_unwrap(model), teachers, args, soft_labels)  # tensor-parallel heads
         if soft_labels is not None:
             if soft_labels.vocab_size != student_vocab:
                 raise ValueError(f"the soft-label store has vocabulary {soft_labels.vocab_size}, "
@@ -490,6 +507,10 @@ class KDTrainer(Trainer):
                 _check_head_probe(self.model, "the student")
             for i, t in enumerate(self.teachers):
                 _check_head_probe(t, f"teacher {i}")
+        else:  # a tensor-parallel head must give whole logits
+            tp.check_unfused_logits(_unwrap(self.model), "the student")
+            for i, t in enumerate(self.teachers):
+                tp.check_unfused_logits(t, f"teacher {i}")
 
     # -- columns: keep the soft-label key
     def _set_signature_columns_if_needed(self):
@@ -597,12 +618,14 @@ class KDTrainer(Trainer):
                 hs = hidden[:, :-1]
                 if hs.dtype != head.weight.dtype:  # autocast: the head runs in its own dtype
                     hs = hs.to(head.weight.dtype)
+                tp.check_same_batch(head, model_inputs["input_ids"], lab)  # TP ranks: one batch
                 with teacher_args() as (t_args, t_kw):  # a sharded teacher's head: whole here
+                    ta, tk = tp.shard_teacher(head, t_args, t_kw)  # a TP student: its rows
                     return fused_linear_kd_loss(
-                        hs, head.weight, *t_args, student_bias=head.bias,
+                        hs, head.weight, *ta, student_bias=head.bias,
                         student_logit_scale=head.logit_scale, student_softcap=head.softcap,
                         labels=lab, reduction=reduction, chunk_size=self.args.chunk_size,
-                        **t_kw, **kw)
+                        process_group=head.process_group, **tk, **kw)
 
             loss, output = _in_head_forward(model, model_inputs, loss_of, "the student")
             loss = _with_output(loss, output)
@@ -623,7 +646,10 @@ class KDTrainer(Trainer):
         if sum_reduce:
             loss = loss / _items_divisor(num_items_in_batch)
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
-                loss = loss * self.accelerator.num_processes
+                # HF's own scale: the tensor-parallel ranks share one batch, which HF's
+                # num_items_in_batch counts once (divided by the TP size)
+                tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                loss = loss * (self.accelerator.num_processes // tp_size)
         return (loss, None) if return_outputs else loss
 
     def _teacher_target_logits(self, model_inputs: dict) -> torch.Tensor:
@@ -747,20 +773,23 @@ class KDTrainer(Trainer):
                         teacher_args = _stored_teacher(packed)
 
                     def ce_kl_of(hidden, head):  # inside the student's head forward
+                        tp.check_same_batch(head, mi["input_ids"], lab)
                         base = dict(student_bias=head.bias, student_logit_scale=head.logit_scale,
                                     student_softcap=head.softcap, labels=lab, reduction="none",
-                                    chunk_size=self.args.chunk_size)
+                                    chunk_size=self.args.chunk_size,
+                                    process_group=head.process_group)
                         hs = hidden[:, :-1].to(head.weight.dtype)
                         # hard_weight=1: the cross-entropy alone (at a store's own T, which
                         # the soft labels require and the CE does not see); then KL at T=1
                         t_ce = 1.0 if self.teachers else packed.codec.temperature
                         with teacher_args() as (t_args, t_kw):  # whole sharded teacher heads
-                            ce = fused_linear_kd_loss(hs, head.weight, *t_args, hard_weight=1.0,
-                                                      temperature=t_ce, **base, **t_kw)
+                            ta, tk = tp.shard_teacher(head, t_args, t_kw)
+                            ce = fused_linear_kd_loss(hs, head.weight, *ta, hard_weight=1.0,
+                                                      temperature=t_ce, **base, **tk)
                             if self.teachers or packed.codec.temperature == 1.0:
-                                kl = fused_linear_kd_loss(hs, head.weight, *t_args,
+                                kl = fused_linear_kd_loss(hs, head.weight, *ta,
                                                           divergence="forward_kl",
-                                                          temperature=1.0, **base, **t_kw)
+                                                          temperature=1.0, **base, **tk)
                             else:  # the store's distributions are at another T
                                 kl = torch.full_like(ce, math.nan)
                         return ce, kl
