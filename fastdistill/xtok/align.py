@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .vocab import backend_of, token_byte_lengths
+from .. import _checks
+from .vocab import backend_of, token_byte_lengths, token_bytes
 
 
 @dataclass
@@ -316,7 +317,8 @@ def _pad(rows, value, length):
 
 
 def align_batch(texts, student_tokenizer, teacher_tokenizer, *, add_special_tokens=True,
-                max_length=None, ignore_index=-100, pad_to_multiple_of=None) -> dict:
+                max_length=None, ignore_index=-100, pad_to_multiple_of=None,
+                strict=True) -> dict:
     """Tokenize ``texts`` with both tokenizers and align them: a collator's work.
 
     ``texts``: a list of str (render chat messages with each side's
@@ -329,12 +331,21 @@ def align_batch(texts, student_tokenizer, teacher_tokenizer, *, add_special_toke
     ``*_offsets`` (B, L, 2) character offsets, ``*_chunks`` (B, L) and
     ``num_chunks``, ``chunk_bytes``, ``chunk_seq`` of :class:`Alignment`.
     Byte lengths per vocabulary are computed once per tokenizer and cached.
+
+    ``strict`` (default): a byte-level tokenizer that neither normalizes nor
+    adds a prefix space must spell the text byte for byte; a token whose
+    vocabulary bytes differ from the bytes its offsets cover (a byte its
+    vocabulary lacks was dropped: SmolLM2 has no token for b"\\xf1") is a
+    ValueError naming the text. ``strict=False`` aligns such a text anyway,
+    by that token's characters (coarser chunks there).
     """
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
         raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        utf8_prefix(t, f"texts[{i}]")  # before the tokenizers see it: a lone surrogate
+    _checks.flag("strict", strict)
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                    or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
@@ -358,10 +369,12 @@ def align_batch(texts, student_tokenizer, teacher_tokenizer, *, add_special_toke
                arrays["teacher"][1], student_byte_lengths=arrays["student"][3],
                teacher_byte_lengths=arrays["teacher"][3], student_mask=arrays["student"][2],
                teacher_mask=arrays["teacher"][2])
-    for side, (ids_a, offs_a, mask, nb, strict) in arrays.items():
+    for side, (ids_a, offs_a, mask, nb, strict_side) in arrays.items():
         spans = (al.student_bytes if side == "student" else al.teacher_bytes).numpy()
-        if strict:
-            _check_round_trip(texts, ids_a, offs_a, mask, spans, nb.numpy(), side)
+        if strict and strict_side:
+            tok = student_tokenizer if side == "student" else teacher_tokenizer
+            _check_round_trip(texts, ids_a, offs_a, mask, spans, nb.numpy(), side,
+                              token_bytes(tok, f"{side}_tokenizer"))
         ids_t = torch.from_numpy(ids_a)
         mask_t = torch.from_numpy(mask)
         out[f"{side}_input_ids"] = ids_t
@@ -376,14 +389,32 @@ def align_batch(texts, student_tokenizer, teacher_tokenizer, *, add_special_toke
     return out
 
 
-def _check_round_trip(texts, ids, offs, mask, spans, nbytes, side):
-    """A strict byte-level side: each token's vocabulary byte length equals its span."""
+def _check_round_trip(texts, ids, offs, mask, spans, nbytes, side, vocab_bytes):
+    """A strict byte-level side: each token's vocabulary bytes are the text's
+    bytes at its span (vectorized: one gather per side of the batch)."""
+    flat, start = vocab_bytes
     live = (mask != 0) & (offs[..., 1] > offs[..., 0])
     n = nbytes[np.clip(ids, 0, len(nbytes) - 1)]
-    bad = live & (n >= 0) & (spans[..., 1] - spans[..., 0] != n)
+    width = spans[..., 1] - spans[..., 0]
+    bad = live & ((n < 0) | (width != n))
+    for b, text in enumerate(texts):
+        if bad[b].any():
+            break
+        data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        sel = np.flatnonzero(live[b])
+        k = n[b, sel]
+        within = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
+        got = data[np.repeat(spans[b, sel, 0], k) + within]
+        want = flat[np.repeat(start[ids[b, sel]], k) + within]
+        wrong = got != want
+        if wrong.any():
+            bad[b, sel[np.repeat(np.arange(len(sel)), k)[wrong]]] = True
+            break
     if bad.any():
         b, i = map(int, np.argwhere(bad)[0])
         raise ValueError(
             f"texts[{b}] does not round-trip through {side}_tokenizer: token {i} (id "
-            f"{int(ids[b, i])}) has {int(n[b, i])} bytes but its offsets cover "
-            f"{int(spans[b, i, 1] - spans[b, i, 0])} bytes of the text")
+            f"{int(ids[b, i])}, {int(n[b, i])} bytes) does not spell the text's bytes "
+            f"[{int(spans[b, i, 0])}, {int(spans[b, i, 1])}) (a byte its vocabulary lacks "
+            "was dropped, or the offsets are not of this text); strict=False aligns it by "
+            "characters")

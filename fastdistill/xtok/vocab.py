@@ -74,6 +74,42 @@ def is_byte_level(tokenizer, name: str = "tokenizer") -> bool:
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_BYTES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def token_bytes(tokenizer, name: str = "tokenizer"):
+    """(flat uint8 array, start per id) of a byte-level vocabulary: id i spells
+    flat[start[i]:start[i] + token_byte_lengths[i]] (added tokens: their UTF-8
+    content; ids whose length is unknown spell nothing). Cached per tokenizer."""
+    import numpy as np
+
+    backend = backend_of(tokenizer, name)
+    try:
+        hit = _BYTES.get(backend)
+    except TypeError:
+        hit = None
+    if hit is not None:
+        return hit
+    lengths = token_byte_lengths(tokenizer, name)
+    spec = json.loads(backend.to_str())
+    alphabet = byte_alphabet()
+    vocab = backend.get_vocab(with_added_tokens=True)
+    added = {a["id"]: a["content"].encode("utf-8") for a in spec.get("added_tokens") or ()}
+    pieces = [b""] * len(lengths)
+    for piece, i in vocab.items():
+        if i in added:
+            pieces[i] = added[i]
+        elif lengths[i] >= 0 and all(c in alphabet for c in piece):
+            pieces[i] = bytes(alphabet[c] for c in piece)
+    flat = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+    start = np.zeros(len(pieces), dtype=np.int64)
+    np.cumsum([len(p) for p in pieces[:-1]], out=start[1:])
+    out = (flat, start)
+    try:
+        _BYTES[backend] = out
+    except TypeError:
+        pass
+    return out
 
 
 def token_byte_lengths(tokenizer, name: str = "tokenizer") -> torch.Tensor:
