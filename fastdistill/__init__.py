@@ -9,6 +9,8 @@ teacher outputs on disk, decoded inside the loss), ``ot`` (Sinkhorn, SinKD),
 ``diffusion`` (DMD2/consistency/progressive distillation of diffusion models
 and their fused ops), ``hf`` (``KDConfig``/``KDTrainer`` on the Hugging Face
 Trainer; imported on first use, it needs transformers and accelerate),
+``xtok`` (cross-tokenizer KD: byte-exact ``align`` of two tokenizations
+into chunks, ``alm_loss`` on chunk likelihoods),
 ``cpu_cache`` (the cpp kernels' recycled gradient buffers),
 and ``backends()`` to see what runs here.
 """
@@ -39,7 +41,7 @@ def _source_tree_kernels() -> None:
 
 _source_tree_kernels()
 
-from . import cpu_cache, dd, diffusion, kd, ot, softlabels  # noqa: E402
+from . import cpu_cache, dd, diffusion, kd, ot, softlabels, xtok  # noqa: E402
 from ._backend import backends  # noqa: E402
 from ._backend import load_if_built as _load_if_built  # noqa: E402
 from .kd import (DIVERGENCES, FusedLinearKDLoss, KDLoss, TAIDSchedule,  # noqa: E402
@@ -61,5 +63,5 @@ def __getattr__(name):
 __all__ = [
     "DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "TAIDSchedule", "backends", "cpu_cache", "dd",
     "diffusion", "fused_linear_kd_loss", "kd", "kd_loss", "ot", "sample_teacher", "softlabels",
-    "sparse_kd_loss", "__version__",
+    "sparse_kd_loss", "xtok", "__version__",
 ]
