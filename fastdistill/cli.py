@@ -563,21 +563,27 @@ def main(argv=None) -> int:
     if check is not None:
         check(args, args.parser)
     rc = args.func(args)
-    _close_process_group()
+    if _leave_process_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
     return rc
 
 
-def _close_process_group() -> None:
+def _leave_process_group() -> bool:
     """Under torchrun, after a job that succeeded: destroy the process group the HF
-    Trainer (accelerate) opened. A gloo process that exits with it alive can
-    abort at interpreter shutdown ("terminate called without an active
-    exception", SIGABRT: pytorch#190489), failing the launch after a good run.
-    Not after an error: a rank still in a collective would hang the others."""
+    Trainer (accelerate) opened, and say whether this process is one of several
+    ranks. Such a process then exits without the interpreter's teardown: with
+    gloo, a C++ destructor there aborts now and then ("terminate called without
+    an active exception", SIGABRT; pytorch#190489), failing the launch after a
+    good run, also with the group destroyed. Everything is written by then. Not
+    after an error: a rank still in a collective would hang the others."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _is_rank_zero() -> bool:

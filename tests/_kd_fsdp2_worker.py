@@ -12,7 +12,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from _kd_ranks_worker import SEQ, V, llama  # the same tiny Llamas (this script's folder)
+from _kd_ranks_worker import SEQ, V, llama, leave  # the same tiny Llamas (this script's folder)
 from torch.distributed.fsdp import fully_shard
 
 from fastdistill.hf import KDConfig, KDTrainer
@@ -61,3 +61,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()  # out without the interpreter's teardown (see _kd_ranks_worker.leave)

@@ -35,7 +35,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from _kd_ranks_worker import examples, llama  # the same tiny Llamas (this script's folder)
+from _kd_ranks_worker import examples, llama, leave  # the same tiny Llamas (this script's folder)
 
 from fastdistill.hf import KDConfig, KDTrainer
 
@@ -242,3 +242,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()  # out without the interpreter's teardown (see _kd_ranks_worker.leave)

@@ -123,10 +123,24 @@ def main():
                     "weights": {k: v.detach().clone() for k, v in
                                 trainer.accelerator.unwrap_model(trainer.model).state_dict()
                                 .items()}}, out)
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+
+
+def leave() -> None:
+    """The end of a worker launched by torchrun: the process group destroyed (after a
+    barrier), then out without the interpreter's teardown, where a C++ destructor
+    aborts now and then after gloo use ("terminate called without an active
+    exception", SIGABRT, even with the group destroyed; pytorch#190489). Call it
+    once everything is written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    leave()

@@ -17,7 +17,7 @@ import traceback
 import torch
 import torch.distributed as dist
 import transformers
-from _kd_ranks_worker import SEQ, V, llama  # the same tiny Llamas (this script's folder)
+from _kd_ranks_worker import SEQ, V, llama, leave  # the same tiny Llamas (this script's folder)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -241,14 +241,8 @@ def main():
     dist.all_gather_object(every, result)
     if dist.get_rank() == 0:
         torch.save({"ranks": every}, out)
-    dist.destroy_process_group()
-    # everything is written and the group is down: leave without the interpreter's
-    # teardown, where a C++ destructor aborts now and then after DTensor/gloo use
-    # ("terminate called without an active exception", no Python frame; about 1 run in 10)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    leave()  # out without the interpreter's teardown (see _kd_ranks_worker.leave)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from _kd_ranks_worker import V, collate, examples, llama  # this script's folder
+from _kd_ranks_worker import V, collate, examples, llama, leave  # this script's folder
 
 from fastdistill.hf import KDConfig, KDTrainer
 
@@ -187,3 +187,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()  # out without the interpreter's teardown (see _kd_ranks_worker.leave)

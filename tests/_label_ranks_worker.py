@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _kd_ranks_worker import V, llama  # noqa: E402
+from _kd_ranks_worker import V, llama, leave  # noqa: E402
 
 from fastdistill.softlabels import SoftLabelWriter, encode  # noqa: E402
 from fastdistill.softlabels.parallel import label_windows  # noqa: E402
@@ -92,3 +92,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave()  # out without the interpreter's teardown (see _kd_ranks_worker.leave)

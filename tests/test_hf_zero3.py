@@ -122,7 +122,8 @@ def test_teacher_zero_section_fills_auto_from_its_hidden_size():
     ds = SimpleNamespace(config={"zero_optimization": {
         "stage": 3, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": "auto",
         "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 7}})
-    zo = zero._zero_section(SimpleNamespace(hf_deepspeed_config=ds), llama(1))
+    zo = zero._zero_section(SimpleNamespace(deepspeed="ds.json", hf_deepspeed_config=ds),
+                            llama(1))
     assert zo == {"stage": 3, "reduce_bucket_size": H * H,
                   "stage3_param_persistence_threshold": 10 * H, "stage3_max_live_parameters": 7}
 
@@ -133,7 +134,16 @@ def test_check_state_refuses_ranks_accelerate_does_not_see(monkeypatch):
     from fastdistill.hf import zero
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = SimpleNamespace(deepspeed={"zero_optimization": {"stage": 3}})
-    with pytest.raises(ValueError, match="init_cpu_state"):
-        zero.check_state(args, SimpleNamespace(num_processes=1))
-    zero.check_state(args, SimpleNamespace(num_processes=2))  # seen: fine
+    cfg = {"zero_optimization": {"stage": 3}}
+    hf_form = SimpleNamespace(deepspeed=cfg, hf_deepspeed_config=SimpleNamespace(config=cfg))
+    # `accelerate launch` with a DeepSpeed config: HF leaves args.deepspeed empty
+    launch_form = SimpleNamespace(deepspeed=None,
+                                  deepspeed_plugin=SimpleNamespace(deepspeed_config=cfg))
+    for args in (hf_form, launch_form):
+        assert zero.is_zero3(args) and zero.deepspeed_config(args) is cfg
+        with pytest.raises(ValueError, match="init_cpu_state"):
+            zero.check_state(args, SimpleNamespace(num_processes=1))
+        zero.check_state(args, SimpleNamespace(num_processes=2))  # seen: fine
+    stage2 = SimpleNamespace(deepspeed=None, deepspeed_plugin=SimpleNamespace(
+        deepspeed_config={"zero_optimization": {"stage": 2}}))
+    assert not zero.is_zero3(stage2) and not zero.is_zero3(SimpleNamespace())

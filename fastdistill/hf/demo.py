@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .._progress import Progress
 from ..kd import fused_linear_kd_loss
 from .defaults import kjv_split, load_teacher, small_student
-from .trainer import KDConfig, KDTrainer, _hidden_states, lm_head_of
+from .trainer import KDConfig, KDTrainer, _hidden_states, _in_head_forward, _unwrap, lm_head_of
 
 ARMS = (("hard", "hard labels"), ("online", "online KD"), ("offline", "offline KD (store)"))
 
@@ -61,27 +61,39 @@ def collate(features):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def held_out_metrics(student, ids: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head,
                      batch: int = 8) -> dict:
-    """Token-mean next-token CE and forward KL (T=1) to the teacher on ``ids``."""
+    """Token-mean next-token CE and forward KL (T=1) to the teacher on ``ids``.
+    ``student`` may be the engine-wrapped model (a trainer's ``model_wrapped``):
+    the loss is read inside the LM head's forward, where FSDP/ZeRO-3 have
+    gathered its weight; under several ranks every rank must call it (the
+    forwards are collective)."""
     was = student.training
     student.eval()
-    head = lm_head_of(student)
+    device = next(_unwrap(student).parameters()).device
     ce = kl = 0.0
     n = 0
+
     try:
         for a in range(0, ids.shape[0], batch):
-            x = ids[a:a + batch].to(head.weight.device)
-            hs = _hidden_states(student, {"input_ids": x})[:, :-1]
-            th = teacher_hidden[a:a + batch].to(head.weight.device)
+            x = ids[a:a + batch].to(device)
+            th = teacher_hidden[a:a + batch].to(device)
             labels = x[:, 1:]
-            kw = dict(student_bias=head.bias, teacher_bias=teacher_head.bias, labels=labels,
-                      reduction="sum", teacher_softcap=teacher_head.softcap,
-                      teacher_logit_scale=teacher_head.logit_scale)
-            ce += float(fused_linear_kd_loss(hs, head.weight, th, teacher_head.weight,
-                                             hard_weight=1.0, **kw))
-            kl += float(fused_linear_kd_loss(hs, head.weight, th, teacher_head.weight, **kw))
-            n += labels.numel()
+
+            def both(hidden, head):  # inside the student's head forward
+                kw = dict(student_bias=head.bias, teacher_bias=teacher_head.bias,
+                          labels=labels, reduction="sum", teacher_softcap=teacher_head.softcap,
+                          teacher_logit_scale=teacher_head.logit_scale,
+                          student_logit_scale=head.logit_scale, student_softcap=head.softcap)
+                hs = hidden[:, :-1]
+                return (float(fused_linear_kd_loss(hs, head.weight, th, teacher_head.weight,
+                                                   hard_weight=1.0, **kw)),
+                        float(fused_linear_kd_loss(hs, head.weight, th, teacher_head.weight,
+                                                   **kw)))
+
+            (c, k), _ = _in_head_forward(student, {"input_ids": x}, both, "the student")
+            ce, kl, n = ce + c, kl + k, n + labels.numel()
     finally:
         student.train(was)
     return {"ce": ce / n, "kl": kl / n}

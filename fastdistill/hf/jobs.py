@@ -367,22 +367,30 @@ def kd(*, teacher: str, student: str = "small", data: str = "kjv", out: str = "k
                        dataloader_pin_memory=not use_cpu,  # no pinned memory without a GPU
                        divergence=divergence, temperature=temperature,
                        teacher_weights=teacher_weights, taid=divergence == "taid", **config)
-        trainer = KDTrainer(model=model, teacher_model=None if store else teachers, args=cfg,
-                            soft_labels=store, train_dataset=TokenWindows(train_ids),
-                            data_collator=collate, processing_class=tok)
-        if quiet:
-            trainer.remove_callback(PrinterCallback)  # disable_tqdm's per-step log lines
-        # held-out metrics against the (first) teacher, online: the store holds training text only
+        # held-out metrics against the (first) teacher, online (the store holds training text
+        # only), taken now: KDTrainer may shard the teacher (then its weights are no longer
+        # whole outside its forward), so its head is copied (to the student's device)
         from .demo import held_out_metrics
-        from .trainer import _hidden_states, lm_head_of
+        from .trainer import LMHead, _hidden_states, lm_head_of
 
         with torch.no_grad():
             t_hidden = torch.cat([_hidden_states(teachers[0], {"input_ids": eval_ids[a:a + batch]})
                                   [:, :-1] for a in range(0, len(eval_ids), batch)])
         t_head = lm_head_of(teachers[0])
+        t_head = LMHead(t_head.weight.detach().to(cfg.device, copy=True),
+                        None if t_head.bias is None else t_head.bias.detach().to(cfg.device,
+                                                                               copy=True),
+                        t_head.logit_scale, t_head.softcap)
+        trainer = KDTrainer(model=model, teacher_model=None if store else teachers, args=cfg,
+                            soft_labels=store, train_dataset=TokenWindows(train_ids),
+                            data_collator=collate, processing_class=tok)
+        if quiet:
+            trainer.remove_callback(PrinterCallback)  # disable_tqdm's per-step log lines
         before = held_out_metrics(model, eval_ids, t_hidden, t_head)
         trainer.train(resume_from_checkpoint=last)
-        after = held_out_metrics(model, eval_ids, t_hidden, t_head)
+        # through the engine's wrapper: a sharded (FSDP, ZeRO-3) student's head is whole in
+        # its forward only
+        after = held_out_metrics(trainer.model_wrapped, eval_ids, t_hidden, t_head)
         trainer.save_model(out)  # HF saves on the process that should_save; so does the tokenizer
         if tok is not None and trainer.args.should_save:
             tok.save_pretrained(out)

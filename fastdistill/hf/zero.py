@@ -21,14 +21,26 @@ import os
 
 import torch
 
-__all__ = ["check_state", "check_student", "full_shape", "init_cpu_state", "is_partitioned",
-           "is_zero3", "place_teacher", "teacher_heads_whole"]
+__all__ = ["check_state", "check_student", "deepspeed_config", "full_shape", "init_cpu_state",
+           "is_partitioned", "is_zero3", "place_teacher", "teacher_heads_whole"]
+
+
+def deepspeed_config(args) -> dict | None:
+    """The DeepSpeed config ``args`` (a TrainingArguments) trains under: HF's
+    ``deepspeed=`` argument, or the one ``accelerate launch`` names in its config
+    file (then HF leaves ``args.deepspeed`` empty and keeps accelerate's
+    ``DeepSpeedPlugin`` in ``args.deepspeed_plugin``); None without DeepSpeed."""
+    hf = getattr(args, "hf_deepspeed_config", None)
+    if getattr(args, "deepspeed", None) and hf is not None:
+        return hf.config
+    plugin = getattr(args, "deepspeed_plugin", None)
+    return None if plugin is None else plugin.deepspeed_config
 
 
 def is_zero3(args) -> bool:
     """Whether ``args`` (a TrainingArguments) trains under a DeepSpeed ZeRO-3 config."""
-    cfg = getattr(args, "hf_deepspeed_config", None)
-    return bool(getattr(args, "deepspeed", None)) and cfg is not None and cfg.is_zero3()
+    cfg = deepspeed_config(args)
+    return cfg is not None and cfg.get("zero_optimization", {}).get("stage") == 3
 
 
 def full_shape(weight: torch.Tensor) -> torch.Size:
@@ -49,7 +61,7 @@ def _zero_section(args, model) -> dict:
     """The student's ``zero_optimization`` section for an inference-only
     teacher: no optimizer state to place, and the ``auto`` sizes filled from
     the teacher's hidden size the way HF fills the student's."""
-    zo = copy.deepcopy(args.hf_deepspeed_config.config.get("zero_optimization", {}))
+    zo = copy.deepcopy(deepspeed_config(args).get("zero_optimization", {}))
     zo.pop("offload_optimizer", None)
     zo["stage"] = 3
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
@@ -150,7 +162,7 @@ def check_state(args, accelerator) -> None:
     ``num_processes`` at 1 (every rank then reads the whole dataset and
     gathers fail): refuse that at construction."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if getattr(args, "deepspeed", None) and world > 1 and accelerator.num_processes != world:
+    if deepspeed_config(args) is not None and world > 1 and accelerator.num_processes != world:
         raise ValueError(f"DeepSpeed: WORLD_SIZE={world} but accelerate sees "
                          f"{accelerator.num_processes} process(es) (no distributed backend: a "
                          "CPU-only machine?). Call fastdistill.hf.zero.init_cpu_state() before "
