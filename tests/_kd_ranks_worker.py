@@ -26,9 +26,9 @@ from fastdistill.hf import KDConfig, KDTrainer
 V, SEQ = 61, 11
 
 
-def llama(seed, tie=True):
+def llama(seed, tie=True, vocab=V):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=64,
                                    tie_word_embeddings=tie)

@@ -16,7 +16,6 @@ import traceback
 
 import torch
 import torch.distributed as dist
-import transformers
 from _kd_ranks_worker import SEQ, V, llama, leave  # the same tiny Llamas (this script's folder)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
@@ -137,15 +136,6 @@ def tiny_store(path):
     return SoftLabelStore(path)
 
 
-def other_vocab_llama(vocab):
-    torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(cfg)
-
-
 def tp(model, mesh, style=None):
     parallelize_module(model, mesh, {"lm_head": style or ColwiseParallel()})
     return model
@@ -182,7 +172,7 @@ def refusals(mesh, store_dir):
                               args=config()),
             ["teacher 0", "tensor-parallel", "the student's is whole"]),
         "vocab-mismatch": (lambda: KDTrainer(model=tp(student(), mesh),
-                                             teacher_model=other_vocab_llama(64),
+                                             teacher_model=llama(1, tie=False, vocab=64),
                                              args=config(vocab_mismatch="pad")),
                            ["vocabulary (64) differs", "vocab_mismatch"]),
         "on-policy": (lambda: KDTrainer(model=tp(student(), mesh),
