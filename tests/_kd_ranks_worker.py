@@ -3,8 +3,10 @@ process: tests/test_hf_distributed.py runs it both ways on the same global
 batch and compares what rank 0 writes (logged losses, evaluate()'s metrics,
 the final weights).
 
-    python tests/_kd_ranks_worker.py OUT.pt GLOBAL_BATCH FUSED_HEAD ACCUM [MODE [STORE]]
+    python tests/_kd_ranks_worker.py OUT_DIR GLOBAL_BATCH STORE CASE [CASE ...]
 
+Each CASE is FUSED_HEAD:ACCUM:MODE (e.g. ``1:2:taid``); all run in one launch, one
+after the other, and rank 0 writes ``OUT_DIR/<case>-w<world>.pt`` for each.
 MODE: "teacher" (one online teacher, the default), "teachers" (a mixture of two,
 weights 1:3), "store" (no teacher: the soft-label store STORE, which
 ``label_store`` fills beforehand, every example keyed by its example_id),
@@ -66,14 +68,25 @@ def collate(feats):
     return {k: torch.stack([f[k] for f in feats]) for k in feats[0]}
 
 
+def case_file(folder, case: str, world: int) -> str:
+    return os.path.join(folder, f"{case.replace(':', '-')}-w{world}.pt")
+
+
 def main():
-    out, global_batch, fused, accum = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", \
-        int(sys.argv[4])
-    mode = sys.argv[5] if len(sys.argv) > 5 else "teacher"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    folder, global_batch, store_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
+    for case in sys.argv[4:]:
+        fused, accum, mode = case.split(":")
+        run_case(case_file(folder, case, int(os.environ.get("WORLD_SIZE", "1"))), global_batch,
+                 fused == "1", int(accum), mode, store_path)
+
+
+def run_case(out, global_batch, fused, accum, mode, store_path):
+    """One KDTrainer run (train 3 steps, evaluate); rank 0 saves what it saw to ``out``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     taid = mode in ("taid", "taid-resume")
-    args = KDConfig(output_dir=os.path.dirname(out) + f"/run{world}-{mode}", max_steps=3,
+    run_dir = os.path.splitext(out)[0]
+    args = KDConfig(output_dir=run_dir, max_steps=3,
                     per_device_train_batch_size=global_batch // (world * accum),
                     per_device_eval_batch_size=2, gradient_accumulation_steps=accum,
                     learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0,
@@ -93,7 +106,7 @@ def main():
     if mode == "store":
         from fastdistill.softlabels import SoftLabelStore
 
-        teachers, store = None, SoftLabelStore(sys.argv[6])
+        teachers, store = None, SoftLabelStore(store_path)
     else:
         teachers, store = ([llama(1), llama(2)] if mode == "teachers" else llama(1)), None
     def make_trainer(model):

@@ -20,8 +20,15 @@ WORKER = Path(__file__).with_name("_kd_ranks_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path, nproc: int, fused: bool, accum: int, mode: str = "teacher") -> dict:
-    out = tmp_path / f"w{nproc}-{int(fused)}-{accum}-{mode}.pt"
+CASES = {  # test id: FUSED_HEAD:ACCUM:MODE of the worker
+    "fused": "1:1:teacher", "unfused": "0:1:teacher", "fused-accum2": "1:2:teacher",
+    "two-teachers": "1:1:teachers", "store": "1:1:store", "store-unfused": "0:1:store",
+    "taid": "1:2:taid", "taid-resume": "1:1:taid-resume", "on-policy": "1:1:on-policy",
+    "on-policy-unfused-accum2": "0:2:on-policy"}
+
+
+def _launch(folder: Path, nproc: int, store: Path) -> None:
+    """Every case in one launch (one process, or 2 ranks under torchrun)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     if nproc == 1:
@@ -29,31 +36,36 @@ def _run(tmp_path, nproc: int, fused: bool, accum: int, mode: str = "teacher") -
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",  # a free port
                f"--nproc_per_node={nproc}", str(WORKER)]
-    cmd += [str(out), "8", "1" if fused else "0", str(accum), mode, str(tmp_path / "store")]
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    cmd += [str(folder), "8", str(store), *CASES.values()]
+    res = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
-    return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("fused,accum,mode", [
-    (True, 1, "teacher"), (False, 1, "teacher"), (True, 2, "teacher"),
-    (True, 1, "teachers"), (True, 1, "store"), (False, 1, "store"), (True, 2, "taid"),
-    (True, 1, "taid-resume"), (True, 1, "on-policy"), (False, 2, "on-policy")],
-    ids=["fused", "unfused", "fused-accum2", "two-teachers", "store", "store-unfused", "taid",
-         "taid-resume", "on-policy", "on-policy-unfused-accum2"])
-def test_two_ranks_equal_one_process(tmp_path, fused, accum, mode):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{test id: (one process's results, rank 0's of 2 ranks)}: the store labelled
+    once, then every case in one single-process and one 2-rank launch."""
+    folder = tmp_path_factory.mktemp("ranks")
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import _kd_ranks_worker
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    _kd_ranks_worker.label_store(str(folder / "store"))
+    for nproc in (1, 2):
+        _launch(folder, nproc, folder / "store")
+    return {name: tuple(torch.load(_kd_ranks_worker.case_file(str(folder), case, world),
+                                   weights_only=True) for world in (1, 2))
+            for name, case in CASES.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_equal_one_process(runs, name):
     """Each rank reads its own batches' entries of one store (opened read-only by
     both at once); a mixture of two teachers is formed on each rank; TAID's t
     is the same on every rank and equals one process's."""
-    if mode == "store":
-        sys.path.insert(0, str(WORKER.parent))
-        try:
-            import _kd_ranks_worker
-        finally:
-            sys.path.remove(str(WORKER.parent))
-        _kd_ranks_worker.label_store(str(tmp_path / "store"))
-    one = _run(tmp_path, 1, fused, accum, mode)
-    two = _run(tmp_path, 2, fused, accum, mode)
+    mode = CASES[name].split(":")[2]
+    one, two = runs[name]
     assert two["world"] == 2 and one["world"] == 1
     assert len(one["losses"]) == len(two["losses"]) == 3
     for a, b in zip(one["losses"], two["losses"]):
