@@ -39,8 +39,11 @@ from ..kd import DIVERGENCES, TAIDSchedule, kd_options
 from ..kd.fused_linear import fused_linear_kd_loss, log_mixture_weights, mixture_logits
 from ..softlabels.codec import SoftLabels
 from ..softlabels.store import SoftLabelStore
+from ..xtok import ALM_DIVERGENCES
 from . import tensor_parallel as tp
+from . import xtok as _xtok
 from . import zero
+from .xtok import CROSS_TOKENIZER_LOSSES
 
 __all__ = ["KDConfig", "KDTrainer", "LMHead", "TeacherMixture", "lm_head_of"]
 
@@ -86,6 +89,15 @@ class KDConfig(TrainingArguments):
                 "ZeRO-3) the teachers are sharded by it too (eval, no grad, resharded after "
                 "each forward); 'replicate': every rank holds whole teachers. Under DDP or in "
                 "one process teachers are always whole"})
+    cross_tokenizer_loss: str = field(default="alm", metadata={
+        "help": f"with KDTrainer(teacher_tokenizer=...): the loss across tokenizers, one of "
+                f"{CROSS_TOKENIZER_LOSSES}"})
+    alm_divergence: str = field(default="binary_ce", metadata={
+        "help": f"cross_tokenizer_loss='alm': its per-chunk divergence, one of {ALM_DIVERGENCES}"})
+    text_column: str = field(default="text", metadata={
+        "help": "with teacher_tokenizer: the dataset column holding each example's text"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "with teacher_tokenizer: tokens per example and side (None: all)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,6 +129,12 @@ class KDConfig(TrainingArguments):
         if not isinstance(self.fused_head, bool):
             raise TypeError(f"fused_head must be a bool, got {type(self.fused_head).__name__}")
         _checks.choice("teacher_sharding", self.teacher_sharding, TEACHER_SHARDING)
+        _checks.choice("cross_tokenizer_loss", self.cross_tokenizer_loss, CROSS_TOKENIZER_LOSSES)
+        _checks.choice("alm_divergence", self.alm_divergence, ALM_DIVERGENCES)
+        if self.max_length is not None and (
+                isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                or self.max_length < 2):
+            raise ValueError(f"max_length must be an int >= 2 or None, got {self.max_length!r}")
         if self.teacher_weights is not None:
             self.teacher_weights = _checks.mixture_weights("teacher_weights", self.teacher_weights)
 
@@ -405,7 +423,8 @@ class KDTrainer(Trainer):
 
     def __init__(self, model=None, teacher_model=None, args: KDConfig | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, soft_labels: SoftLabelStore | None = None, **kwargs):
+                 processing_class=None, soft_labels: SoftLabelStore | None = None,
+                 teacher_tokenizer=None, **kwargs):
         if args is None:
             args = KDConfig(output_dir="kd_out")
         if not isinstance(args, KDConfig):
@@ -431,10 +450,28 @@ class KDTrainer(Trainer):
             if len(args.teacher_weights) != len(teachers):
                 raise ValueError(f"teacher_weights has {len(args.teacher_weights)} entries for "
                                  f"{len(teachers)} teachers")
+        self.teacher_tokenizer = teacher_tokenizer
+        if teacher_tokenizer is not None:  # cross-tokenizer mode (fastdistill.hf.xtok)
+            if processing_class is None:
+                raise ValueError("teacher_tokenizer needs processing_class: the student's "
+                                 "tokenizer (both tokenize each example's text)")
+            if len(teachers) != 1:
+                raise ValueError(f"teacher_tokenizer: one teacher_model, got {len(teachers)}")
+            if args.lmbda > 0:
+                raise ValueError("teacher_tokenizer with lmbda > 0 (on-policy batches) is not "
+                                 "supported yet")
+            if any(tp.is_dtensor(_unwrap(m).get_output_embeddings().weight)
+                   for m in (model, teachers[0])):
+                raise ValueError("teacher_tokenizer with a tensor-parallel head is not supported")
+            if data_collator is None:
+                data_collator = _xtok.CrossTokenizerCollator(
+                    processing_class, teacher_tokenizer, text_column=args.text_column,
+                    max_length=args.max_length)
         student_vocab = _fsdp.head_rows(_unwrap(model))
         for i, t in enumerate(teachers):
             tv = _fsdp.head_rows(t)
-            if tv != student_vocab and args.vocab_mismatch == "error":
+            if tv != student_vocab and args.vocab_mismatch == "error" and \
+                    teacher_tokenizer is None:  # across tokenizers the vocabularies differ
                 raise ValueError(
                     f"teacher {i} has a vocabulary of {tv} tokens, the student {student_vocab}: "
                     "pass vocab_mismatch='pad' (missing tokens get probability 0) or 'truncate'"
@@ -507,6 +544,8 @@ class KDTrainer(Trainer):
                 _check_head_probe(self.model, "the student")
             for i, t in enumerate(self.teachers):
                 _check_head_probe(t, f"teacher {i}")
+        if teacher_tokenizer is not None:
+            _xtok.check_heads(lm_head_of(_unwrap(self.model)), lm_head_of(_unwrap(self.teachers[0])))
         else:  # a tensor-parallel head must give whole logits
             tp.check_unfused_logits(_unwrap(self.model), "the student")
             for i, t in enumerate(self.teachers):
@@ -517,6 +556,9 @@ class KDTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         if self.soft_labels is not None and self.args.soft_label_key not in self._signature_columns:
             self._signature_columns = list(self._signature_columns) + [self.args.soft_label_key]
+        if self.teacher_tokenizer is not None and \
+                self.args.text_column not in self._signature_columns:
+            self._signature_columns = list(self._signature_columns) + [self.args.text_column]
 
     # -- the loss
     def _kd_keywords(self) -> dict:
@@ -601,6 +643,13 @@ class KDTrainer(Trainer):
         if self._probe_student:  # every rank at once: the probe's forward is collective
             self._probe_student = False
             _check_head_probe(model, "the student")
+        if self.teacher_tokenizer is not None:
+            loss = self._cross_tokenizer_loss(model, inputs)
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                # HF then takes the loss as normalized over the accumulated batches (by
+                # num_items_in_batch, a token count); this one is each batch's chunk mean
+                loss = loss / self.current_gradient_accumulation_steps
+            return (loss, None) if return_outputs else loss
         labels = self._labels(inputs)
         model_inputs = self._model_inputs(inputs)
         lab = labels[:, 1:]
@@ -651,6 +700,27 @@ class KDTrainer(Trainer):
                 tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
                 loss = loss * (self.accelerator.num_processes // tp_size)
         return (loss, None) if return_outputs else loss
+
+    def _cross_tokenizer_loss(self, model, inputs: dict) -> torch.Tensor:
+        """The cross-tokenizer loss of a batch (fastdistill.hf.xtok): the teacher on its
+        own ids, the student's loss inside its head's forward (fused) or from logits."""
+        teacher = self.teachers[0]
+        t_inputs = _xtok.teacher_inputs(inputs)
+        if not self.args.fused_head:
+            with torch.no_grad():
+                t_logits = _logits(teacher, t_inputs)
+            return _xtok.alm_of_logits(inputs, _logits(model, self._model_inputs(inputs)),
+                                       t_logits, self.args)
+        with torch.no_grad():
+            t_hidden = _hidden_states(teacher, t_inputs)
+
+        def loss_of(hidden, head):  # inside the student's head forward
+            with _fsdp.whole_heads(self.teachers), zero.teacher_heads_whole(self.teachers):
+                return _xtok.alm_of(inputs, hidden, head, t_hidden, lm_head_of(_unwrap(teacher)),
+                                    self.args)
+
+        loss, output = _in_head_forward(model, self._model_inputs(inputs), loss_of, "the student")
+        return _with_output(loss, output)
 
     def _teacher_target_logits(self, model_inputs: dict) -> torch.Tensor:
         """Full teacher logits (B, T-1, V); several teachers: their mixture's."""
@@ -766,7 +836,9 @@ class KDTrainer(Trainer):
                     labels = self._labels(inputs)
                     lab = labels[:, 1:]
                     mi = self._model_inputs(inputs)
-                    if self.teachers:
+                    if self.teacher_tokenizer is not None:  # vocabularies differ: no KL
+                        teacher_args = None
+                    elif self.teachers:
                         teacher_args = self._fused_teachers(mi)
                     else:
                         packed = self._soft_label_batch(inputs, labels.shape[1])[:, :-1]
@@ -794,7 +866,9 @@ class KDTrainer(Trainer):
                                 kl = torch.full_like(ce, math.nan)
                         return ce, kl
 
-                    (ce, kl), _ = _in_head_forward(model, mi, ce_kl_of, "the student")
+                    rows_of = ce_kl_of if self.teacher_tokenizer is None else \
+                        _xtok.eval_rows_of(lab)  # across tokenizers: the CE only
+                    (ce, kl), _ = _in_head_forward(model, mi, rows_of, "the student")
                     rows = torch.stack([ce.double().sum(-1), kl.double().sum(-1),
                                         (lab != -100).sum(-1).double()], dim=-1)  # (B, 3)
                     totals += self.accelerator.gather_for_metrics(rows).sum(0).cpu()
