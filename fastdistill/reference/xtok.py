@@ -7,6 +7,7 @@
 - ``align_spans``: the classic two-pointer chunking of two tilings of the same
   bytes: advance whichever side is behind; a chunk closes where both sides'
   ends meet.
+- ``uld_exact``/``uld_topk``: ULD by full sorts; ``mapped_kd``: the mapped-mass KD, dense.
 - ``alm_loss``: ALM on full (B, L, V) logits in float64-capable torch: token
   log-probs by log_softmax + gather, chunk sums by a loop over chunks, the
   binarised divergences straight from their formulas (xlogy: 0·log 0 = 0).
@@ -123,3 +124,63 @@ def alm_loss(student_lp, student_chunks, teacher_lp, teacher_chunks, num_chunks,
     if reduction == "sum":
         return out.sum()
     return out.sum() / max(sum(kept), 1)
+
+
+def uld_exact(student_logits, teacher_probs, temperature=1.0):
+    """(P,) exact ULD (Boizard et al. 2024): Σ_r |p_(r) − q_(r)| with both rows
+    sorted in decreasing order over their full vocabularies and the shorter padded
+    with zeros; q = softmax(student_logits / T), ``teacher_probs`` dense (P, V_t)."""
+    q = torch.softmax(student_logits / temperature, -1).sort(-1, descending=True).values
+    p = teacher_probs.sort(-1, descending=True).values
+    V = max(q.shape[-1], p.shape[-1])
+    q = torch.nn.functional.pad(q, (0, V - q.shape[-1]))
+    p = torch.nn.functional.pad(p, (0, V - p.shape[-1]))
+    return (p - q).abs().sum(-1)
+
+
+def uld_topk(student_logits, teacher_top, teacher_tail, temperature=1.0):
+    """(P,) the top-k form from its formula, the student's side by a full sort:
+    K = min(K_t, V_s) ranks, Σ_{r≤K} |a_r − b_r| + |tail_T − tail_S| with tail_T =
+    ``teacher_tail`` + the teacher's ranks beyond K and tail_S = Σ_{r>K} q_(r)."""
+    q = torch.softmax(student_logits / temperature, -1).sort(-1, descending=True).values
+    a = teacher_top.sort(-1, descending=True).values
+    K = min(a.shape[-1], q.shape[-1])
+    tail_t = teacher_tail + a[:, K:].sum(-1)
+    tail_s = q[:, K:].sum(-1)
+    return (a[:, :K] - q[:, :K]).abs().sum(-1) + (tail_t - tail_s).abs()
+
+
+def mapped_kd(student_logits, teacher_logits, vocab_map, k, *, temperature=1.0,
+              divergence="forward_kl", beta=0.5):
+    """(P,) KD over the mapped top-k mass, dense: the teacher's top-k ids at T
+    whose ``vocab_map`` entry is ≥ 0 become bins at their student ids (a dense
+    V_s mask); everything else is one tail bin on each side (none when the bins
+    cover the student's vocabulary). Divergence (forward_kl or jsd) between the
+    bin distributions, times T²."""
+    T = temperature
+    q = torch.softmax(student_logits / T, -1)
+    p = torch.softmax(teacher_logits / T, -1)
+    rows = []
+    for n in range(q.shape[0]):
+        top = p[n].topk(k).indices
+        mask = torch.zeros(q.shape[-1], dtype=torch.bool)
+        P = torch.zeros(q.shape[-1], dtype=p.dtype)
+        for i in top.tolist():
+            j = int(vocab_map[i])
+            if j >= 0:
+                mask[j] = True
+                P[j] = p[n, i]
+        Pb, Qb = P[mask], q[n][mask]
+        if not bool(mask.all()):
+            Pb = torch.cat([Pb, (1 - Pb.sum()).clamp_min(0).reshape(1)])
+            Qb = torch.cat([Qb, (1 - Qb.sum()).reshape(1)])
+        if divergence == "forward_kl":
+            d = (torch.xlogy(Pb, Pb) - torch.xlogy(Pb, Qb)).sum()
+        elif divergence == "jsd":
+            M = beta * Pb + (1 - beta) * Qb
+            d = (beta * (torch.xlogy(Pb, Pb) - torch.xlogy(Pb, M)).sum()
+                 + (1 - beta) * (torch.xlogy(Qb, Qb) - torch.xlogy(Qb, M)).sum())
+        else:
+            raise ValueError(divergence)
+        rows.append(d * T * T)
+    return torch.stack(rows)
