@@ -94,6 +94,9 @@ class KDConfig(TrainingArguments):
                 f"{CROSS_TOKENIZER_LOSSES}"})
     alm_divergence: str = field(default="binary_ce", metadata={
         "help": f"cross_tokenizer_loss='alm': its per-chunk divergence, one of {ALM_DIVERGENCES}"})
+    uld_top_k: int = field(default=128, metadata={
+        "help": "cross_tokenizer_loss='uld': the teacher's top-k ranks compared (the error of "
+                "the top-k form is at most 2 min(tail_T, tail_S), the mass outside them)"})
     text_column: str = field(default="text", metadata={
         "help": "with teacher_tokenizer: the dataset column holding each example's text"})
     max_length: int | None = field(default=None, metadata={
@@ -131,6 +134,9 @@ class KDConfig(TrainingArguments):
         _checks.choice("teacher_sharding", self.teacher_sharding, TEACHER_SHARDING)
         _checks.choice("cross_tokenizer_loss", self.cross_tokenizer_loss, CROSS_TOKENIZER_LOSSES)
         _checks.choice("alm_divergence", self.alm_divergence, ALM_DIVERGENCES)
+        if isinstance(self.uld_top_k, bool) or not isinstance(self.uld_top_k, int) \
+                or self.uld_top_k < 1:
+            raise ValueError(f"uld_top_k must be a positive int, got {self.uld_top_k!r}")
         if self.max_length is not None and (
                 isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
                 or self.max_length < 2):
@@ -709,15 +715,15 @@ class KDTrainer(Trainer):
         if not self.args.fused_head:
             with torch.no_grad():
                 t_logits = _logits(teacher, t_inputs)
-            return _xtok.alm_of_logits(inputs, _logits(model, self._model_inputs(inputs)),
-                                       t_logits, self.args)
+            return _xtok.LOSSES[self.args.cross_tokenizer_loss][1](
+                inputs, _logits(model, self._model_inputs(inputs)), t_logits, self.args)
         with torch.no_grad():
             t_hidden = _hidden_states(teacher, t_inputs)
 
         def loss_of(hidden, head):  # inside the student's head forward
             with _fsdp.whole_heads(self.teachers), zero.teacher_heads_whole(self.teachers):
-                return _xtok.alm_of(inputs, hidden, head, t_hidden, lm_head_of(_unwrap(teacher)),
-                                    self.args)
+                return _xtok.LOSSES[self.args.cross_tokenizer_loss][0](
+                    inputs, hidden, head, t_hidden, lm_head_of(_unwrap(teacher)), self.args)
 
         loss, output = _in_head_forward(model, self._model_inputs(inputs), loss_of, "the student")
         return _with_output(loss, output)

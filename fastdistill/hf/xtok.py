@@ -13,11 +13,14 @@ from __future__ import annotations
 import torch
 
 from ..kd.fused_linear import fused_linear_kd_loss
-from ..xtok import align_batch, alm_loss, token_logprobs
+from ..xtok import align_batch, alm_loss, chunk_pairs, token_logprobs, uld_loss
 
-__all__ = ["CROSS_TOKENIZER_LOSSES", "CrossTokenizerCollator"]
+__all__ = ["CROSS_TOKENIZER_LOSSES", "CrossTokenizerCollator", "teacher_top_k"]
 
-CROSS_TOKENIZER_LOSSES = ("alm",)
+CROSS_TOKENIZER_LOSSES = ("alm", "uld")
+
+# bytes of teacher logits one chunk of paired rows may take (teacher_top_k)
+TOP_K_CHUNK_BYTES = 64 * 2**20
 
 # what the collator hands the trainer besides the student's input_ids/attention_mask/labels
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels",
@@ -81,6 +84,66 @@ def eval_rows_of(labels):
     return rows
 
 
+def teacher_top_k(rows: torch.Tensor, head, k: int, temperature: float,
+                  logits: bool = False) -> torch.Tensor:
+    """The teacher's k largest log-probabilities at ``temperature`` for each of
+    ``rows`` (P, H) hidden states (or (P, V) logits with ``logits=True``), a
+    chunk of rows at a time: at most ``TOP_K_CHUNK_BYTES`` of logits exist."""
+    V = rows.shape[-1] if logits else head.weight.shape[0]
+    step = max(1, TOP_K_CHUNK_BYTES // (4 * V))
+    out = []
+    for a in range(0, rows.shape[0], step):
+        z = rows[a:a + step].float() if logits else torch.nn.functional.linear(
+            rows[a:a + step], head.weight, head.bias).float()
+        out.append(torch.log_softmax(z / temperature, -1).topk(min(k, V), -1).values)
+    return torch.cat(out) if out else rows.new_zeros(0, min(k, V), dtype=torch.float32)
+
+
+def _hard(loss, s_hidden, s_head, inputs, args):
+    if args.hard_weight > 0:
+        hs = s_hidden[:, :-1].to(s_head.weight.dtype)
+        loss = loss + args.hard_weight * student_ce(hs, s_head, inputs["labels"][:, 1:], "mean")
+    return loss
+
+
+def uld_of(inputs: dict, student_hidden, student_head, teacher_hidden, teacher_head, args):
+    """ULD at the aligned pairs (``fd.xtok.chunk_pairs``: each chunk's last token on
+    each side) from the teacher's top ``args.uld_top_k`` (its tail mass joins the
+    sorted-L1 as ``uld_loss`` states), plus ``hard_weight`` × the student's CE."""
+    s_pos, t_pos = chunk_pairs(inputs["student_chunks"], inputs["teacher_chunks"],
+                               int(inputs["num_chunks"]))
+    rows = teacher_hidden.flatten(0, 1).index_select(0, t_pos).to(teacher_head.weight.dtype)
+    t_lp = teacher_top_k(rows, teacher_head, args.uld_top_k, args.temperature)
+    hs = student_hidden.to(student_head.weight.dtype)
+    loss = uld_loss(t_lp, student_hidden=hs.flatten(0, 1), student_weight=student_head.weight,
+                    student_bias=student_head.bias, student_positions=s_pos,
+                    teacher_positions=torch.arange(s_pos.numel(), device=s_pos.device),
+                    temperature=args.temperature, t2_scale=args.t2_scale,
+                    chunk_size=args.chunk_size)
+    return _hard(loss, student_hidden, student_head, inputs, args)
+
+
+def uld_of_logits(inputs: dict, student_logits, teacher_logits, args):
+    """``uld_of`` from full logits (``fused_head=False``)."""
+    s_pos, t_pos = chunk_pairs(inputs["student_chunks"], inputs["teacher_chunks"],
+                               int(inputs["num_chunks"]))
+    rows = teacher_logits.flatten(0, 1).index_select(0, t_pos)
+    t_lp = teacher_top_k(rows, None, args.uld_top_k, args.temperature, logits=True)
+    loss = uld_loss(t_lp, student_logits=student_logits.flatten(0, 1), student_positions=s_pos,
+                    teacher_positions=torch.arange(s_pos.numel(), device=s_pos.device),
+                    temperature=args.temperature, t2_scale=args.t2_scale)
+    return loss + args.hard_weight * _logits_ce(student_logits, inputs) \
+        if args.hard_weight > 0 else loss
+
+
+def _logits_ce(student_logits, inputs) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(),
+                                             inputs["labels"][:, 1:].flatten(), ignore_index=-100)
+
+
+LOSSES = {}  # cross_tokenizer_loss: (from hidden states + heads, from logits); filled below
+
+
 def alm_of(inputs: dict, student_hidden, student_head, teacher_hidden, teacher_head, args):
     """The ALM loss of a batch (chunk mean) plus ``hard_weight`` × the student's
     token-mean CE, both sides as hidden states + heads (fused)."""
@@ -93,11 +156,7 @@ def alm_of(inputs: dict, student_hidden, student_head, teacher_hidden, teacher_h
                     teacher_labels=inputs["teacher_labels"], num_chunks=int(inputs["num_chunks"]),
                     divergence=args.alm_divergence, temperature=args.temperature,
                     chunk_size=args.chunk_size)
-    if args.hard_weight > 0:
-        hs = student_hidden[:, :-1].to(student_head.weight.dtype)
-        loss = loss + args.hard_weight * student_ce(hs, student_head, inputs["labels"][:, 1:],
-                                                    "mean")
-    return loss
+    return _hard(loss, student_hidden, student_head, inputs, args)
 
 
 def alm_of_logits(inputs: dict, student_logits, teacher_logits, args):
@@ -108,12 +167,11 @@ def alm_of_logits(inputs: dict, student_logits, teacher_logits, args):
                     student_labels=inputs["labels"], teacher_logprobs=t_lp,
                     teacher_labels=inputs["teacher_labels"], num_chunks=int(inputs["num_chunks"]),
                     divergence=args.alm_divergence, temperature=args.temperature)
-    if args.hard_weight > 0:
-        lab = inputs["labels"][:, 1:]
-        keep = lab != -100
-        ce = -(s_lp[:, 1:] * keep).sum() / keep.sum().clamp_min(1)
-        loss = loss + args.hard_weight * ce
-    return loss
+    return loss + args.hard_weight * _logits_ce(student_logits, inputs) \
+        if args.hard_weight > 0 else loss
+
+
+LOSSES.update(alm=(alm_of, alm_of_logits), uld=(uld_of, uld_of_logits))
 
 
 def teacher_inputs(inputs: dict) -> dict:
