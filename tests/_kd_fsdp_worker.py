@@ -197,6 +197,9 @@ def run(case, out_dir, world):
                   data_collator=lambda f: {k: torch.stack([x[k] for x in f]) for k in f[0]},
                   train_dataset=examples(24, 0), eval_dataset=examples(7, 1))
     teacher = trainer.teachers[0]
+    # what an optimizer built now would hold: the head probe's forward must leave no FSDP2
+    # unit gathered (the root's parameters the shards, DTensors), or no engine at all
+    built_on = sorted({type(p).__name__ for p in trainer.model.parameters()})
     trainer.train()
     metrics = trainer.evaluate()
     got = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
@@ -211,6 +214,7 @@ def run(case, out_dir, world):
         got["teacher_type"] = type(teacher).__name__
         got["student_head"] = type(trainer.model.get_output_embeddings()).__name__
         got["teacher_head"] = type(teacher.get_output_embeddings()).__name__
+        got["params_after_init"] = built_on
         got["is_fsdp"] = bool(trainer.is_fsdp_enabled and
                               trainer.accelerator.distributed_type == DistributedType.FSDP)
         # the next case builds its own accelerator state from a clean one

@@ -79,6 +79,8 @@ def test_two_sharded_ranks_equal_one_process(runs, case):
         assert two["teacher_head"] == "Linear"
     else:
         assert two["teacher_type"] == "LlamaForCausalLM"
+    if engine == "fsdp2" and layout != "root":  # sharded before KDTrainer: still sharded after
+        assert two["params_after_init"] == ["DTensor"], two["params_after_init"]
     # the student's head: its own unit (FSDP2's FSDPLinear / an FSDP1 wrapper) or not
     assert two["student_head"] == {
         ("fsdp2", "root"): "FSDPLinear", ("fsdp2", "rootunit"): "Linear",

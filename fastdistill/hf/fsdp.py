@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["engine_of", "head_module", "head_rows", "shard_teacher",
+__all__ = ["engine_of", "head_module", "head_rows", "shard_teacher", "reshard_all",
            "whole_heads", "generation_context", "decoder_layer_classes"]
 
 
@@ -120,6 +120,23 @@ def shard_teacher(teacher, engine: str, device=None, plugin=None):
             teacher, auto_wrap_policy=ModuleWrapPolicy(set(layers)) if layers else None,
             sharding_strategy=strategy, use_orig_params=True, device_id=device)
     raise ValueError(f"engine must be 'fsdp1' or 'fsdp2', got {engine!r}")
+
+
+def reshard_all(model) -> None:
+    """Reshard every FSDP2 unit of ``model`` that a forward left unsharded. FSDP2
+    keeps the root unit (``reshard_after_forward`` left at its default) gathered
+    after a forward, with the unsharded tensors registered as the module's
+    parameters: after KDTrainer's head probe (a forward at construction) an
+    optimizer built from ``model.parameters()`` would hold the gathered
+    embedding/head instead of its DTensor shard (it would never step it, its
+    shard's gradient would pile up, and the whole V×H copy would stay alive).
+    Not collective; a no-op outside FSDP2."""
+    f2 = _fsdp2()
+    if not f2:
+        return
+    for m in model.modules():
+        if isinstance(m, f2):
+            m.reshard()
 
 
 def _owner(model, module, cls):

@@ -556,6 +556,10 @@ class KDTrainer(Trainer):
             tp.check_unfused_logits(_unwrap(self.model), "the student")
             for i, t in enumerate(self.teachers):
                 tp.check_unfused_logits(t, f"teacher {i}")
+        # the probes' forwards leave FSDP2's root unit gathered, its unsharded tensors the
+        # module's parameters: the shards again before an optimizer is built on them
+        for m in (_unwrap(self.model), *self.teachers):
+            _fsdp.reshard_all(m)
 
     # -- columns: keep the soft-label key
     def _set_signature_columns_if_needed(self):
