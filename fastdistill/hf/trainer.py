@@ -550,12 +550,12 @@ class KDTrainer(Trainer):
                 _check_head_probe(self.model, "the student")
             for i, t in enumerate(self.teachers):
                 _check_head_probe(t, f"teacher {i}")
-        if teacher_tokenizer is not None:
-            _xtok.check_heads(lm_head_of(_unwrap(self.model)), lm_head_of(_unwrap(self.teachers[0])))
         else:  # a tensor-parallel head must give whole logits
             tp.check_unfused_logits(_unwrap(self.model), "the student")
             for i, t in enumerate(self.teachers):
                 tp.check_unfused_logits(t, f"teacher {i}")
+        if teacher_tokenizer is not None:
+            _xtok.check_heads(lm_head_of(_unwrap(self.model)), lm_head_of(_unwrap(self.teachers[0])))
         # the probes' forwards leave FSDP2's root unit gathered, its unsharded tensors the
         # module's parameters: the shards again before an optimizer is built on them
         for m in (_unwrap(self.model), *self.teachers):
