@@ -17,8 +17,6 @@ from ..xtok import align_batch, alm_loss, chunk_pairs, token_logprobs, uld_loss
 
 __all__ = ["CROSS_TOKENIZER_LOSSES", "CrossTokenizerCollator", "teacher_top_k"]
 
-CROSS_TOKENIZER_LOSSES = ("alm", "uld")
-
 # bytes of teacher logits one chunk of paired rows may take (teacher_top_k)
 TOP_K_CHUNK_BYTES = 64 * 2**20
 
@@ -141,9 +139,6 @@ def _logits_ce(student_logits, inputs) -> torch.Tensor:
                                              inputs["labels"][:, 1:].flatten(), ignore_index=-100)
 
 
-LOSSES = {}  # cross_tokenizer_loss: (from hidden states + heads, from logits); filled below
-
-
 def alm_of(inputs: dict, student_hidden, student_head, teacher_hidden, teacher_head, args):
     """The ALM loss of a batch (chunk mean) plus ``hard_weight`` × the student's
     token-mean CE, both sides as hidden states + heads (fused)."""
@@ -171,7 +166,9 @@ def alm_of_logits(inputs: dict, student_logits, teacher_logits, args):
         if args.hard_weight > 0 else loss
 
 
-LOSSES.update(alm=(alm_of, alm_of_logits), uld=(uld_of, uld_of_logits))
+# cross_tokenizer_loss: (from hidden states + heads, from full logits)
+LOSSES = {"alm": (alm_of, alm_of_logits), "uld": (uld_of, uld_of_logits)}
+CROSS_TOKENIZER_LOSSES = tuple(LOSSES)
 
 
 def teacher_inputs(inputs: dict) -> dict:
